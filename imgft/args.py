@@ -1,0 +1,340 @@
+"""Step 1: the run's arguments, as three dataclasses parsed from an optional YAML file plus the command line.
+
+Flag names and meanings follow transformers' `run_image_classification_no_trainer.py`, so an existing
+command runs unchanged. Defaults are the digits demo's values: `python train_loop.py` with no flags is the demo.
+Parsed arguments are never changed afterwards; numbers derived from them get their own names.
+"""
+
+import argparse
+import dataclasses
+import difflib
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+import yaml
+from transformers import HfArgumentParser
+
+from imgft.errors import UserError
+
+# The demo's small ResNet (1.2 M parameters), built from this config when no checkpoint is given.
+DEMO_CONFIG_OVERRIDES = "embedding_size=32,hidden_sizes=[32,64,128,256],depths=[1,1,1,1],layer_type=basic"
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+SECRET_KEYS = ("hub_token",)
+
+
+@dataclass(frozen=True)
+class DataArguments:
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "A dataset on the Hub (e.g. beans) or a local dataset folder, read with load_dataset."},
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
+    train_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "An imagefolder of training images, one subfolder per class. With no dataset given, "
+            "the digits demo is written under $IMGFT_HOME (default ~/.cache/imgft) and used."
+        },
+    )
+    validation_dir: str | None = field(default=None, metadata={"help": "An imagefolder of validation images."})
+    train_val_split: float = field(
+        default=0.15,
+        metadata={"help": "Fraction of train held out (seeded) when the dataset has no validation split."},
+    )
+    max_train_samples: int | None = field(
+        default=None,
+        metadata={"help": "Keep only this many training examples (a seeded random subset), for debugging."},
+    )
+    max_eval_samples: int | None = field(
+        default=None,
+        metadata={"help": "Keep only the first this-many validation examples, for debugging."},
+    )
+    image_column_name: str | None = field(
+        default=None,
+        metadata={"help": "Column holding the images. Default: the dataset's Image column."},
+    )
+    label_column_name: str | None = field(
+        default=None,
+        metadata={"help": "Column holding the labels. Default: the ClassLabel column, else 'label'."},
+    )
+    random_flip: bool = field(
+        default=False,
+        metadata={"help": "Flip training images left-right at random (off: digits must not be flipped)."},
+    )
+    crop_scale_min: float = field(
+        default=0.6,
+        metadata={"help": "Smallest area fraction RandomResizedCrop keeps of a training image (torchvision: 0.08)."},
+    )
+    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes per device."})
+
+
+@dataclass(frozen=True)
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Checkpoint to fine-tune: a Hub id (google/vit-base-patch16-224-in21k) or a local folder. "
+            "Unset: train --model_type from scratch."
+        },
+    )
+    model_type: str = field(
+        default="resnet",
+        metadata={"help": "Architecture to build when training from scratch."},
+    )
+    config_overrides: str | None = field(
+        default=DEMO_CONFIG_OVERRIDES,
+        metadata={
+            "help": "Config changes as key=value pairs separated by commas; values may be lists. "
+            "The default builds the demo's small ResNet and applies only from scratch; "
+            "set it to change a pretrained config too (e.g. hidden_dropout_prob=0.1)."
+        },
+    )
+    image_processor_name: str | None = field(
+        default=None,
+        metadata={"help": "Load the image processor from here instead of --model_name_or_path."},
+    )
+    image_size: int | None = field(
+        default=None,
+        metadata={"help": "Square input size in pixels. Default: the image processor's; 32 from scratch."},
+    )
+    ignore_mismatched_sizes: bool = field(
+        default=False,
+        metadata={"help": "Replace a checkpoint's classifier head whose size differs from the labels."},
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Run model code from the Hub repository. Only for repositories you trust."},
+    )
+    model_revision: str = field(
+        default="main",
+        metadata={"help": "Branch, tag or commit of the Hub checkpoint."},
+    )
+    cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where downloaded models and datasets are kept."},
+    )
+
+
+@dataclass(frozen=True)
+class TrainArguments:
+    output_dir: str = field(
+        default="output",
+        metadata={"help": "Where the model, results and checkpoints go."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start over in an output_dir that holds an earlier run."},
+    )
+    per_device_train_batch_size: int = field(default=32, metadata={"help": "Training batch size per device."})
+    per_device_eval_batch_size: int = field(default=128, metadata={"help": "Evaluation batch size per device."})
+    learning_rate: float = field(default=2e-3, metadata={"help": "Peak learning rate, after warmup."})
+    weight_decay: float = field(
+        default=0.05,
+        metadata={"help": "AdamW weight decay (never on biases and norms)."},
+    )
+    num_train_epochs: int = field(default=5, metadata={"help": "Passes over the training data."})
+    max_train_steps: int | None = field(
+        default=None,
+        metadata={"help": "Total optimizer steps; overrides --num_train_epochs."},
+    )
+    gradient_accumulation_steps: int = field(
+        default=1,
+        metadata={"help": "Batches whose gradients are summed before each optimizer step."},
+    )
+    lr_scheduler_type: Literal[
+        "linear",
+        "cosine",
+        "cosine_with_restarts",
+        "polynomial",
+        "constant",
+        "constant_with_warmup",
+    ] = field(default="linear", metadata={"help": "Learning-rate schedule after warmup."})
+    num_warmup_steps: int = field(default=0, metadata={"help": "Optimizer steps of linear warmup."})
+    max_grad_norm: float = field(
+        default=1.0,
+        metadata={"help": "Clip the gradient norm to this; 0 turns it off."},
+    )
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = field(
+        default=None,
+        metadata={"help": "Overrides the accelerate config. Default: the accelerate config, else no."},
+    )
+    seed: int = field(
+        default=42,
+        metadata={"help": "Seeds weights, data order, augmentation and the split."},
+    )
+    logging_steps: int = field(
+        default=10,
+        metadata={"help": "Log the training loss every this many optimizer steps."},
+    )
+    checkpointing_steps: str | None = field(
+        default=None,
+        metadata={"help": "Save a checkpoint every N optimizer steps, or 'epoch' after each epoch."},
+    )
+    checkpoints_total_limit: int | None = field(
+        default=None,
+        metadata={"help": "Keep at most this many checkpoints, deleting the oldest."},
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={"help": "A checkpoint folder to continue from, or 'latest' for the newest in output_dir."},
+    )
+    with_tracking: bool = field(default=False, metadata={"help": "Log metrics to the trackers in --report_to."})
+    report_to: str = field(
+        default="all",
+        metadata={"help": "Trackers: tensorboard, wandb, comet_ml, ... or 'all' installed ones."},
+    )
+    push_to_hub: bool = field(default=False, metadata={"help": "Upload the final model to the Hub."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository. Default: output_dir's name."})
+    hub_token: str | None = field(
+        default=None,
+        metadata={"help": "Hub token. Default: the HF_TOKEN environment or a saved login."},
+    )
+
+
+ARG_CLASSES = (DataArguments, ModelArguments, TrainArguments)
+
+
+def make_parser():
+    # exit_on_error=False: a bad value raises ArgumentError, which we turn into one clear line.
+    return HfArgumentParser(ARG_CLASSES, allow_abbrev=False, exit_on_error=False)
+
+
+def field_names():
+    return [f.name for cls in ARG_CLASSES for f in dataclasses.fields(cls)]
+
+
+def _unknown_key_message(key, source, prefix=""):
+    close = difflib.get_close_matches(key, field_names(), n=1, cutoff=0.6)
+    hint = f"; did you mean {prefix}{close[0]}?" if close else "; see --help for the list"
+    return f"unknown {source} '{prefix}{key}'{hint}"
+
+
+def _config_to_tokens(path):
+    """Turn a YAML/JSON config into command-line tokens, so argparse checks its types exactly like flags."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            values = yaml.safe_load(file) or {}
+    except OSError as err:
+        raise UserError(f"cannot read config file {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise UserError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"config file {path} must hold 'flag_name: value' pairs")
+    tokens = []
+    for key, value in values.items():
+        if key not in field_names():
+            raise UserError(_unknown_key_message(key, f"key in {path}:"))
+        if value is None:
+            continue  # `key: null` keeps the default
+        values_list = value if isinstance(value, list) else [value]
+        # PyYAML reads 5e-5 as a string and 5.0e-5 as a float; argparse's float() takes both.
+        tokens += [f"--{key}", *(str(v) for v in values_list)]
+    return tokens
+
+
+def _check_flags(tokens):
+    known = set(field_names()) | {f"no_{name}" for name in field_names()}
+    for token in tokens:
+        if token.startswith("--"):
+            name = token[2:].split("=", 1)[0].replace("-", "_")
+            if name not in known and name != "help":
+                raise UserError(_unknown_key_message(name, "flag", prefix="--"))
+
+
+def _parse(parser, tokens, source):
+    try:
+        namespace, extras = parser.parse_known_args(tokens)
+    except argparse.ArgumentError as err:
+        raise UserError(f"{err} ({source})") from None
+    if extras:
+        raise UserError(f"unexpected argument '{extras[0]}' {source}: flags are --name value, a config file goes first")
+    return namespace
+
+
+def parse_args(argv):
+    """Parse `[CONFIG.yaml] [--flag value ...]`; flags override the file. Returns (data, model, train) args."""
+    argv = list(argv)
+    config_tokens = []
+    config_path = None
+    if argv and argv[0].endswith(CONFIG_SUFFIXES):
+        config_path = argv.pop(0)
+        config_tokens = _config_to_tokens(config_path)
+    _check_flags(argv)
+    parser = make_parser()
+    if config_path:
+        _parse(parser, config_tokens, f"in {config_path}")
+    # argparse keeps the last value given, so command-line flags after the file's win.
+    namespace = _parse(parser, config_tokens + argv, "on the command line")
+    parsed = tuple(cls(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)}) for cls in ARG_CLASSES)
+    check_args(*parsed)
+    return parsed
+
+
+def check_args(data_args, model_args, train_args):
+    """Refuse values that cannot work, before anything is loaded or written."""
+    positive = {
+        "per_device_train_batch_size": train_args.per_device_train_batch_size,
+        "per_device_eval_batch_size": train_args.per_device_eval_batch_size,
+        "gradient_accumulation_steps": train_args.gradient_accumulation_steps,
+        "num_train_epochs": train_args.num_train_epochs,
+        "logging_steps": train_args.logging_steps,
+    }
+    for name, value in positive.items():
+        if value < 1:
+            raise UserError(f"--{name} must be at least 1 (got {value})")
+    for name, value in {
+        "max_train_steps": train_args.max_train_steps,
+        "max_train_samples": data_args.max_train_samples,
+        "max_eval_samples": data_args.max_eval_samples,
+        "checkpoints_total_limit": train_args.checkpoints_total_limit,
+        "image_size": model_args.image_size,
+    }.items():
+        if value is not None and value < 1:
+            raise UserError(f"--{name} must be at least 1 (got {value})")
+    for name, value in {
+        "learning_rate": train_args.learning_rate,
+        "weight_decay": train_args.weight_decay,
+        "num_warmup_steps": train_args.num_warmup_steps,
+        "max_grad_norm": train_args.max_grad_norm,
+        "num_workers": data_args.num_workers,
+    }.items():
+        if not math.isfinite(value) or value < 0:
+            raise UserError(f"--{name} must be a non-negative number (got {value})")
+    if train_args.learning_rate == 0:
+        raise UserError("--learning_rate must be greater than 0")
+    if not 0 < data_args.train_val_split < 1:
+        raise UserError(f"--train_val_split must lie strictly between 0 and 1 (got {data_args.train_val_split})")
+    if not 0 < data_args.crop_scale_min <= 1:
+        raise UserError(f"--crop_scale_min must lie in (0, 1] (got {data_args.crop_scale_min})")
+    steps = train_args.checkpointing_steps
+    if steps is not None and steps != "epoch" and not (steps.isdigit() and int(steps) > 0):
+        raise UserError(f"--checkpointing_steps must be a positive whole number or 'epoch' (got '{steps}')")
+    if data_args.dataset_name and (data_args.train_dir or data_args.validation_dir):
+        raise UserError("give either --dataset_name or --train_dir/--validation_dir, not both")
+    if data_args.validation_dir and not data_args.train_dir:
+        raise UserError("--validation_dir needs --train_dir")
+
+
+def to_dict(*args_objects):
+    """All arguments as one flat dict, hub token left out, ready to save as a config that reruns the run."""
+    merged = {}
+    for obj in args_objects:
+        merged.update(dataclasses.asdict(obj))
+    return {key: value for key, value in merged.items() if key not in SECRET_KEYS}
+
+
+def save_config(path, *args_objects):
+    with open(path, "w", encoding="utf-8") as file:
+        yaml.safe_dump(to_dict(*args_objects), file, sort_keys=False)
+
+
+def checkpointing_every(train_args):
+    """Checkpoint interval in optimizer steps, or None (with 'epoch' handled by the caller)."""
+    steps = train_args.checkpointing_steps
+    return int(steps) if steps and steps.isdigit() else None
+
+
+def default_demo_dir():
+    return os.path.join(os.environ.get("IMGFT_HOME", os.path.expanduser("~/.cache/imgft")), "digits")

@@ -1,0 +1,225 @@
+"""Steps 2 and 4: load the dataset with its labels, and the transforms and collate_fn that turn it into batches."""
+
+import glob
+import os
+from functools import partial
+
+import datasets
+import numpy as np
+import torch
+from torchvision.transforms import v2
+
+from imgft.errors import UserError
+
+VALIDATION_SPLIT_NAMES = ("validation", "valid", "val")
+
+
+def load_raw_datasets(data_args, cache_dir, seed, demo_dir):
+    """A DatasetDict with exactly `train` and `validation`, from the Hub, a dataset folder or imagefolders.
+
+    `demo_dir` holds the digits demo, used when no dataset is named.
+    """
+    if data_args.dataset_name:
+        dataset = _load_named(data_args.dataset_name, data_args.dataset_config_name, cache_dir)
+    else:
+        train_dir, validation_dir = (data_args.train_dir, data_args.validation_dir)
+        if not train_dir:
+            train_dir, validation_dir = (
+                os.path.join(demo_dir, "train"),
+                os.path.join(demo_dir, "validation"),
+            )
+        data_files = {"train": _image_files(train_dir, "--train_dir")}
+        if validation_dir:
+            data_files["validation"] = _image_files(validation_dir, "--validation_dir")
+        # imagefolder turns each file's parent folder name into its label.
+        dataset = datasets.load_dataset("imagefolder", data_files=data_files, cache_dir=cache_dir)
+    if "train" not in dataset:
+        raise UserError(f"the dataset has no 'train' split (it has: {', '.join(dataset)})")
+    validation_name = next((name for name in VALIDATION_SPLIT_NAMES if name in dataset), None)
+    if validation_name:
+        return datasets.DatasetDict(train=dataset["train"], validation=dataset[validation_name])
+    # Seeded, so every process and every rerun holds out the same images.
+    split = dataset["train"].train_test_split(test_size=data_args.train_val_split, seed=seed)
+    return datasets.DatasetDict(train=split["train"], validation=split["test"])
+
+
+def _load_named(name, config_name, cache_dir):
+    try:
+        return datasets.load_dataset(name, config_name, cache_dir=cache_dir)
+    except (
+        FileNotFoundError,
+        ConnectionError,
+        datasets.exceptions.DatasetNotFoundError,
+    ) as err:
+        offline = " (HF_HUB_OFFLINE is set: Hub datasets cannot be downloaded)" if _offline() else ""
+        raise UserError(f"cannot load dataset '{name}'{offline}: {err}") from None
+
+
+def _offline():
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def _image_files(folder, flag):
+    if not os.path.isdir(folder):
+        raise UserError(f"{flag} {folder} is not a folder")
+    pattern = os.path.join(glob.escape(folder), "**")
+    if not any(os.path.isfile(path) for path in glob.iglob(pattern, recursive=True)):
+        raise UserError(f"{flag} {folder} holds no files: put each class's images in a subfolder named after it")
+    return pattern
+
+
+def find_columns(dataset, image_column, label_column):
+    """The image and label column names: the ones given, else the Image / ClassLabel features."""
+    features = dataset["train"].features
+    columns = list(features)
+    if image_column is None:
+        image_column = next(
+            (name for name, feature in features.items() if isinstance(feature, datasets.Image)),
+            None,
+        )
+        if image_column is None:
+            raise UserError(f"no image column found; name it with --image_column_name (columns: {', '.join(columns)})")
+    if label_column is None:
+        label_column = next(
+            (name for name, feature in features.items() if isinstance(feature, datasets.ClassLabel)),
+            next((name for name in ("label", "labels") if name in features), None),
+        )
+        if label_column is None:
+            raise UserError(f"no label column found; name it with --label_column_name (columns: {', '.join(columns)})")
+    for flag, name in (
+        ("--image_column_name", image_column),
+        ("--label_column_name", label_column),
+    ):
+        for split, split_dataset in dataset.items():
+            if name not in split_dataset.features:
+                raise UserError(f"{flag} '{name}' is not a column of {split} (columns: {', '.join(columns)})")
+    return image_column, label_column
+
+
+def encode_labels(dataset, label_column):
+    """Make the label column a ClassLabel shared by both splits; return the dataset and the class names.
+
+    String labels keep their text as the class name; integer labels are sorted numerically.
+    """
+    feature = dataset["train"].features[label_column]
+    if isinstance(feature, datasets.ClassLabel):
+        names = feature.names
+        other = dataset["validation"].features[label_column]
+        if not isinstance(other, datasets.ClassLabel) or other.names != names:
+            raise UserError(f"the validation split's '{label_column}' classes differ from train's")
+    else:
+        values = set()
+        for split_dataset in dataset.values():
+            values.update(split_dataset.unique(label_column))
+        if None in values:
+            raise UserError(f"the label column '{label_column}' has empty values")
+        if all(isinstance(value, (int, np.integer)) for value in values):
+            ordered = sorted(values)
+        else:
+            ordered = sorted(str(value) for value in values)
+        names = [str(value) for value in ordered]
+        # Cast through strings so that integer labels map by name, not by their raw value.
+        dataset = dataset.cast_column(label_column, datasets.Value("string"))
+        dataset = dataset.cast_column(label_column, datasets.ClassLabel(names=names))
+    _check_class_counts(dataset, label_column, names)
+    return dataset, names
+
+
+def label_counts(split_dataset, label_column, num_classes):
+    labels = np.asarray(split_dataset.with_format("numpy")[label_column], dtype=np.int64)
+    return np.bincount(labels, minlength=num_classes)
+
+
+def _check_class_counts(dataset, label_column, names):
+    if len(names) < 2:
+        raise UserError(f"found a single class ({names[0] if names else 'none'}): classification needs at least two")
+    train_counts = label_counts(dataset["train"], label_column, len(names))
+    validation_counts = label_counts(dataset["validation"], label_column, len(names))
+    missing = [names[i] for i in range(len(names)) if train_counts[i] == 0 and validation_counts[i] > 0]
+    if missing:
+        raise UserError(f"validation classes missing from train: {', '.join(missing)}")
+
+
+def subsample(split_dataset, max_samples, seed):
+    if max_samples is None or max_samples >= len(split_dataset):
+        return split_dataset
+    return split_dataset.shuffle(seed=seed).select(range(max_samples))
+
+
+def _size_value(size, key):
+    return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+
+
+def image_sizes(image_processor, image_size):
+    """(resize, crop) sizes for evaluation, read from the image processor or forced square by `image_size`.
+
+    Processors give either `shortest_edge` (with an optional `crop_size` or ConvNeXt's `crop_pct`)
+    or `height` + `width`; torchvision's Resize takes an int for the shortest edge or an (h, w) pair.
+    """
+    if image_size:
+        return image_size, (image_size, image_size)
+    size = image_processor.size
+    shortest_edge = _size_value(size, "shortest_edge")
+    if shortest_edge:
+        crop_size = getattr(image_processor, "crop_size", None)
+        if crop_size and getattr(image_processor, "do_center_crop", True):
+            return shortest_edge, (
+                _size_value(crop_size, "height"),
+                _size_value(crop_size, "width"),
+            )
+        crop_pct = getattr(image_processor, "crop_pct", None)
+        if crop_pct and shortest_edge < 384:
+            return int(shortest_edge / crop_pct), (shortest_edge, shortest_edge)
+        return shortest_edge, (shortest_edge, shortest_edge)
+    height, width = _size_value(size, "height"), _size_value(size, "width")
+    return (height, width), (height, width)
+
+
+def build_transforms(image_processor, image_size, random_flip, crop_scale_min):
+    """Training: random resized crop (+ optional flip). Evaluation: resize + centre crop. Both normalise."""
+    resize, crop = image_sizes(image_processor, image_size)
+    if getattr(image_processor, "do_normalize", True):
+        mean, std = list(image_processor.image_mean), list(image_processor.image_std)
+    else:
+        mean, std = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
+    to_normalized_tensor = [
+        v2.PILToTensor(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean, std),
+    ]
+    flip = [v2.RandomHorizontalFlip()] if random_flip else []
+    train = v2.Compose(
+        [
+            v2.RandomResizedCrop(crop, scale=(crop_scale_min, 1.0)),
+            *flip,
+            *to_normalized_tensor,
+        ]
+    )
+    evaluation = v2.Compose([v2.Resize(resize), v2.CenterCrop(crop), *to_normalized_tensor])
+    return train, evaluation
+
+
+def apply_transform(batch, image_transform, image_column, label_column):
+    """Applied lazily by `set_transform` to each fetched batch of rows, so images are decoded on demand."""
+    return {
+        "pixel_values": [image_transform(image.convert("RGB")) for image in batch[image_column]],
+        "labels": batch[label_column],
+    }
+
+
+def with_image_transform(split_dataset, image_transform, image_column, label_column):
+    # partial of a module-level function, not a closure, so DataLoader workers can pickle it under spawn too.
+    transform = partial(
+        apply_transform,
+        image_transform=image_transform,
+        image_column=image_column,
+        label_column=label_column,
+    )
+    return split_dataset.with_transform(transform, columns=[image_column, label_column])
+
+
+def collate_fn(examples):
+    return {
+        "pixel_values": torch.stack([example["pixel_values"] for example in examples]),
+        "labels": torch.tensor([example["labels"] for example in examples], dtype=torch.long),
+    }

@@ -1,0 +1,52 @@
+"""The demo's data: scikit-learn's bundled handwritten digits, written out as an imagefolder (no network)."""
+
+import os
+import shutil
+import tempfile
+
+import numpy as np
+from PIL import Image
+
+IMAGE_SIZE = 32
+VALIDATION_FRACTION = 0.2
+
+
+def write_digits_imagefolder(root, seed=0):
+    """Write `root/train/<digit>/*.png` and `root/validation/<digit>/*.png`: 1,797 RGB 32x32 images.
+
+    The folder appears complete or not at all: it is written beside `root` and renamed into place,
+    so an interrupted write never leaves a half dataset that a later run would train on.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rng = np.random.default_rng(seed)
+    parent = os.path.dirname(os.path.abspath(root))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".digits-", dir=parent)
+    for label in range(10):
+        indices = rng.permutation(np.flatnonzero(digits.target == label))
+        n_val = round(len(indices) * VALIDATION_FRACTION)
+        for split, split_indices in (
+            ("validation", indices[:n_val]),
+            ("train", indices[n_val:]),
+        ):
+            class_dir = os.path.join(staging, split, str(label))
+            os.makedirs(class_dir)
+            for index in split_indices:
+                # 8x8 values in 0..16 -> white digit on black, upscaled smoothly to 32x32 RGB.
+                pixels = (digits.images[index] * (255 / 16)).astype(np.uint8)
+                image = Image.fromarray(pixels).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
+                image.convert("RGB").save(os.path.join(class_dir, f"{index:04d}.png"))
+    if os.path.exists(root):
+        shutil.rmtree(staging)
+        raise FileExistsError(f"{root} already exists")
+    os.rename(staging, root)
+    return root
+
+
+def ensure_digits_imagefolder(root):
+    """Return the demo folder's train and validation paths, writing the folder first if it is missing."""
+    if not os.path.isdir(os.path.join(root, "train")):
+        write_digits_imagefolder(root)
+    return os.path.join(root, "train"), os.path.join(root, "validation")

@@ -1,0 +1,162 @@
+"""Step 3: the config, model and image processor, and the optimizer's parameter groups."""
+
+import ast
+import os
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForImageClassification,
+    ViTImageProcessor,
+)
+
+from imgft.args import DEMO_CONFIG_OVERRIDES
+from imgft.errors import UserError
+
+SCRATCH_IMAGE_SIZE = 32
+NORM_TYPES = (
+    torch.nn.modules.batchnorm._NormBase,
+    torch.nn.LayerNorm,
+    torch.nn.GroupNorm,
+)
+
+
+def parse_config_overrides(text):
+    """`a=1,b=[1,2],c=basic` -> {"a": 1, "b": [1, 2], "c": "basic"}; commas inside brackets do not split."""
+    if not text:
+        return {}
+    pairs, depth, start = [], 0, 0
+    for i, char in enumerate(text + ","):
+        if char in "[(":
+            depth += 1
+        elif char in "])":
+            depth -= 1
+        elif char == "," and depth == 0:
+            pairs.append(text[start:i].strip())
+            start = i + 1
+    overrides = {}
+    for pair in filter(None, pairs):
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--config_overrides: '{pair}' is not key=value")
+        overrides[key.strip()] = _parse_value(value.strip())
+    return overrides
+
+
+def _parse_value(text):
+    words = {"true": True, "false": False, "none": None, "null": None}
+    if text.lower() in words:
+        return words[text.lower()]
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _apply_overrides(config, overrides):
+    for key, value in overrides.items():
+        if not hasattr(config, key):
+            raise UserError(f"--config_overrides: {type(config).__name__} has no setting '{key}'")
+        setattr(config, key, value)
+
+
+def _offline_hint(name):
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in (
+        "1",
+        "true",
+        "yes",
+        "on",
+    )
+    if os.path.exists(name):
+        return ""
+    return " (HF_HUB_OFFLINE is set, so Hub ids cannot be downloaded)" if offline else " (no such local folder)"
+
+
+def load_model(model_args, label_names):
+    """Return (model, image_processor, from_scratch), with the class names written into the config.
+
+    A pretrained checkpoint keeps its backbone; with `ignore_mismatched_sizes` its head is replaced
+    by a new one sized for `label_names`.
+    """
+    label_maps = {
+        "num_labels": len(label_names),
+        "id2label": dict(enumerate(label_names)),
+        "label2id": {name: i for i, name in enumerate(label_names)},
+    }
+    hub = {
+        "cache_dir": model_args.cache_dir,
+        "revision": model_args.model_revision,
+        "trust_remote_code": model_args.trust_remote_code,
+    }
+    overrides = parse_config_overrides(model_args.config_overrides)
+    path = model_args.model_name_or_path
+    if path is None:
+        try:
+            config = AutoConfig.for_model(model_args.model_type, **label_maps)
+        except ValueError:
+            raise UserError(f"--model_type '{model_args.model_type}' is not a transformers model type") from None
+        _apply_overrides(config, overrides)
+        model = AutoModelForImageClassification.from_config(config)
+        if model_args.image_processor_name:
+            image_processor = _load_processor(model_args.image_processor_name, hub)
+        else:
+            size = model_args.image_size or SCRATCH_IMAGE_SIZE
+            # Only size and normalisation matter to our transforms; saved with the model so pipeline() works.
+            image_processor = ViTImageProcessor(
+                size={"height": size, "width": size},
+                image_mean=[0.5] * 3,
+                image_std=[0.5] * 3,
+            )
+        return model, image_processor, True
+    try:
+        config = AutoConfig.from_pretrained(path, finetuning_task="image-classification", **label_maps, **hub)
+    except OSError as err:
+        raise UserError(f"cannot load model '{path}'{_offline_hint(path)}: {err}") from None
+    if model_args.config_overrides != DEMO_CONFIG_OVERRIDES:
+        _apply_overrides(config, overrides)
+    try:
+        model = AutoModelForImageClassification.from_pretrained(
+            path,
+            config=config,
+            ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+            **hub,
+        )
+    except (RuntimeError, ValueError) as err:
+        if "size mismatch" in str(err) or "ignore_mismatched_sizes" in str(err):
+            raise UserError(
+                f"'{path}' has a classifier head for a different number of classes than the {len(label_names)} "
+                "in your data; pass --ignore_mismatched_sizes to replace the head"
+            ) from None
+        raise
+    image_processor = _load_processor(model_args.image_processor_name or path, hub)
+    return model, image_processor, False
+
+
+def _load_processor(name, hub):
+    try:
+        return AutoImageProcessor.from_pretrained(name, **hub)
+    except OSError as err:
+        raise UserError(f"cannot load the image processor of '{name}'{_offline_hint(name)}: {err}") from None
+
+
+def optimizer_param_groups(model, weight_decay):
+    """Two AdamW groups: weight decay for weight matrices and kernels, none for biases and norm parameters.
+
+    Matching by module type and shape rather than by name: the name `LayerNorm.weight` that the
+    upstream example matches misses ViT's `layernorm_before`, every BatchNorm and every custom norm class.
+    """
+    no_decay = set()
+    for module in model.modules():
+        is_norm = isinstance(module, NORM_TYPES) or "norm" in type(module).__name__.lower()
+        for param in module.parameters(recurse=False):
+            if is_norm or param.ndim <= 1:
+                no_decay.add(id(param))
+    trainable = [param for param in model.parameters() if param.requires_grad]
+    return [
+        {
+            "params": [p for p in trainable if id(p) not in no_decay],
+            "weight_decay": weight_decay,
+        },
+        {"params": [p for p in trainable if id(p) in no_decay], "weight_decay": 0.0},
+    ]

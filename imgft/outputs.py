@@ -1,0 +1,110 @@
+"""What a run leaves in output_dir: the model, results, metrics log and config; and guarding that folder."""
+
+import json
+import os
+import shutil
+
+from imgft.checkpoint import CHECKPOINT_NAME, STAGING_PREFIX, list_checkpoints
+from imgft.errors import UserError
+
+RESULTS_FILE = "all_results.json"
+METRICS_LOG = "metrics.jsonl"
+CONFIG_FILE = "imgft_config.yaml"
+TRACKER_DIR = "imgft"  # accelerate's trackers write under output_dir/<project name>
+# Files a finished run writes beside its checkpoints; --overwrite_output_dir removes these and nothing else.
+RUN_FILES = (
+    RESULTS_FILE,
+    METRICS_LOG,
+    CONFIG_FILE,
+    "config.json",
+    "model.safetensors",
+    "preprocessor_config.json",
+)
+
+
+def check_output_dir(output_dir, resuming, overwrite):
+    """Refuse to start over an earlier run's results unless asked to; never silently restart a run."""
+    if resuming or overwrite or not os.path.isdir(output_dir):
+        return
+    if os.path.exists(os.path.join(output_dir, RESULTS_FILE)):
+        raise UserError(
+            f"{output_dir} holds a finished run; pass --overwrite_output_dir to replace it, or another --output_dir"
+        )
+    if list_checkpoints(output_dir):
+        raise UserError(
+            f"{output_dir} holds checkpoints of an unfinished run; pass --resume_from_checkpoint latest "
+            "to continue it, or --overwrite_output_dir to start over"
+        )
+
+
+def clear_previous_run(output_dir):
+    """Remove what an earlier imgft run wrote in `output_dir`, leaving every other file alone."""
+    if not os.path.isdir(output_dir):
+        return
+    for name in os.listdir(output_dir):
+        path = os.path.join(output_dir, name)
+        if name in RUN_FILES and os.path.isfile(path):
+            os.remove(path)
+        elif os.path.isdir(path) and (
+            CHECKPOINT_NAME.match(name) or name.startswith(STAGING_PREFIX) or name == TRACKER_DIR
+        ):
+            shutil.rmtree(path)
+
+
+def append_jsonl(path, record):
+    with open(path, "a", encoding="utf-8") as file:
+        file.write(json.dumps(record) + "\n")
+
+
+def count_lines(path):
+    if not os.path.exists(path):
+        return 0
+    with open(path, encoding="utf-8") as file:
+        return sum(1 for _ in file)
+
+
+def truncate_lines(path, keep):
+    """Keep the first `keep` lines: a resumed run rewrites what came after its checkpoint."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as file:
+        lines = file.readlines()[:keep]
+    with open(path, "w", encoding="utf-8") as file:
+        file.writelines(lines)
+
+
+def write_json(path, value):
+    with open(path, "w", encoding="utf-8") as file:
+        json.dump(value, file, indent=2, ensure_ascii=False)
+        file.write("\n")
+
+
+def hub_token(explicit_token):
+    from huggingface_hub import get_token
+
+    return explicit_token or get_token()
+
+
+def check_push_possible(train_args):
+    """Say before training, not after it, that a requested push cannot happen."""
+    if not train_args.push_to_hub:
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        raise UserError("--push_to_hub cannot work offline: HF_HUB_OFFLINE is set")
+    if not hub_token(train_args.hub_token):
+        raise UserError("--push_to_hub needs a token: pass --hub_token, set HF_TOKEN or run `hf auth login`")
+
+
+def push_to_hub(train_args):
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=hub_token(train_args.hub_token))
+    repo_id = train_args.hub_model_id or os.path.basename(os.path.abspath(train_args.output_dir))
+    repo_id = api.create_repo(repo_id, exist_ok=True).repo_id
+    api.upload_folder(
+        repo_id=repo_id,
+        folder_path=train_args.output_dir,
+        commit_message="imgft: fine-tuned model",
+        ignore_patterns=["step_*", "epoch_*", STAGING_PREFIX + "*"],
+    )
+    return repo_id
