@@ -9,7 +9,6 @@ import argparse
 import dataclasses
 import difflib
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -325,16 +324,7 @@ def to_dict(*args_objects):
     return {key: value for key, value in merged.items() if key not in SECRET_KEYS}
 
 
-def save_config(path, *args_objects):
-    with open(path, "w", encoding="utf-8") as file:
-        yaml.safe_dump(to_dict(*args_objects), file, sort_keys=False)
-
-
 def checkpointing_every(train_args):
     """Checkpoint interval in optimizer steps, or None (with 'epoch' handled by the caller)."""
     steps = train_args.checkpointing_steps
     return int(steps) if steps and steps.isdigit() else None
-
-
-def default_demo_dir():
-    return os.path.join(os.environ.get("IMGFT_HOME", os.path.expanduser("~/.cache/imgft")), "digits")

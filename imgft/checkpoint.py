@@ -10,6 +10,27 @@ from imgft.errors import UserError
 STATE_FILE = "imgft_state.json"
 CHECKPOINT_NAME = re.compile(r"^(step|epoch)_\d+$")
 STAGING_PREFIX = ".tmp-"
+# Where a run without a checkpoint starts: the counters a checkpoint restores.
+NEW_RUN_STATE = {
+    "completed_steps": 0,
+    "epoch": 0,
+    "batch_in_epoch": 0,
+    "train_loss_sum": 0.0,
+    "train_loss_count": 0,
+    "metrics_log_lines": 0,
+}
+
+
+def run_identity(label_names, train_samples, train_args, num_processes):
+    """What must not change between a checkpoint and its resume, or the resumed run would be a different one."""
+    return {
+        "label_names": list(label_names),
+        "train_samples": train_samples,
+        "per_device_train_batch_size": train_args.per_device_train_batch_size,
+        "gradient_accumulation_steps": train_args.gradient_accumulation_steps,
+        "num_processes": num_processes,
+        "seed": train_args.seed,
+    }
 
 
 def read_state(path):
@@ -45,8 +66,8 @@ def resolve_resume(resume_from_checkpoint, output_dir):
     return resume_from_checkpoint
 
 
-def save_checkpoint(accelerator, output_dir, name, train_state):
-    """Save model, optimizer, scheduler, scaler and RNG states plus `train_state` to `output_dir/name`.
+def save_checkpoint(accelerator, output_dir, name, counters, identity, metrics_log):
+    """Save model, optimizer, scheduler, scaler and RNG states plus the loop's counters to `output_dir/name`.
 
     Every process writes into a staging folder; the main process renames it into place only once all
     of it is on disk, so a kill during a save never leaves a folder that 'latest' would pick.
@@ -59,12 +80,21 @@ def save_checkpoint(accelerator, output_dir, name, train_state):
     accelerator.save_state(staging_path)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        # The metrics log's length is saved so that a resume drops the lines written after this point.
+        train_state = {**counters, "metrics_log_lines": _count_lines(metrics_log), "run_identity": identity}
         _write_json_durably(os.path.join(staging_path, STATE_FILE), train_state)
         if os.path.exists(final_path):
             shutil.rmtree(final_path)
         os.rename(staging_path, final_path)
     accelerator.wait_for_everyone()
     return final_path
+
+
+def _count_lines(path):
+    if not os.path.exists(path):
+        return 0
+    with open(path, encoding="utf-8") as file:
+        return sum(1 for _ in file)
 
 
 def _write_json_durably(path, value):
@@ -86,12 +116,12 @@ def load_checkpoint(accelerator, path, run_identity):
     return train_state
 
 
-def rotate_checkpoints(output_dir, limit, keep=()):
+def rotate_checkpoints(accelerator, output_dir, limit, keep=()):
     """Delete the oldest checkpoints beyond `limit`; never the newest, nor any path in `keep`."""
     checkpoints = list_checkpoints(output_dir)
-    if not limit or not checkpoints:
+    if not limit or not checkpoints or not accelerator.is_main_process:
         return []
-    protected = {os.path.abspath(path) for path in (*keep, checkpoints[-1])}
+    protected = {os.path.abspath(path) for path in (*keep, checkpoints[-1]) if path}
     excess = len(checkpoints) - limit
     removed = []
     for path in checkpoints:

@@ -7,11 +7,34 @@ from functools import partial
 import datasets
 import numpy as np
 import torch
+from accelerate.logging import get_logger
 from torchvision.transforms import v2
 
+from imgft.demo_data import ensure_digits_imagefolder
 from imgft.errors import UserError
 
+logger = get_logger("imgft")
+
 VALIDATION_SPLIT_NAMES = ("validation", "valid", "val")
+
+
+def load_labeled_dataset(data_args, cache_dir, seed):
+    """Step 2 in one call: (dataset, image_column, label_column, label_names), labels a shared ClassLabel.
+
+    With no dataset named, the digits demo is written (once) and used.
+    """
+    demo_dir = default_demo_dir()
+    if not data_args.dataset_name and not data_args.train_dir:
+        logger.info(f"No dataset given: using the digits demo in {demo_dir}")
+        ensure_digits_imagefolder(demo_dir)
+    dataset = load_raw_datasets(data_args, cache_dir, seed, demo_dir)
+    image_column, label_column = find_columns(dataset, data_args.image_column_name, data_args.label_column_name)
+    dataset, label_names = encode_labels(dataset, label_column)
+    return dataset, image_column, label_column, label_names
+
+
+def default_demo_dir():
+    return os.path.join(os.environ.get("IMGFT_HOME", os.path.expanduser("~/.cache/imgft")), "digits")
 
 
 def load_raw_datasets(data_args, cache_dir, seed, demo_dir):
@@ -138,6 +161,28 @@ def _check_class_counts(dataset, label_column, names):
     missing = [names[i] for i in range(len(names)) if train_counts[i] == 0 and validation_counts[i] > 0]
     if missing:
         raise UserError(f"validation classes missing from train: {', '.join(missing)}")
+
+
+def relabel(split_dataset, label_column, label_names, label2id):
+    """Renumber labels to a trained model's `label2id`, matching classes by name."""
+    model_names = sorted(label2id, key=label2id.get)
+    if label_names == model_names:
+        return split_dataset
+    unknown = [name for name in label_names if name not in label2id]
+    if unknown:
+        raise UserError(
+            f"classes not known to the model: {', '.join(unknown[:10])} "
+            f"(the model knows: {', '.join(model_names[:10])})"
+        )
+    new_ids = [label2id[name] for name in label_names]
+    features = split_dataset.features.copy()
+    features[label_column] = datasets.ClassLabel(names=model_names)
+    return split_dataset.map(
+        lambda batch: {label_column: [new_ids[i] for i in batch[label_column]]},
+        batched=True,
+        features=features,
+        desc="Matching labels to the model's classes",
+    )
 
 
 def subsample(split_dataset, max_samples, seed):

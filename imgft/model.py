@@ -133,6 +133,21 @@ def load_model(model_args, label_names):
     return model, image_processor, False
 
 
+def load_saved_classifier(model_args):
+    """A trained image classifier and its processor, as saved by imgft or any transformers checkpoint."""
+    path = model_args.model_name_or_path
+    hub = {
+        "cache_dir": model_args.cache_dir,
+        "revision": model_args.model_revision,
+        "trust_remote_code": model_args.trust_remote_code,
+    }
+    try:
+        model = AutoModelForImageClassification.from_pretrained(path, **hub)
+    except OSError as err:
+        raise UserError(f"cannot load model '{path}'{_offline_hint(path)}: {err}") from None
+    return model, _load_processor(model_args.image_processor_name or path, hub)
+
+
 def _load_processor(name, hub):
     try:
         return AutoImageProcessor.from_pretrained(name, **hub)

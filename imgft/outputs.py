@@ -4,6 +4,8 @@ import json
 import os
 import shutil
 
+import yaml
+
 from imgft.checkpoint import CHECKPOINT_NAME, STAGING_PREFIX, list_checkpoints
 from imgft.errors import UserError
 
@@ -51,26 +53,42 @@ def clear_previous_run(output_dir):
             shutil.rmtree(path)
 
 
-def append_jsonl(path, record):
-    with open(path, "a", encoding="utf-8") as file:
-        file.write(json.dumps(record) + "\n")
+def start_run_files(output_dir, train_args, resume_path, state, config):
+    """On the main process, before the first step: clear or trim what an earlier run left, save the config."""
+    if train_args.overwrite_output_dir and resume_path is None:
+        clear_previous_run(output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    # A resumed run rewrites whatever the interrupted one logged after its checkpoint.
+    _truncate_lines(os.path.join(output_dir, METRICS_LOG), state["metrics_log_lines"])
+    with open(os.path.join(output_dir, CONFIG_FILE), "w", encoding="utf-8") as file:
+        yaml.safe_dump(config, file, sort_keys=False, allow_unicode=True)
 
 
-def count_lines(path):
-    if not os.path.exists(path):
-        return 0
-    with open(path, encoding="utf-8") as file:
-        return sum(1 for _ in file)
-
-
-def truncate_lines(path, keep):
-    """Keep the first `keep` lines: a resumed run rewrites what came after its checkpoint."""
+def _truncate_lines(path, keep):
     if not os.path.exists(path):
         return
     with open(path, encoding="utf-8") as file:
         lines = file.readlines()[:keep]
     with open(path, "w", encoding="utf-8") as file:
         file.writelines(lines)
+
+
+def log_metrics(accelerator, metrics_log, record):
+    """One line in metrics.jsonl (main process) and the same numbers to the trackers, if any."""
+    if accelerator.is_main_process:
+        with open(metrics_log, "a", encoding="utf-8") as file:
+            file.write(json.dumps(record) + "\n")
+    scalars = {
+        (f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"): value
+        for key, value in record.items()
+        if key not in ("step", "epoch")
+    }
+    accelerator.log(scalars, step=record["step"])
+
+
+def tracker_config(config):
+    """Trackers take flat scalars; TensorBoard's hparams refuse None and lists, so those become strings."""
+    return {key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in config.items()}
 
 
 def write_json(path, value):

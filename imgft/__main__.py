@@ -1,0 +1,3 @@
+from imgft.cli import main
+
+main()
