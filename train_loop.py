@@ -122,7 +122,9 @@ def main(argv=None):
     accelerator.register_for_checkpointing(lr_scheduler)
 
     # Counters a checkpoint restores; `run_identity` must match for a resume to continue the same run.
-    run_identity = checkpoint.run_identity(label_names, len(train_dataset), train_args, accelerator.num_processes)
+    run_identity = checkpoint.run_identity(
+        label_names, len(train_dataset), train_args, accelerator.num_processes, max_train_steps
+    )
     state = checkpoint.NEW_RUN_STATE
     metrics_log = os.path.join(output_dir, outputs.METRICS_LOG)
     if resume_path:

@@ -21,9 +21,10 @@ NEW_RUN_STATE = {
 }
 
 
-def run_identity(label_names, train_samples, train_args, num_processes):
+def run_identity(label_names, train_samples, train_args, num_processes, max_train_steps):
     """What must not change between a checkpoint and its resume, or the resumed run would be a different one."""
     return {
+        "max_train_steps": max_train_steps,
         "label_names": list(label_names),
         "train_samples": train_samples,
         "per_device_train_batch_size": train_args.per_device_train_batch_size,

@@ -10,6 +10,8 @@ QUIET_LOGGERS = ("httpx", "datasets", "accelerate.checkpointing", "accelerate.ac
 
 def setup_logging():
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    # Set on our logger too: basicConfig does nothing when the root logger already has handlers.
+    logging.getLogger("imgft").setLevel(logging.INFO)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
 

@@ -1,0 +1,282 @@
+"""End-to-end runs of train_loop.py, in this process, on tiny data and models the tests make."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from imgft.errors import UserError
+
+
+def data_flags(root):
+    return ["--train_dir", root / "train", "--validation_dir", root / "validation"]
+
+
+def vit_flags(model_dir):
+    return ["--model_name_or_path", model_dir, "--ignore_mismatched_sizes"]
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, colors_data, tiny_vit):
+    """One fine-tune of the 5-class tiny ViT on the colours, shared by the output tests below."""
+    from conftest import reset_accelerate
+
+    import train_loop
+
+    out = tmp_path_factory.mktemp("run") / "out"
+    reset_accelerate()
+    train_loop.main(
+        [str(a) for a in data_flags(colors_data) + vit_flags(tiny_vit)]
+        + ["--output_dir", str(out), "--num_train_epochs", "6", "--per_device_train_batch_size", "8"]
+        + ["--learning_rate", "3e-3", "--logging_steps", "5", "--random_flip"]
+    )
+    reset_accelerate()
+    return out
+
+
+def test_run_learns_and_writes_every_output(finished_run):
+    results = json.loads((finished_run / "all_results.json").read_text())
+    for key in ("eval_accuracy", "eval_samples", "train_loss", "train_runtime", "train_samples_per_second", "epoch"):
+        assert key in results, key
+    assert results["eval_samples"] == 25
+    assert results["train_samples"] == 60
+    assert results["epoch"] == 6
+    assert results["train_steps"] == 6 * math.ceil(60 / 8)
+    assert results["eval_accuracy"] >= 0.9, results
+    assert "eval_top5_accuracy" not in results  # only with more than 5 classes
+    for name in ("model.safetensors", "config.json", "preprocessor_config.json", "imgft_config.yaml"):
+        assert (finished_run / name).is_file(), name
+
+
+def test_metrics_log_has_every_log_step_and_evaluation(finished_run):
+    records = read_jsonl(finished_run / "metrics.jsonl")
+    train_steps = [r["step"] for r in records if "loss" in r]
+    evals = [r for r in records if "eval_accuracy" in r]
+    assert [r["epoch"] for r in evals] == [1, 2, 3, 4, 5, 6]
+    # every 5th step, plus each epoch's end (8 steps an epoch)
+    assert train_steps == sorted(set(train_steps))
+    assert {5, 10, 15, 20, 25, 30, 35, 40, 45}.issubset(train_steps)
+    assert {8, 16, 24, 32, 40, 48}.issubset(train_steps)
+    assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
+    # a linear schedule with no warmup ends at zero
+    assert records[-2]["learning_rate"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_saved_model_answers_with_class_names_in_pipeline(finished_run, colors_data):
+    from transformers import pipeline
+
+    config = json.loads((finished_run / "config.json").read_text())
+    assert config["id2label"] == {"0": "blue", "1": "green", "2": "purple", "3": "red", "4": "yellow"}
+    classifier = pipeline("image-classification", model=str(finished_run), device="cpu")
+    answer = classifier(str(colors_data / "validation" / "red" / "000.png"))
+    assert answer[0]["label"] == "red"
+    assert {a["label"] for a in answer} <= {"blue", "green", "purple", "red", "yellow"}
+
+
+def test_saved_config_reruns_the_same_run(finished_run):
+    from imgft.args import parse_args
+
+    data_args, model_args, train_args = parse_args([str(finished_run / "imgft_config.yaml")])
+    assert train_args.learning_rate == 3e-3
+    assert train_args.logging_steps == 5
+    assert data_args.random_flip is True
+    assert "hub_token" not in (finished_run / "imgft_config.yaml").read_text()
+
+
+def test_fine_tuning_5_class_checkpoint_on_10_classes_keeps_backbone(train, tmp_path, colors10_data, tiny_vit):
+    out = tmp_path / "out"
+    train(data_flags(colors10_data) + vit_flags(tiny_vit) + ["--output_dir", out, "--max_train_steps", "1"])
+    before, after = load_file(tiny_vit / "model.safetensors"), load_file(out / "model.safetensors")
+    assert after["classifier.weight"].shape == (10, 32)
+    assert before["classifier.weight"].shape == (5, 32)
+    # One step of AdamW moves every weight a little; the backbone must start from (stay near) the checkpoint.
+    for name, tensor in before.items():
+        if not name.startswith("classifier"):
+            assert torch.allclose(tensor, after[name], atol=0.05), name
+    assert len(json.loads((out / "config.json").read_text())["id2label"]) == 10
+
+
+def test_accumulation_counts_optimizer_steps_and_ends_schedule(train, tmp_path, colors_data, tiny_vit):
+    out = tmp_path / "out"
+    train(
+        data_flags(colors_data)
+        + vit_flags(tiny_vit)
+        + ["--output_dir", out, "--num_train_epochs", "2", "--per_device_train_batch_size", "8"]
+        + ["--gradient_accumulation_steps", "3", "--num_warmup_steps", "2", "--logging_steps", "1"]
+    )
+    records = [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
+    steps_per_epoch = math.ceil(math.ceil(60 / 8) / 3)  # 8 batches -> 3 optimizer steps
+    assert [r["step"] for r in records] == list(range(1, 2 * steps_per_epoch + 1))
+    # 2 warmup steps up to the default peak of 2e-3, then linear decay to zero at the last step
+    assert [r["learning_rate"] for r in records[:2]] == pytest.approx([1e-3, 2e-3])
+    assert records[-1]["learning_rate"] == pytest.approx(0.0, abs=1e-12)
+    assert json.loads((out / "all_results.json").read_text())["train_steps"] == 2 * steps_per_epoch
+
+
+def test_max_train_steps_overrides_epochs(train, tmp_path, colors_data, tiny_vit):
+    out = tmp_path / "out"
+    train(data_flags(colors_data) + vit_flags(tiny_vit) + ["--output_dir", out, "--max_train_steps", "3"])
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["train_steps"] == 3
+    assert results["epoch"] == pytest.approx(3 / math.ceil(60 / 32))
+
+
+def test_sample_limits_and_seeded_split(train, tmp_path, colors_data, tiny_vit):
+    out = tmp_path / "out"
+    train(
+        ["--train_dir", colors_data / "train"]
+        + vit_flags(tiny_vit)
+        + ["--output_dir", out, "--max_train_steps", "1", "--train_val_split", "0.25", "--max_train_samples", "20"]
+    )
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["eval_samples"] == 15  # 25 % of 60
+    assert results["train_samples"] == 20
+    out2 = tmp_path / "out2"
+    train(data_flags(colors_data) + vit_flags(tiny_vit) + ["--output_dir", out2, "--max_train_steps", "1"])
+    train(
+        data_flags(colors_data)
+        + vit_flags(tiny_vit)
+        + ["--output_dir", out2, "--overwrite_output_dir", "--max_train_steps", "1", "--max_eval_samples", "7"]
+    )
+    assert json.loads((out2 / "all_results.json").read_text())["eval_samples"] == 7
+
+
+def test_checkpoints_rotate_and_resume_is_exact(train, tmp_path, colors_data, tiny_vit):
+    import shutil
+
+    common = data_flags(colors_data) + vit_flags(tiny_vit)
+    common += ["--max_train_steps", "12", "--per_device_train_batch_size", "8", "--checkpointing_steps", "4"]
+    common += ["--random_flip", "--gradient_accumulation_steps", "2", "--logging_steps", "3"]
+    full = tmp_path / "full"
+    train(common + ["--output_dir", full])
+    assert sorted(p.name for p in full.glob("step_*")) == ["step_12", "step_4", "step_8"]
+
+    # An interrupted run: what the same command had written when it was killed just after step 6.
+    part = tmp_path / "part"
+    part.mkdir()
+    shutil.copytree(full / "step_4", part / "step_4")
+    full_log = read_jsonl(full / "metrics.jsonl")
+    (part / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in full_log if r["step"] <= 6))
+    train(common + ["--output_dir", part, "--resume_from_checkpoint", "latest", "--checkpoints_total_limit", "2"])
+    full_weights, resumed_weights = load_file(full / "model.safetensors"), load_file(part / "model.safetensors")
+    for name, tensor in full_weights.items():
+        assert torch.equal(tensor, resumed_weights[name]), name
+    assert read_jsonl(part / "metrics.jsonl") == full_log
+    full_results = json.loads((full / "all_results.json").read_text())
+    resumed_results = json.loads((part / "all_results.json").read_text())
+    for key in ("eval_accuracy", "eval_loss", "train_loss", "train_steps"):
+        assert resumed_results[key] == full_results[key], key
+    # Rotation keeps the newest and the one resumed from, deleting step_8.
+    assert sorted(p.name for p in part.glob("step_*")) == ["step_12", "step_4"]
+
+
+def test_resume_refuses_a_changed_run_and_a_missing_checkpoint(train, tmp_path, colors_data, tiny_vit):
+    out = tmp_path / "out"
+    common = data_flags(colors_data) + vit_flags(tiny_vit) + ["--output_dir", out, "--max_train_steps", "2"]
+    train(common + ["--checkpointing_steps", "1"])
+    with pytest.raises(UserError, match="per_device_train_batch_size"):
+        train(common + ["--resume_from_checkpoint", str(out / "step_1"), "--per_device_train_batch_size", "4"])
+    with pytest.raises(UserError, match="not an imgft checkpoint"):
+        train(common + ["--resume_from_checkpoint", str(tmp_path / "nowhere")])
+
+
+def test_finished_run_is_left_alone(train, tmp_path, colors_data, tiny_vit, caplog):
+    out = tmp_path / "out"
+    common = data_flags(colors_data) + vit_flags(tiny_vit) + ["--output_dir", out, "--max_train_steps", "2"]
+    train(common + ["--checkpointing_steps", "2"])
+    before = (out / "model.safetensors").read_bytes(), (out / "all_results.json").read_text()
+    train(common + ["--checkpointing_steps", "2", "--resume_from_checkpoint", "latest"])
+    assert ((out / "model.safetensors").read_bytes(), (out / "all_results.json").read_text()) == before
+    assert "nothing to do" in caplog.text
+
+
+def test_output_dir_is_guarded(train, tmp_path, colors_data, tiny_vit):
+    out = tmp_path / "out"
+    common = data_flags(colors_data) + vit_flags(tiny_vit) + ["--output_dir", out, "--max_train_steps", "2"]
+    train(common + ["--checkpointing_steps", "1"])
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="finished run"):
+        train(common)
+    (out / "all_results.json").unlink()
+    with pytest.raises(UserError, match="--resume_from_checkpoint latest"):
+        train(common)
+    train(common + ["--overwrite_output_dir"])
+    assert (out / "notes.txt").read_text() == "mine"
+    assert not list(out.glob("step_*"))  # the old run's checkpoints are gone
+    assert (out / "all_results.json").is_file()
+
+
+def test_tensorboard_tracking_writes_event_files(train, tmp_path, colors_data, tiny_vit):
+    out = tmp_path / "out"
+    train(
+        data_flags(colors_data)
+        + vit_flags(tiny_vit)
+        + ["--output_dir", out, "--max_train_steps", "2", "--logging_steps", "1"]
+        + ["--with_tracking", "--report_to", "tensorboard"]
+    )
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    event_files = list((out / "imgft").rglob("events.out.tfevents*"))
+    assert event_files
+    tags = set()
+    for path in event_files:
+        accumulator = EventAccumulator(str(path))
+        accumulator.Reload()
+        tags.update(accumulator.Tags()["scalars"])
+    assert {"train/loss", "train/learning_rate", "eval/accuracy"} <= tags
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_runs_on_cpu(train, tmp_path, colors_data, tiny_vit, precision, caplog):
+    out = tmp_path / "out"
+    train(
+        data_flags(colors_data)
+        + vit_flags(tiny_vit)
+        + ["--output_dir", out, "--max_train_steps", "2", "--mixed_precision", precision]
+    )
+    assert f"mixed precision {precision}" in caplog.text
+    assert math.isfinite(json.loads((out / "all_results.json").read_text())["train_loss"])
+
+
+def test_push_to_hub_offline_is_refused_before_anything_is_written(train, tmp_path, colors_data, tiny_vit):
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match="offline"):
+        train(data_flags(colors_data) + vit_flags(tiny_vit) + ["--output_dir", out, "--push_to_hub"])
+    assert not out.exists()
+
+
+def test_local_dataset_folder_with_string_labels_and_named_columns(train, tmp_path, tiny_vit):
+    """--dataset_name with a local folder of parquet files whose labels are strings in custom columns."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    names = ["chat noir", "狗"]
+    rows = {"photo": [], "species": []}
+    for i in range(24):
+        name = names[i % 2]
+        pixels = np.full((16, 16, 3), 30 if name == "狗" else 220, dtype=np.uint8) + rng.integers(0, 20, (16, 16, 3))
+        rows["photo"].append(Image.fromarray(pixels.astype(np.uint8)))
+        rows["species"].append(name)
+    folder = tmp_path / "my_dataset"
+    (folder / "data").mkdir(parents=True)
+    features = datasets.Features({"photo": datasets.Image(), "species": datasets.Value("string")})
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(folder / "data" / "train.parquet"))
+    out = tmp_path / "out"
+    train(
+        ["--dataset_name", folder, "--image_column_name", "photo", "--label_column_name", "species"]
+        + vit_flags(tiny_vit)
+        + ["--output_dir", out, "--num_train_epochs", "4", "--per_device_train_batch_size", "4"]
+        + ["--learning_rate", "3e-3", "--train_val_split", "0.25"]
+    )
+    config = json.loads((out / "config.json").read_text())
+    assert config["id2label"] == {"0": "chat noir", "1": "狗"}
+    assert config["label2id"] == {"chat noir": 0, "狗": 1}
+    assert json.loads((out / "all_results.json").read_text())["eval_samples"] == 6
