@@ -48,7 +48,7 @@ class DataArguments:
     )
     max_eval_samples: int | None = field(
         default=None,
-        metadata={"help": "Keep only the first this-many validation examples, for debugging."},
+        metadata={"help": "Keep only this many validation examples (a seeded random subset), for debugging."},
     )
     image_column_name: str | None = field(
         default=None,
@@ -328,3 +328,16 @@ def checkpointing_every(train_args):
     """Checkpoint interval in optimizer steps, or None (with 'epoch' handled by the caller)."""
     steps = train_args.checkpointing_steps
     return int(steps) if steps and steps.isdigit() else None
+
+
+def flags_markdown():
+    """The README's flags table, generated from the dataclasses so it cannot drift from the code."""
+    lines = []
+    for title, cls in zip(("Data", "Model", "Training"), ARG_CLASSES, strict=True):
+        lines += [f"**{title}**", "", "| flag | default | meaning |", "|---|---|---|"]
+        for item in dataclasses.fields(cls):
+            default = "" if item.default is None else f"`{item.default}`"
+            help_text = item.metadata.get("help", "").replace("|", "\\|")
+            lines.append(f"| `--{item.name}` | {default} | {help_text} |")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"

@@ -9,7 +9,7 @@ import sys
 
 from imgft.errors import UserError, exit_on_user_error
 
-COMMANDS = ("demo-data", "evaluate")
+COMMANDS = ("demo-data", "evaluate", "flags")
 
 
 def main(argv=None):
@@ -25,6 +25,10 @@ def main(argv=None):
         exit_on_user_error(demo_data, rest)
     elif command == "evaluate":
         exit_on_user_error(evaluate, rest)
+    elif command == "flags":
+        from imgft.args import flags_markdown
+
+        print(flags_markdown(), end="")
 
 
 def demo_data(argv):
