@@ -205,6 +205,7 @@ def field_names():
 
 
 def _unknown_key_message(key, source, prefix=""):
+    key = str(key)  # YAML keys can be numbers, or booleans such as `on:`
     close = difflib.get_close_matches(key, field_names(), n=1, cutoff=0.6)
     hint = f"; did you mean {prefix}{close[0]}?" if close else "; see --help for the list"
     return f"unknown {source} '{prefix}{key}'{hint}"
@@ -227,19 +228,38 @@ def _config_to_tokens(path):
             raise UserError(_unknown_key_message(key, f"key in {path}:"))
         if value is None:
             continue  # `key: null` keeps the default
-        values_list = value if isinstance(value, list) else [value]
         # PyYAML reads 5e-5 as a string and 5.0e-5 as a float; argparse's float() takes both.
-        tokens += [f"--{key}", *(str(v) for v in values_list)]
+        # --key=value, so that a value such as -1e-3 is not mistaken for a flag.
+        if isinstance(value, list):
+            tokens += [f"--{key}", *(str(v) for v in value)]
+        else:
+            tokens.append(f"--{key}={value}")
     return tokens
 
 
 def _check_flags(tokens):
-    known = set(field_names()) | {f"no_{name}" for name in field_names()}
+    """Refuse unknown flags by name; return the tokens with `--flag -1e-3` joined as `--flag=-1e-3`."""
+    # HfArgumentParser adds --no_X only for booleans that default to True.
+    negatable = {f"no_{f.name}" for cls in ARG_CLASSES for f in dataclasses.fields(cls) if f.default is True}
+    known = set(field_names()) | negatable | {"help"}
+    joined = []
     for token in tokens:
         if token.startswith("--"):
             name = token[2:].split("=", 1)[0].replace("-", "_")
-            if name not in known and name != "help":
+            if name not in known:
                 raise UserError(_unknown_key_message(name, "flag", prefix="--"))
+        if joined and joined[-1].startswith("--") and "=" not in joined[-1] and _is_negative_number(token):
+            joined[-1] = f"{joined[-1]}={token}"
+        else:
+            joined.append(token)
+    return joined
+
+
+def _is_negative_number(token):
+    try:
+        return token.startswith("-") and float(token) < 0
+    except ValueError:
+        return False
 
 
 def _parse(parser, tokens, source):
@@ -260,7 +280,7 @@ def parse_args(argv):
     if argv and argv[0].endswith(CONFIG_SUFFIXES):
         config_path = argv.pop(0)
         config_tokens = _config_to_tokens(config_path)
-    _check_flags(argv)
+    argv = _check_flags(argv)
     parser = make_parser()
     if config_path:
         _parse(parser, config_tokens, f"in {config_path}")
@@ -308,7 +328,7 @@ def check_args(data_args, model_args, train_args):
     if not 0 < data_args.crop_scale_min <= 1:
         raise UserError(f"--crop_scale_min must lie in (0, 1] (got {data_args.crop_scale_min})")
     steps = train_args.checkpointing_steps
-    if steps is not None and steps != "epoch" and not (steps.isdigit() and int(steps) > 0):
+    if steps is not None and steps != "epoch" and not (_is_whole_number(steps) and int(steps) > 0):
         raise UserError(f"--checkpointing_steps must be a positive whole number or 'epoch' (got '{steps}')")
     if data_args.dataset_name and (data_args.train_dir or data_args.validation_dir):
         raise UserError("give either --dataset_name or --train_dir/--validation_dir, not both")
@@ -324,10 +344,14 @@ def to_dict(*args_objects):
     return {key: value for key, value in merged.items() if key not in SECRET_KEYS}
 
 
+def _is_whole_number(text):
+    return text.isascii() and text.isdecimal()
+
+
 def checkpointing_every(train_args):
     """Checkpoint interval in optimizer steps, or None (with 'epoch' handled by the caller)."""
     steps = train_args.checkpointing_steps
-    return int(steps) if steps and steps.isdigit() else None
+    return int(steps) if steps and _is_whole_number(steps) else None
 
 
 def flags_markdown():

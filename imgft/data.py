@@ -8,6 +8,7 @@ import datasets
 import numpy as np
 import torch
 from accelerate.logging import get_logger
+from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 from torchvision.transforms import v2
 
 from imgft.demo_data import ensure_digits_imagefolder
@@ -16,6 +17,8 @@ from imgft.errors import UserError
 logger = get_logger("imgft")
 
 VALIDATION_SPLIT_NAMES = ("validation", "valid", "val")
+# The extensions the imagefolder loader reads (it ignores every other file).
+IMAGE_EXTENSIONS = {ext.lower() for ext in ImageFolder.EXTENSIONS}
 
 
 def load_labeled_dataset(data_args, cache_dir, seed):
@@ -86,9 +89,13 @@ def _image_files(folder, flag):
     if not os.path.isdir(folder):
         raise UserError(f"{flag} {folder} is not a folder")
     pattern = os.path.join(glob.escape(folder), "**")
-    if not any(os.path.isfile(path) for path in glob.iglob(pattern, recursive=True)):
-        raise UserError(f"{flag} {folder} holds no files: put each class's images in a subfolder named after it")
+    if not any(_is_image_file(path) for path in glob.iglob(pattern, recursive=True)):
+        raise UserError(f"{flag} {folder} holds no images: put each class's images in a subfolder named after it")
     return pattern
+
+
+def _is_image_file(path):
+    return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS and os.path.isfile(path)
 
 
 def find_columns(dataset, image_column, label_column):

@@ -61,16 +61,16 @@ def _apply_overrides(config, overrides):
         setattr(config, key, value)
 
 
-def _offline_hint(name):
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in (
-        "1",
-        "true",
-        "yes",
-        "on",
-    )
-    if os.path.exists(name):
-        return ""
-    return " (HF_HUB_OFFLINE is set, so Hub ids cannot be downloaded)" if offline else " (no such local folder)"
+def _load_error(what, name, err):
+    """A one-line reason for a failed load, telling a missing local folder from an unreachable Hub id."""
+    # A Hub id is `name` or `owner/name`; anything else can only be a local path.
+    looks_like_path = os.path.isabs(name) or name.startswith(".") or name.count("/") > 1
+    if not os.path.exists(name) and looks_like_path:
+        return UserError(f"cannot load {what} '{name}': no such local folder")
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+    if not os.path.exists(name) and offline:
+        return UserError(f"cannot load {what} '{name}': HF_HUB_OFFLINE is set, so Hub ids cannot be downloaded")
+    return UserError(f"cannot load {what} '{name}': {err}")
 
 
 def load_model(model_args, label_names):
@@ -79,8 +79,8 @@ def load_model(model_args, label_names):
     A pretrained checkpoint keeps its backbone; with `ignore_mismatched_sizes` its head is replaced
     by a new one sized for `label_names`.
     """
+    # num_labels follows from id2label; passing both makes transformers warn on every checkpoint load.
     label_maps = {
-        "num_labels": len(label_names),
         "id2label": dict(enumerate(label_names)),
         "label2id": {name: i for i, name in enumerate(label_names)},
     }
@@ -112,7 +112,7 @@ def load_model(model_args, label_names):
     try:
         config = AutoConfig.from_pretrained(path, finetuning_task="image-classification", **label_maps, **hub)
     except OSError as err:
-        raise UserError(f"cannot load model '{path}'{_offline_hint(path)}: {err}") from None
+        raise _load_error("model", path, err) from None
     if model_args.config_overrides != DEMO_CONFIG_OVERRIDES:
         _apply_overrides(config, overrides)
     try:
@@ -144,7 +144,7 @@ def load_saved_classifier(model_args):
     try:
         model = AutoModelForImageClassification.from_pretrained(path, **hub)
     except OSError as err:
-        raise UserError(f"cannot load model '{path}'{_offline_hint(path)}: {err}") from None
+        raise _load_error("model", path, err) from None
     return model, _load_processor(model_args.image_processor_name or path, hub)
 
 
@@ -152,7 +152,7 @@ def _load_processor(name, hub):
     try:
         return AutoImageProcessor.from_pretrained(name, **hub)
     except OSError as err:
-        raise UserError(f"cannot load the image processor of '{name}'{_offline_hint(name)}: {err}") from None
+        raise _load_error("the image processor of", name, err) from None
 
 
 def optimizer_param_groups(model, weight_decay):

@@ -1,0 +1,499 @@
+"""imgft.data: labels, columns, splits, image sizes, transforms and batches, on tiny in-memory datasets."""
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from conftest import COLORS, write_color_imagefolder
+from PIL import Image
+from transformers import CLIPImageProcessor, ConvNextImageProcessor, ViTImageProcessor
+
+from imgft.args import DataArguments
+from imgft.data import (
+    build_transforms,
+    collate_fn,
+    encode_labels,
+    find_columns,
+    image_sizes,
+    load_labeled_dataset,
+    load_raw_datasets,
+    relabel,
+    subsample,
+    with_image_transform,
+)
+from imgft.errors import UserError
+
+
+def small_images(n, size=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def split_dict(train, validation, features=None):
+    """A DatasetDict from two column dicts (same features for both splits when given)."""
+    return datasets.DatasetDict(
+        train=datasets.Dataset.from_dict(train, features=features),
+        validation=datasets.Dataset.from_dict(validation, features=features),
+    )
+
+
+def labels_dataset(train_labels, validation_labels, feature=None):
+    features = datasets.Features({"label": feature}) if feature is not None else None
+    return split_dict({"label": train_labels}, {"label": validation_labels}, features)
+
+
+def ids(split_dataset, column="label"):
+    return list(split_dataset[column])
+
+
+# --- encode_labels --------------------------------------------------------------------------------------------------
+
+
+def test_encode_labels_keeps_a_class_label_column():
+    feature = datasets.ClassLabel(names=["cat", "dog", "bird"])
+    dataset = labels_dataset([0, 1, 2, 1], [2, 0], feature)
+    encoded, names = encode_labels(dataset, "label")
+    assert names == ["cat", "dog", "bird"]  # the dataset's own order, not sorted
+    assert ids(encoded["train"]) == [0, 1, 2, 1]
+    assert ids(encoded["validation"]) == [2, 0]
+    assert encoded["train"].features["label"].names == names
+
+
+def test_encode_labels_refuses_differing_class_labels_between_splits():
+    dataset = datasets.DatasetDict(
+        train=datasets.Dataset.from_dict(
+            {"label": [0, 1]}, features=datasets.Features({"label": datasets.ClassLabel(names=["a", "b"])})
+        ),
+        validation=datasets.Dataset.from_dict(
+            {"label": [0, 1]}, features=datasets.Features({"label": datasets.ClassLabel(names=["b", "a"])})
+        ),
+    )
+    with pytest.raises(UserError, match="validation split's 'label' classes differ"):
+        encode_labels(dataset, "label")
+
+
+def test_encode_labels_string_column_keeps_text_sorted():
+    dataset = labels_dataset(["狗", "chat noir", "bird", "狗", "chat noir"], ["bird", "狗"])
+    encoded, names = encode_labels(dataset, "label")
+    assert names == sorted(["bird", "chat noir", "狗"]) == ["bird", "chat noir", "狗"]
+    feature = encoded["train"].features["label"]
+    assert isinstance(feature, datasets.ClassLabel)
+    assert feature.names == names
+    assert encoded["validation"].features["label"].names == names
+    assert [names[i] for i in ids(encoded["train"])] == ["狗", "chat noir", "bird", "狗", "chat noir"]
+    assert [names[i] for i in ids(encoded["validation"])] == ["bird", "狗"]
+
+
+def test_encode_labels_int_column_sorts_numerically_and_remaps():
+    dataset = labels_dataset([2, 10, 7, 2, 10], [7, 10])
+    encoded, names = encode_labels(dataset, "label")
+    assert names == ["2", "7", "10"]  # numeric order, not '10' < '2'
+    assert ids(encoded["train"]) == [0, 2, 1, 0, 2]  # the rows labelled 10 get id 2
+    assert ids(encoded["validation"]) == [1, 2]
+    assert encoded["train"].features["label"].names == ["2", "7", "10"]
+    assert encoded["validation"].features["label"].names == ["2", "7", "10"]
+
+
+def test_encode_labels_int_column_small_ids_map_by_name_not_value():
+    # The raw value 1 must become the id of class '1' (index 1 of ['0','1','5']), and 5 must not be read as an index.
+    dataset = labels_dataset([5, 0, 1], [1, 5])
+    encoded, names = encode_labels(dataset, "label")
+    assert names == ["0", "1", "5"]
+    assert ids(encoded["train"]) == [2, 0, 1]
+    assert ids(encoded["validation"]) == [1, 2]
+
+
+def test_encode_labels_class_only_in_validation_is_refused():
+    dataset = labels_dataset(["a", "b", "a"], ["a", "c", "d"])
+    with pytest.raises(UserError, match="validation classes missing from train: c, d"):
+        encode_labels(dataset, "label")
+
+
+def test_encode_labels_class_label_missing_from_train_is_refused():
+    feature = datasets.ClassLabel(names=["a", "b", "c"])
+    dataset = labels_dataset([0, 1, 0], [2, 0], feature)
+    with pytest.raises(UserError, match="validation classes missing from train: c"):
+        encode_labels(dataset, "label")
+
+
+def test_encode_labels_class_missing_from_validation_is_fine():
+    dataset = labels_dataset(["a", "b", "c"], ["a"])
+    _, names = encode_labels(dataset, "label")
+    assert names == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize(
+    "dataset",
+    [
+        labels_dataset(["only", "only"], ["only"]),
+        labels_dataset([3, 3, 3], [3]),
+        labels_dataset([0, 0], [0], datasets.ClassLabel(names=["one"])),
+    ],
+    ids=["string", "int", "classlabel"],
+)
+def test_encode_labels_single_class_is_refused(dataset):
+    with pytest.raises(UserError, match="single class"):
+        encode_labels(dataset, "label")
+
+
+def test_encode_labels_empty_values_are_refused():
+    dataset = labels_dataset(["a", None, "b"], ["a"])
+    with pytest.raises(UserError, match="empty values"):
+        encode_labels(dataset, "label")
+
+
+# --- find_columns ---------------------------------------------------------------------------------------------------
+
+
+def image_dataset(n=4, extra=None, label_feature=None, label_name="target"):
+    features = {"idx": datasets.Value("int64"), "img": datasets.Image()}
+    columns = {"idx": list(range(n)), "img": small_images(n)}
+    if label_feature is not None:
+        features[label_name] = label_feature
+        columns[label_name] = [
+            i % 2 if isinstance(label_feature, datasets.ClassLabel) else f"c{i % 2}" for i in range(n)
+        ]
+    columns.update(extra or {})
+    features = datasets.Features(features)
+    return split_dict(columns, columns, features)
+
+
+def test_find_columns_detects_image_and_class_label():
+    dataset = image_dataset(label_feature=datasets.ClassLabel(names=["x", "y"]))
+    assert find_columns(dataset, None, None) == ("img", "target")
+
+
+def test_find_columns_falls_back_to_a_column_named_label():
+    dataset = image_dataset(label_feature=datasets.Value("string"), label_name="label")
+    assert find_columns(dataset, None, None) == ("img", "label")
+
+
+def test_find_columns_keeps_named_columns():
+    dataset = image_dataset(label_feature=datasets.ClassLabel(names=["x", "y"]))
+    assert find_columns(dataset, "img", "idx") == ("img", "idx")
+
+
+@pytest.mark.parametrize(
+    ("image_column", "label_column", "flag", "name"),
+    [
+        ("picture", None, "--image_column_name", "picture"),
+        (None, "labels_typo", "--label_column_name", "labels_typo"),
+    ],
+)
+def test_find_columns_refuses_a_missing_named_column(image_column, label_column, flag, name):
+    dataset = image_dataset(label_feature=datasets.ClassLabel(names=["x", "y"]))
+    with pytest.raises(UserError) as info:
+        find_columns(dataset, image_column, label_column)
+    message = str(info.value)
+    assert flag in message
+    assert f"'{name}'" in message
+    assert "columns: idx, img, target" in message
+
+
+def test_find_columns_without_label_column_lists_columns():
+    dataset = image_dataset()
+    with pytest.raises(UserError, match=r"no label column found.*columns: idx, img"):
+        find_columns(dataset, None, None)
+
+
+def test_find_columns_without_image_column_lists_columns():
+    dataset = labels_dataset(["a", "b"], ["a"])
+    with pytest.raises(UserError, match=r"no image column found.*columns: label"):
+        find_columns(dataset, None, None)
+
+
+# --- load_raw_datasets ----------------------------------------------------------------------------------------------
+
+CLASSES = ["a", "b", "c"]
+PER_CLASS = 10
+
+
+@pytest.fixture(scope="module")
+def train_folder(tmp_path_factory):
+    return write_color_imagefolder(tmp_path_factory.mktemp("imagefolder") / "train", CLASSES, PER_CLASS)
+
+
+def image_paths(split_dataset):
+    undecoded = split_dataset.cast_column("image", datasets.Image(decode=False))
+    return [row["path"] for row in undecoded["image"]]
+
+
+def load_split(train_folder, tmp_path, seed, split=0.2):
+    data_args = DataArguments(train_dir=str(train_folder), train_val_split=split)
+    return load_raw_datasets(data_args, str(tmp_path / "cache"), seed, str(tmp_path / "no_demo"))
+
+
+def test_load_raw_datasets_holds_out_a_seeded_validation_split(train_folder, tmp_path):
+    n = len(CLASSES) * PER_CLASS
+    first = load_split(train_folder, tmp_path, seed=0)
+    assert set(first) == {"train", "validation"}
+    assert abs(len(first["validation"]) - round(n * 0.2)) <= 1
+    assert len(first["train"]) + len(first["validation"]) == n
+    train_paths, validation_paths = image_paths(first["train"]), image_paths(first["validation"])
+    assert not set(train_paths) & set(validation_paths)
+    assert first["train"].features["label"].names == CLASSES
+
+    again = load_split(train_folder, tmp_path, seed=0)
+    assert image_paths(again["validation"]) == validation_paths
+    assert image_paths(again["train"]) == train_paths
+
+    other = load_split(train_folder, tmp_path, seed=1)
+    assert set(image_paths(other["validation"])) != set(validation_paths)
+
+
+@pytest.mark.parametrize("split", [0.1, 0.5])
+def test_load_raw_datasets_split_size_follows_train_val_split(train_folder, tmp_path, split):
+    n = len(CLASSES) * PER_CLASS
+    dataset = load_split(train_folder, tmp_path, seed=0, split=split)
+    assert abs(len(dataset["validation"]) - round(n * split)) <= 1
+
+
+def test_load_raw_datasets_uses_the_validation_dir(train_folder, tmp_path):
+    validation = write_color_imagefolder(tmp_path / "validation", CLASSES, 2, seed=5)
+    data_args = DataArguments(train_dir=str(train_folder), validation_dir=str(validation))
+    dataset = load_raw_datasets(data_args, str(tmp_path / "cache"), 0, str(tmp_path / "no_demo"))
+    assert len(dataset["train"]) == len(CLASSES) * PER_CLASS
+    assert len(dataset["validation"]) == len(CLASSES) * 2
+    assert all(path.startswith(str(validation)) for path in image_paths(dataset["validation"]))
+
+
+def test_load_raw_datasets_missing_folder(tmp_path):
+    missing = tmp_path / "does_not_exist"
+    with pytest.raises(UserError, match="--train_dir .*does_not_exist is not a folder"):
+        load_raw_datasets(DataArguments(train_dir=str(missing)), str(tmp_path / "cache"), 0, str(tmp_path))
+
+
+def test_load_raw_datasets_missing_validation_folder(train_folder, tmp_path):
+    data_args = DataArguments(train_dir=str(train_folder), validation_dir=str(tmp_path / "nope"))
+    with pytest.raises(UserError, match="--validation_dir .*nope is not a folder"):
+        load_raw_datasets(data_args, str(tmp_path / "cache"), 0, str(tmp_path))
+
+
+def test_load_raw_datasets_empty_folder(tmp_path):
+    empty = tmp_path / "empty"
+    (empty / "cat").mkdir(parents=True)  # a class folder, but no files at all
+    with pytest.raises(UserError, match="holds no images"):
+        load_raw_datasets(DataArguments(train_dir=str(empty)), str(tmp_path / "cache"), 0, str(tmp_path))
+
+
+def test_load_raw_datasets_folder_without_images(tmp_path):
+    folder = tmp_path / "no_images"
+    (folder / "cat").mkdir(parents=True)
+    (folder / "cat" / "notes.txt").write_text("not an image")
+    with pytest.raises(UserError):
+        load_raw_datasets(DataArguments(train_dir=str(folder)), str(tmp_path / "cache"), 0, str(tmp_path))
+
+
+def test_load_labeled_dataset_on_an_imagefolder(colors_data, tmp_path):
+    data_args = DataArguments(train_dir=str(colors_data / "train"), validation_dir=str(colors_data / "validation"))
+    dataset, image_column, label_column, names = load_labeled_dataset(data_args, str(tmp_path / "cache"), 0)
+    assert (image_column, label_column) == ("image", "label")
+    assert names == sorted(list(COLORS)[:5])
+    assert len(dataset["train"]) == 5 * 12
+    assert len(dataset["validation"]) == 5 * 5
+    assert np.bincount(ids(dataset["validation"]), minlength=5).tolist() == [5] * 5
+
+
+# --- image_sizes ----------------------------------------------------------------------------------------------------
+
+
+def test_image_sizes_height_width():
+    processor = ViTImageProcessor(size={"height": 24, "width": 32})
+    assert image_sizes(processor, None) == ((24, 32), (24, 32))
+
+
+def test_image_sizes_shortest_edge_with_crop_pct():
+    processor = ConvNextImageProcessor(size={"shortest_edge": 224}, crop_pct=0.875)
+    assert image_sizes(processor, None) == (256, (224, 224))
+
+
+def test_image_sizes_shortest_edge_with_crop_size():
+    processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
+    assert image_sizes(processor, None) == (224, (224, 224))
+
+
+def test_image_sizes_shortest_edge_with_other_crop_size():
+    processor = CLIPImageProcessor(size={"shortest_edge": 160}, crop_size={"height": 128, "width": 144})
+    assert image_sizes(processor, None) == (160, (128, 144))
+
+
+@pytest.mark.parametrize(
+    "processor",
+    [
+        ViTImageProcessor(size={"height": 24, "width": 32}),
+        ConvNextImageProcessor(size={"shortest_edge": 224}, crop_pct=0.875),
+        CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}),
+    ],
+    ids=["vit", "convnext", "clip"],
+)
+def test_image_size_override_forces_a_square(processor):
+    assert image_sizes(processor, 48) == (48, (48, 48))
+
+
+# --- build_transforms -----------------------------------------------------------------------------------------------
+
+MEAN = [0.2, 0.4, 0.6]
+STD = [0.5, 0.25, 0.1]
+
+
+def test_transforms_give_normalised_float_tensors_of_the_crop_size():
+    processor = ViTImageProcessor(size={"height": 24, "width": 32}, image_mean=MEAN, image_std=STD)
+    train, evaluation = build_transforms(processor, None, random_flip=True, crop_scale_min=0.5)
+    color = (255, 0, 128)
+    image = Image.new("RGB", (50, 40), color)  # width 50, height 40
+    torch.manual_seed(0)
+    for transform in (train, evaluation):
+        out = transform(image)
+        assert isinstance(out, torch.Tensor)
+        assert out.dtype == torch.float32
+        assert tuple(out.shape) == (3, 24, 32)
+    out = evaluation(image)
+    expected = torch.tensor([(c / 255 - m) / s for c, m, s in zip(color, MEAN, STD, strict=True)])
+    assert torch.allclose(out, expected.view(3, 1, 1).expand_as(out), atol=1e-5)
+    assert out[0, 0, 0].item() == pytest.approx((1.0 - 0.2) / 0.5, abs=1e-5)
+    assert out[1, 0, 0].item() == pytest.approx((0.0 - 0.4) / 0.25, abs=1e-5)
+
+
+def test_eval_transform_with_clip_processor():
+    processor = CLIPImageProcessor(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32})
+    _, evaluation = build_transforms(processor, None, random_flip=False, crop_scale_min=1.0)
+    color = (10, 200, 90)
+    out = evaluation(Image.new("RGB", (60, 45), color))
+    assert tuple(out.shape) == (3, 32, 32)
+    mean, std = processor.image_mean, processor.image_std
+    for channel in range(3):
+        expected = (color[channel] / 255 - mean[channel]) / std[channel]
+        assert torch.allclose(out[channel], torch.full((32, 32), expected), atol=1e-5)
+
+
+def test_transforms_without_normalize_keep_zero_one_range():
+    processor = ViTImageProcessor(size={"height": 16, "width": 16}, do_normalize=False)
+    _, evaluation = build_transforms(processor, None, random_flip=False, crop_scale_min=1.0)
+    out = evaluation(Image.new("RGB", (16, 16), (255, 0, 51)))
+    assert torch.allclose(out[:, 0, 0], torch.tensor([1.0, 0.0, 0.2]), atol=1e-5)
+
+
+def test_transforms_with_image_size_override():
+    processor = ViTImageProcessor(size={"height": 24, "width": 32})
+    train, evaluation = build_transforms(processor, 20, random_flip=False, crop_scale_min=0.6)
+    image = Image.new("RGB", (40, 30), (1, 2, 3))
+    assert tuple(evaluation(image).shape) == (3, 20, 20)
+    assert tuple(train(image).shape) == (3, 20, 20)
+
+
+def left_bright_image(size=32):
+    pixels = np.zeros((size, size, 3), dtype=np.uint8)
+    pixels[:, : size // 2] = 255
+    return Image.fromarray(pixels)
+
+
+def is_flipped(tensor):
+    half = tensor.shape[-1] // 2
+    return tensor[..., :half].mean().item() < tensor[..., half:].mean().item()
+
+
+def test_no_flip_when_random_flip_is_off():
+    processor = ViTImageProcessor(size={"height": 32, "width": 32})
+    train, _ = build_transforms(processor, None, random_flip=False, crop_scale_min=1.0)
+    image = left_bright_image()
+    torch.manual_seed(0)
+    draws = [train(image) for _ in range(30)]
+    assert not any(is_flipped(out) for out in draws)
+    # And the whole image was kept: left half at the bright end, right half at the dark end.
+    assert all(out[:, :, :12].min().item() > 0.9 and out[:, :, 20:].max().item() < -0.9 for out in draws)
+
+
+def test_flip_happens_when_random_flip_is_on():
+    processor = ViTImageProcessor(size={"height": 32, "width": 32})
+    train, _ = build_transforms(processor, None, random_flip=True, crop_scale_min=1.0)
+    image = left_bright_image()
+    torch.manual_seed(0)
+    flips = [is_flipped(train(image)) for _ in range(30)]
+    assert any(flips)
+    assert not all(flips)
+
+
+# --- with_image_transform and collate_fn ----------------------------------------------------------------------------
+
+
+def test_collate_fn_makes_a_batch():
+    labels = [1, 0, 2, 1, 0]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b", "c"])})
+    images = small_images(5, size=12)
+    images[2] = images[2].convert("L")  # greyscale images are converted to RGB
+    dataset = datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
+    processor = ViTImageProcessor(size={"height": 16, "width": 16})
+    _, evaluation = build_transforms(processor, None, random_flip=False, crop_scale_min=1.0)
+    transformed = with_image_transform(dataset, evaluation, "image", "label")
+    batch = collate_fn([transformed[i] for i in range(4)])
+    assert set(batch) == {"pixel_values", "labels"}
+    assert batch["pixel_values"].shape == (4, 3, 16, 16)
+    assert batch["pixel_values"].dtype == torch.float32
+    assert batch["labels"].dtype == torch.int64
+    assert batch["labels"].tolist() == labels[:4]
+
+    loader = torch.utils.data.DataLoader(transformed, batch_size=2, collate_fn=collate_fn)
+    batches = list(loader)
+    assert [b["pixel_values"].shape[0] for b in batches] == [2, 2, 1]
+    assert torch.cat([b["labels"] for b in batches]).tolist() == labels
+
+
+def test_collate_fn_on_plain_examples():
+    examples = [{"pixel_values": torch.full((3, 4, 5), float(i)), "labels": i} for i in range(3)]
+    batch = collate_fn(examples)
+    assert batch["pixel_values"].shape == (3, 3, 4, 5)
+    assert batch["pixel_values"][2].unique().tolist() == [2.0]
+    assert batch["labels"].dtype == torch.long
+    assert batch["labels"].tolist() == [0, 1, 2]
+
+
+# --- subsample ------------------------------------------------------------------------------------------------------
+
+
+def test_subsample_is_seeded():
+    dataset = datasets.Dataset.from_dict({"x": list(range(50))})
+    first = subsample(dataset, 10, seed=0)
+    assert len(first) == 10
+    rows = list(first["x"])
+    assert len(set(rows)) == 10 and set(rows) <= set(range(50))
+    assert list(subsample(dataset, 10, seed=0)["x"]) == rows
+    assert list(subsample(dataset, 10, seed=1)["x"]) != rows
+    assert rows != list(range(10))  # a random subset, not the first rows
+
+
+@pytest.mark.parametrize("max_samples", [None, 50, 80])
+def test_subsample_keeps_everything_when_not_smaller(max_samples):
+    dataset = datasets.Dataset.from_dict({"x": list(range(50))})
+    assert subsample(dataset, max_samples, seed=0) is dataset
+
+
+# --- relabel --------------------------------------------------------------------------------------------------------
+
+
+def class_label_split(names, labels):
+    features = datasets.Features({"label": datasets.ClassLabel(names=names)})
+    return datasets.Dataset.from_dict({"label": labels}, features=features)
+
+
+def test_relabel_maps_by_name_to_the_models_ids():
+    split = class_label_split(["cat", "dog"], [0, 1, 1, 0])
+    label2id = {"dog": 0, "cat": 1, "bird": 2}
+    relabeled = relabel(split, "label", ["cat", "dog"], label2id)
+    assert list(relabeled["label"]) == [1, 0, 0, 1]
+    assert relabeled.features["label"].names == ["dog", "cat", "bird"]
+    names = relabeled.features["label"].names
+    assert [names[i] for i in relabeled["label"]] == ["cat", "dog", "dog", "cat"]
+
+
+def test_relabel_with_the_same_classes_changes_nothing():
+    split = class_label_split(["a", "b"], [1, 0])
+    assert relabel(split, "label", ["a", "b"], {"a": 0, "b": 1}) is split
+
+
+def test_relabel_refuses_unknown_classes():
+    split = class_label_split(["cat", "fish"], [0, 1])
+    with pytest.raises(UserError) as info:
+        relabel(split, "label", ["cat", "fish"], {"cat": 0, "dog": 1})
+    message = str(info.value)
+    assert "classes not known to the model: fish" in message
+    assert "the model knows: cat, dog" in message
