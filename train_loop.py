@@ -37,9 +37,7 @@ def main(argv=None):
     # ---------------------------------------------------------------- 1. Arguments
     parsed = imgft_args.parse_args(sys.argv[1:] if argv is None else argv)
     data_args, model_args, train_args = parsed
-    output_dir = train_args.output_dir
-    resume_path = checkpoint.resolve_resume(train_args.resume_from_checkpoint, output_dir)
-    outputs.check_output_dir(output_dir, resume_path is not None, train_args.overwrite_output_dir)
+    config, output_dir = imgft_args.to_dict(*parsed), train_args.output_dir
     outputs.check_push_possible(train_args)
 
     # The Accelerator replaces the hand-written parts of distributed training: it picks the device,
@@ -59,6 +57,11 @@ def main(argv=None):
     except ValueError as err:  # e.g. fp16 on a machine without a GPU
         raise UserError(f"--mixed_precision {train_args.mixed_precision}: {err}") from None
     runtime.setup_logging()
+    resume_path = checkpoint.resolve_resume(train_args.resume_from_checkpoint, output_dir)
+    resume_requested = train_args.resume_from_checkpoint is not None
+    if outputs.check_output_dir(output_dir, resume_requested, train_args.overwrite_output_dir, config):
+        logger.info(f"{output_dir} already holds this finished run: nothing to do")
+        return
     checkpoint_every = imgft_args.checkpointing_every(train_args)
     # Same seed on every process: identical initial weights (DDP also broadcasts them) and augmentations per seed.
     set_seed(train_args.seed)
@@ -90,7 +93,12 @@ def main(argv=None):
     )
     train_dataset = data.subsample(dataset["train"], data_args.max_train_samples, train_args.seed)
     eval_dataset = data.subsample(dataset["validation"], data_args.max_eval_samples, train_args.seed)
-    train_dataset = data.with_image_transform(train_dataset, train_transform, image_column, label_column)
+    # Workers read the epoch from shared memory: each image's augmentation is seeded by (seed, epoch, row),
+    # so it does not depend on which worker draws it, nor on whether the run was resumed.
+    augmentation_epoch = data.shared_epoch()
+    train_dataset = data.with_image_transform(
+        train_dataset, train_transform, image_column, label_column, seed=train_args.seed, epoch=augmentation_epoch
+    )
     eval_dataset = data.with_image_transform(eval_dataset, eval_transform, image_column, label_column)
     loader_options = {
         "collate_fn": data.collate_fn,  # stacks pixel_values into B x C x H x W and labels into B
@@ -121,26 +129,25 @@ def main(argv=None):
     # optimizer, grad scaler, sampler and every process's RNG states.
     accelerator.register_for_checkpointing(lr_scheduler)
 
-    # Counters a checkpoint restores; `run_identity` must match for a resume to continue the same run.
+    # Counters a checkpoint restores; a resume must continue the same run (same arguments and data).
     run_identity = checkpoint.run_identity(
-        label_names, len(train_dataset), train_args, accelerator.num_processes, max_train_steps
+        config, label_names, len(train_dataset), accelerator.num_processes, accelerator.mixed_precision, max_train_steps
     )
     state = checkpoint.NEW_RUN_STATE
     metrics_log = os.path.join(output_dir, outputs.METRICS_LOG)
     if resume_path:
-        state = checkpoint.load_checkpoint(accelerator, resume_path, run_identity)
+        state, harmless_changes = checkpoint.load_checkpoint(accelerator, resume_path, run_identity)
+        for change in harmless_changes:
+            logger.warning(f"Changed since the checkpoint, which does not change training: {change}")
         logger.info(f"Resuming from {resume_path} at step {state['completed_steps']}")
     completed_steps, train_loss_sum, train_loss_count = (
         state["completed_steps"], state["train_loss_sum"], state["train_loss_count"]
     )  # fmt: skip
-    if completed_steps >= max_train_steps and os.path.exists(os.path.join(output_dir, outputs.RESULTS_FILE)):
-        logger.info(f"{output_dir} already holds this finished run ({completed_steps} steps): nothing to do")
-        return
     if accelerator.is_main_process:
-        outputs.start_run_files(output_dir, train_args, resume_path, state, imgft_args.to_dict(*parsed))
+        outputs.start_run_files(output_dir, train_args, resume_path, state, config)
     if train_args.with_tracking:
         # init_trackers starts TensorBoard/W&B/... on the main process only; accelerator.log() is a no-op elsewhere.
-        accelerator.init_trackers(outputs.TRACKER_DIR, config=outputs.tracker_config(imgft_args.to_dict(*parsed)))
+        accelerator.init_trackers(outputs.TRACKER_DIR, config=outputs.tracker_config(config))
     summary = runtime.run_summary(len(train_dataset), len(eval_dataset), label_names, accelerator, train_args)
     logger.info(f"{summary}; {max_train_steps} optimizer steps")
 
@@ -166,6 +173,7 @@ def main(argv=None):
         logger.info(f"Saved checkpoint {path}")
 
     # ---------------------------------------------------------------- The training loop
+    stop_signal = runtime.preemption_check(accelerator)  # SIGTERM/SIGINT: save after this step, then exit
     progress = tqdm(total=max_train_steps, initial=completed_steps, disable=not accelerator.is_local_main_process)
     # Losses pile up on the device and are read once per log step: an .item() per step would stall the GPU.
     window_loss = torch.zeros((), device=accelerator.device)
@@ -175,6 +183,7 @@ def main(argv=None):
     for epoch in range(state["epoch"], num_epochs):
         model.train()
         train_dataloader.set_epoch(epoch)  # reshuffle, in an order fixed by (seed, epoch)
+        augmentation_epoch.fill_(epoch)
         skip = state["batch_in_epoch"] if epoch == state["epoch"] else 0
         # skip_first_batches replaces "iterate and discard": the sampler jumps ahead without loading images.
         epoch_batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
@@ -206,6 +215,14 @@ def main(argv=None):
                 log_train_loss(epoch + batch_in_epoch / len(train_dataloader))
             if checkpoint_now:
                 save_checkpoint(f"step_{completed_steps}", epoch, batch_in_epoch)
+            signum = stop_signal()
+            if signum:
+                if not checkpoint_now:
+                    log_train_loss(epoch + batch_in_epoch / len(train_dataloader))
+                    save_checkpoint(f"step_{completed_steps}", epoch, batch_in_epoch)
+                logger.info("Stopped early. To continue, run the same command with --resume_from_checkpoint latest")
+                accelerator.end_training()
+                sys.exit(128 + signum)
             if completed_steps >= max_train_steps:
                 break
 
@@ -219,6 +236,8 @@ def main(argv=None):
             break
     progress.close()
     train_runtime = time.perf_counter() - start_time
+    if not eval_results:  # resumed from a checkpoint taken after the last evaluation
+        eval_results = metrics.evaluate(model, eval_dataloader, accelerator, len(label_names))
 
     # ---------------------------------------------------------------- Save a model anyone can load
     # reduce() sums each process's count into the global one (a collective: every process calls it).

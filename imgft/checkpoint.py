@@ -21,17 +21,54 @@ NEW_RUN_STATE = {
 }
 
 
-def run_identity(label_names, train_samples, train_args, num_processes, max_train_steps):
-    """What must not change between a checkpoint and its resume, or the resumed run would be a different one."""
+# Arguments that may change between a checkpoint and its resume: they do not change what is trained.
+# Any other changed argument makes a resume inexact, and it is refused.
+SAFE_TO_CHANGE = {
+    "output_dir",
+    "overwrite_output_dir",
+    "resume_from_checkpoint",
+    "train_dir",
+    "validation_dir",
+    "cache_dir",
+    "num_workers",
+    "per_device_eval_batch_size",
+    "max_eval_samples",
+    "num_train_epochs",
+    "max_train_steps",
+    "logging_steps",
+    "checkpointing_steps",
+    "checkpoints_total_limit",
+    "with_tracking",
+    "report_to",
+    "push_to_hub",
+    "hub_model_id",
+}
+
+
+def run_identity(config, label_names, train_samples, num_processes, mixed_precision, max_train_steps):
+    """What a checkpoint records of its run: the arguments, plus numbers derived from the data and launch."""
     return {
-        "max_train_steps": max_train_steps,
+        "config": config,
         "label_names": list(label_names),
         "train_samples": train_samples,
-        "per_device_train_batch_size": train_args.per_device_train_batch_size,
-        "gradient_accumulation_steps": train_args.gradient_accumulation_steps,
         "num_processes": num_processes,
-        "seed": train_args.seed,
+        "mixed_precision": mixed_precision,
+        "max_train_steps": max_train_steps,
     }
+
+
+def compare_runs(saved, current):
+    """(changes that make a resume inexact, harmless changes), each as 'name: then -> now' strings."""
+    unsafe, safe = [], []
+    saved_config, config = saved.get("config", {}), current.get("config", {})
+    for key in sorted(set(saved_config) | set(config)):
+        if saved_config.get(key) != config.get(key):
+            change = f"{key}: {saved_config.get(key)!r} -> {config.get(key)!r}"
+            (safe if key in SAFE_TO_CHANGE else unsafe).append(change)
+    for key, value in current.items():
+        if key != "config" and saved.get(key) != value:
+            unsafe.append(f"{key}: {saved.get(key)!r} -> {value!r}")
+    return unsafe, safe
 
 
 def read_state(path):
@@ -105,16 +142,20 @@ def _write_json_durably(path, value):
         os.fsync(file.fileno())
 
 
-def load_checkpoint(accelerator, path, run_identity):
-    """Restore all states saved by `save_checkpoint`; refuse a checkpoint from a run that differs."""
+def load_checkpoint(accelerator, path, identity):
+    """Restore all states saved by `save_checkpoint`; refuse one that a changed run could not continue exactly.
+
+    Returns the saved counters and the list of harmless changes, for the caller to report.
+    """
     train_state = read_state(path)
-    saved_identity = train_state.get("run_identity", {})
-    changed = [key for key, value in run_identity.items() if saved_identity.get(key) != value]
-    if changed:
-        details = "; ".join(f"{key}: {saved_identity.get(key)!r} then, {run_identity[key]!r} now" for key in changed)
-        raise UserError(f"cannot resume exactly from {path}: the run changed ({details})")
+    unsafe, safe = compare_runs(train_state.get("run_identity", {}), identity)
+    if unsafe:
+        raise UserError(
+            f"cannot resume exactly from {path}, the run changed: {'; '.join(unsafe)}. "
+            "Use the original settings, or start a new run (another --output_dir, or --overwrite_output_dir)"
+        )
     accelerator.load_state(path)
-    return train_state
+    return train_state, safe
 
 
 def rotate_checkpoints(accelerator, output_dir, limit, keep=()):

@@ -251,23 +251,60 @@ def build_transforms(image_processor, image_size, random_flip, crop_scale_min):
     return train, evaluation
 
 
-def apply_transform(batch, image_transform, image_column, label_column):
+ROW_COLUMN = "__imgft_row__"
+
+
+def shared_epoch():
+    """An epoch counter in shared memory: DataLoader workers, even persistent ones, read the current value."""
+    return torch.zeros((), dtype=torch.int64).share_memory_()
+
+
+def sample_seed(seed, epoch, row):
+    """A sample's augmentation seed: the same for (seed, epoch, row) whichever worker or iterator draws it."""
+    return ((seed * 1_000_003 + epoch) * 1_000_000_007 + row) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def _seeded_call(image_transform, image, seed):
+    # fork_rng restores the CPU generator afterwards, so seeding here leaves the loop's own randomness alone.
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)
+        return image_transform(image)
+
+
+def apply_transform(batch, image_transform, image_column, label_column, seed=None, epoch=None):
     """Applied lazily by `set_transform` to each fetched batch of rows, so images are decoded on demand."""
-    return {
-        "pixel_values": [image_transform(image.convert("RGB")) for image in batch[image_column]],
-        "labels": batch[label_column],
-    }
+    images = [image.convert("RGB") for image in batch[image_column]]
+    if seed is None:
+        pixel_values = [image_transform(image) for image in images]
+    else:
+        epoch_now = int(epoch)
+        pixel_values = [
+            _seeded_call(image_transform, image, sample_seed(seed, epoch_now, row))
+            for image, row in zip(images, batch[ROW_COLUMN], strict=True)
+        ]
+    return {"pixel_values": pixel_values, "labels": batch[label_column]}
 
 
-def with_image_transform(split_dataset, image_transform, image_column, label_column):
+def with_image_transform(split_dataset, image_transform, image_column, label_column, seed=None, epoch=None):
+    """The dataset with `image_transform` applied on access; only the image and label columns are read.
+
+    With `seed` (and the shared `epoch` counter), each image's random augmentation is drawn from a
+    generator seeded by (seed, epoch, row): the same on any number of workers and after a resume.
+    """
+    columns = [image_column, label_column]
+    if seed is not None:
+        split_dataset = split_dataset.add_column(ROW_COLUMN, list(range(len(split_dataset))))
+        columns.append(ROW_COLUMN)
     # partial of a module-level function, not a closure, so DataLoader workers can pickle it under spawn too.
     transform = partial(
         apply_transform,
         image_transform=image_transform,
         image_column=image_column,
         label_column=label_column,
+        seed=seed,
+        epoch=epoch,
     )
-    return split_dataset.with_transform(transform, columns=[image_column, label_column])
+    return split_dataset.with_transform(transform, columns=columns)
 
 
 def collate_fn(examples):

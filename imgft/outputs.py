@@ -6,7 +6,7 @@ import shutil
 
 import yaml
 
-from imgft.checkpoint import CHECKPOINT_NAME, STAGING_PREFIX, list_checkpoints
+from imgft.checkpoint import CHECKPOINT_NAME, STAGING_PREFIX, compare_runs, list_checkpoints
 from imgft.errors import UserError
 
 RESULTS_FILE = "all_results.json"
@@ -24,19 +24,40 @@ RUN_FILES = (
 )
 
 
-def check_output_dir(output_dir, resuming, overwrite):
-    """Refuse to start over an earlier run's results unless asked to; never silently restart a run."""
-    if resuming or overwrite or not os.path.isdir(output_dir):
-        return
-    if os.path.exists(os.path.join(output_dir, RESULTS_FILE)):
+def check_output_dir(output_dir, resume_requested, overwrite, config):
+    """Refuse to start over an earlier run unless asked to; return True when this run has already finished.
+
+    A finished run relaunched with --resume_from_checkpoint (a scheduler's blind restart) has nothing
+    left to do, provided it is the same run.
+    """
+    if overwrite or not os.path.isdir(output_dir):
+        return False
+    finished = os.path.exists(os.path.join(output_dir, RESULTS_FILE))
+    if finished and resume_requested:
+        saved_config_path = os.path.join(output_dir, CONFIG_FILE)
+        saved = _read_yaml(saved_config_path) if os.path.exists(saved_config_path) else {}
+        unsafe, _ = compare_runs({"config": saved}, {"config": config})
+        if unsafe:
+            raise UserError(
+                f"{output_dir} holds a finished run with other settings ({'; '.join(unsafe)}); "
+                "pass --overwrite_output_dir to replace it, or choose another --output_dir"
+            )
+        return True
+    if finished:
         raise UserError(
             f"{output_dir} holds a finished run; pass --overwrite_output_dir to replace it, or another --output_dir"
         )
-    if list_checkpoints(output_dir):
+    if not resume_requested and list_checkpoints(output_dir):
         raise UserError(
             f"{output_dir} holds checkpoints of an unfinished run; pass --resume_from_checkpoint latest "
             "to continue it, or --overwrite_output_dir to start over"
         )
+    return False
+
+
+def _read_yaml(path):
+    with open(path, encoding="utf-8") as file:
+        return yaml.safe_load(file) or {}
 
 
 def clear_previous_run(output_dir):

@@ -2,6 +2,8 @@
 
 import logging
 import os
+import signal
+import sys
 
 import torch
 
@@ -37,3 +39,36 @@ def run_summary(train_samples, eval_samples, label_names, accelerator, train_arg
         f"mixed precision {accelerator.mixed_precision}; batch {total_batch} = {per_device} per device "
         f"x {accelerator.num_processes} process(es) x {accumulation} accumulation"
     )
+
+
+def preemption_check(accelerator):
+    """Install SIGTERM/SIGINT handlers; return a function giving the signal any process received (0: none).
+
+    The first signal only records itself, so the loop can finish its optimizer step and save a checkpoint.
+    A second SIGINT (Ctrl-C twice) exits at once. With several processes the signal is all-reduced over a
+    CPU (gloo) group, so every process stops at the same step without a GPU sync in the hot loop.
+    """
+    received = {"signum": 0}
+
+    def handle(signum, frame):
+        if received["signum"]:
+            if signum == signal.SIGINT:
+                print("Second interrupt: stopping now, without a checkpoint.", file=sys.stderr, flush=True)
+                os._exit(128 + signum)
+            return
+        received["signum"] = signum
+        name = signal.Signals(signum).name
+        print(f"{name}: finishing this optimizer step, then saving a checkpoint.", file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+    if accelerator.num_processes == 1:
+        return lambda: received["signum"]
+    group = torch.distributed.new_group(backend="gloo")
+
+    def signal_on_any_process():
+        signum = torch.tensor([received["signum"]])
+        torch.distributed.all_reduce(signum, op=torch.distributed.ReduceOp.MAX, group=group)
+        return int(signum.item())
+
+    return signal_on_any_process

@@ -1,0 +1,91 @@
+"""Checkpoint bookkeeping: what counts as a checkpoint, which is latest, what rotation keeps, what a resume refuses."""
+
+import json
+import os
+
+import pytest
+
+from imgft import checkpoint
+from imgft.errors import UserError
+
+
+class MainProcess:
+    is_main_process = True
+
+
+def make_checkpoint(root, name, completed_steps, complete=True, mtime=None):
+    path = root / name
+    path.mkdir(parents=True)
+    (path / "model.safetensors").write_bytes(b"weights")
+    if complete:
+        (path / checkpoint.STATE_FILE).write_text(json.dumps({"completed_steps": completed_steps}))
+    if mtime is not None:
+        os.utime(path, (mtime, mtime))
+    return path
+
+
+def test_latest_is_the_newest_complete_checkpoint_by_step_not_by_time(tmp_path):
+    make_checkpoint(tmp_path, "step_30", 30, mtime=1_000)
+    make_checkpoint(tmp_path, "epoch_1", 16, mtime=9_000)  # written later, but an earlier step
+    make_checkpoint(tmp_path, "step_40", 40, complete=False)  # killed before its state file was written
+    make_checkpoint(tmp_path, ".tmp-step_50", 50)  # killed before the rename
+    make_checkpoint(tmp_path, "notes", 99)  # not a checkpoint name
+    assert [os.path.basename(p) for p in checkpoint.list_checkpoints(tmp_path)] == ["epoch_1", "step_30"]
+    assert checkpoint.resolve_resume("latest", tmp_path) == str(tmp_path / "step_30")
+
+
+def test_latest_without_checkpoints_means_a_fresh_start_and_a_bad_path_is_refused(tmp_path):
+    assert checkpoint.resolve_resume("latest", tmp_path / "missing") is None
+    assert checkpoint.resolve_resume(None, tmp_path) is None
+    with pytest.raises(UserError, match="not an imgft checkpoint"):
+        checkpoint.resolve_resume(str(tmp_path / "step_3"), tmp_path)
+
+
+def test_rotation_keeps_the_newest_and_the_one_resumed_from(tmp_path):
+    for step in (5, 10, 15, 20, 25):
+        make_checkpoint(tmp_path, f"step_{step}", step)
+    removed = checkpoint.rotate_checkpoints(MainProcess(), tmp_path, 2, keep=[str(tmp_path / "step_5")])
+    assert sorted(os.path.basename(p) for p in removed) == ["step_10", "step_15", "step_20"]
+    assert sorted(os.listdir(tmp_path)) == ["step_25", "step_5"]
+    # A limit of 1 still never deletes the newest, nor the protected one.
+    assert checkpoint.rotate_checkpoints(MainProcess(), tmp_path, 1, keep=[str(tmp_path / "step_5")]) == []
+    assert checkpoint.rotate_checkpoints(MainProcess(), tmp_path, None) == []
+
+
+def test_compare_runs_separates_harmless_changes_from_ones_that_change_training():
+    saved = {"config": {"learning_rate": 1e-3, "num_workers": 0, "logging_steps": 10}, "num_processes": 2}
+    current = {"config": {"learning_rate": 2e-3, "num_workers": 4, "logging_steps": 10}, "num_processes": 1}
+    unsafe, safe = checkpoint.compare_runs(saved, current)
+    assert unsafe == ["learning_rate: 0.001 -> 0.002", "num_processes: 2 -> 1"]
+    assert safe == ["num_workers: 0 -> 4"]
+    assert checkpoint.compare_runs(saved, saved) == ([], [])
+
+
+def test_resume_refuses_a_changed_learning_rate_and_accepts_more_workers(
+    train, tmp_path, colors_data, tiny_vit, caplog
+):
+    out = tmp_path / "out"
+    common = ["--train_dir", colors_data / "train", "--validation_dir", colors_data / "validation"]
+    common += ["--model_name_or_path", tiny_vit, "--ignore_mismatched_sizes", "--output_dir", out]
+    common += ["--max_train_steps", "4", "--checkpointing_steps", "2"]
+    train(common)
+    (out / "all_results.json").unlink()  # as if killed after step 4's checkpoint
+    metrics_before = (out / "metrics.jsonl").read_text()
+    with pytest.raises(UserError, match=r"learning_rate: 0.002 -> 0.01"):
+        train(common + ["--resume_from_checkpoint", "latest", "--learning_rate", "1e-2"])
+    assert (out / "metrics.jsonl").read_text() == metrics_before  # nothing written
+    with pytest.raises(UserError, match=r"per_device_train_batch_size: 32 -> 8"):
+        train(common + ["--resume_from_checkpoint", "latest", "--per_device_train_batch_size", "8"])
+    train(common + ["--resume_from_checkpoint", "latest", "--num_workers", "1"])
+    assert "num_workers: 0 -> 1" in caplog.text
+    assert (out / "all_results.json").is_file()
+
+
+def test_finished_run_with_other_settings_is_not_silently_kept(train, tmp_path, colors_data, tiny_vit):
+    out = tmp_path / "out"
+    common = ["--train_dir", colors_data / "train", "--validation_dir", colors_data / "validation"]
+    common += ["--model_name_or_path", tiny_vit, "--ignore_mismatched_sizes", "--output_dir", out]
+    common += ["--max_train_steps", "2"]
+    train(common)
+    with pytest.raises(UserError, match="finished run with other settings"):
+        train(common + ["--resume_from_checkpoint", "latest", "--seed", "7"])

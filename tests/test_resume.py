@@ -1,0 +1,149 @@
+"""Exact, preemption-safe resume: real SIGKILLs and SIGTERMs on real processes, compared bit for bit."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import REPO
+from safetensors.torch import load_file
+
+from imgft.checkpoint import list_checkpoints
+
+# The digits demo, cut down: 400 training images, 13 optimizer steps an epoch, 2 epochs, random augmentation.
+RUN = ["--max_train_samples", "400", "--num_train_epochs", "2", "--per_device_train_batch_size", "16"]
+RUN += ["--gradient_accumulation_steps", "2", "--checkpointing_steps", "5", "--random_flip", "--logging_steps", "2"]
+RUN += ["--resume_from_checkpoint", "latest"]  # a scheduler's blind relaunch: fresh start when there is no checkpoint
+
+
+def start(out, extra=(), log_name="log"):
+    command = [sys.executable, "train_loop.py", *RUN, "--output_dir", str(out), *extra]
+    with open(out.parent / f"{out.name}-{log_name}.txt", "w") as log:  # the child keeps its own handle
+        return subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+
+
+def finish(out, extra=()):
+    process = start(out, extra, "final")
+    assert process.wait(timeout=300) == 0, (out.parent / f"{out.name}-final.txt").read_text()[-3000:]
+
+
+def kill_when(process, condition, timeout=300):
+    """SIGKILL `process` as soon as `condition()` holds; False if the process ended first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return False
+        if condition():
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            return True
+        time.sleep(0.002)
+    raise TimeoutError
+
+
+def metrics_steps(out):
+    path = out / "metrics.jsonl"
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def staging_folders(out):
+    return [name for name in os.listdir(out) if name.startswith(".tmp-")] if out.exists() else []
+
+
+def assert_same_run(reference, resumed):
+    weights, resumed_weights = load_file(reference / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert weights.keys() == resumed_weights.keys()
+    for name, tensor in weights.items():
+        assert torch.equal(tensor, resumed_weights[name]), name
+    assert (resumed / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text()
+    results, resumed_results = (json.loads((d / "all_results.json").read_text()) for d in (reference, resumed))
+    for key in ("eval_accuracy", "eval_loss", "eval_samples", "train_loss", "train_steps", "epoch"):
+        assert resumed_results[key] == results[key], key
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    """The same runs left alone, with 0 and with 2 DataLoader workers."""
+    root = tmp_path_factory.mktemp("reference")
+    runs = {}
+    for workers in ("0", "2"):
+        finish(root / f"workers{workers}", ["--num_workers", workers])
+        runs[workers] = root / f"workers{workers}"
+    # Augmentation does not depend on the workers either: both runs are the same run.
+    assert_same_run(runs["0"], runs["2"])
+    return runs
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_sigkill_anywhere_then_resume_latest_is_bitwise_identical(references, tmp_path, workers):
+    out = tmp_path / "killed"
+    extra = ["--num_workers", workers]
+    rng = random.Random(int(workers))
+
+    # 1. Killed in the middle of writing its first checkpoint.
+    process = start(out, extra, "1")
+    assert kill_when(process, lambda: staging_folders(out))
+    assert staging_folders(out), "the kill should land mid-save"
+    assert list_checkpoints(out) == []  # a half-written checkpoint is never taken for one
+
+    # 2. Killed between checkpoints, at a random moment after step 7.
+    process = start(out, extra, "2")
+    assert kill_when(process, lambda: max(metrics_steps(out), default=0) >= 7 + rng.randint(0, 3))
+
+    # 3. Killed right after a checkpoint in the second epoch.
+    process = start(out, extra, "3")
+    assert kill_when(process, lambda: (out / "step_20").exists())
+
+    finish(out, extra)
+    assert_same_run(references[workers], out)
+
+    # A blind relaunch of the finished run changes nothing and exits 0.
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    finish(out, extra)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_sigterm_saves_and_exits_then_resumes_exactly(references, tmp_path):
+    out = tmp_path / "preempted"
+    process = start(out, ["--num_workers", "0"], "term")
+    deadline = time.monotonic() + 300
+    while max(metrics_steps(out), default=0) < 3 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    sent = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    assert time.monotonic() - sent < 20
+    output = (tmp_path / "preempted-term.txt").read_text()
+    assert "SIGTERM" in output and "--resume_from_checkpoint latest" in output
+    assert "Traceback" not in output
+    saved = list_checkpoints(out)
+    assert saved, output
+    step = json.loads((out / os.path.basename(saved[-1]) / "imgft_state.json").read_text())["completed_steps"]
+    assert 3 <= step < 26
+    assert not (out / "all_results.json").exists()
+    finish(out, ["--num_workers", "0"])
+    assert_same_run(references["0"], out)
+
+
+def test_second_sigint_stops_at_once(tmp_path):
+    out = tmp_path / "interrupted"
+    # Large batches, so that a step lasts long enough for the second Ctrl-C to land inside it.
+    extra = ["--num_workers", "0", "--max_train_samples", "1400", "--per_device_train_batch_size", "128"]
+    process = start(out, extra, "int")
+    log_path = tmp_path / "interrupted-int.txt"
+    deadline = time.monotonic() + 300
+    while not metrics_steps(out) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGINT)
+    while "finishing this optimizer step" not in log_path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.002)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=30) == 128 + signal.SIGINT
+    output = log_path.read_text()
+    assert "Second interrupt" in output
+    assert "Traceback" not in output
