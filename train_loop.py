@@ -147,7 +147,12 @@ def main(argv=None):
         outputs.start_run_files(output_dir, train_args, resume_path, state, config)
     if train_args.with_tracking:
         # init_trackers starts TensorBoard/W&B/... on the main process only; accelerator.log() is a no-op elsewhere.
-        accelerator.init_trackers(outputs.TRACKER_DIR, config=outputs.tracker_config(config))
+        # purge_step makes TensorBoard drop what an interrupted run logged after the step we start from.
+        accelerator.init_trackers(
+            outputs.TRACKER_DIR,
+            config=outputs.tracker_config(config),
+            init_kwargs={"tensorboard": {"purge_step": completed_steps + 1}},
+        )
     summary = runtime.run_summary(len(train_dataset), len(eval_dataset), label_names, accelerator, train_args)
     logger.info(f"{summary}; {max_train_steps} optimizer steps")
 

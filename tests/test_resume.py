@@ -18,6 +18,7 @@ from imgft.checkpoint import list_checkpoints
 # The digits demo, cut down: 400 training images, 13 optimizer steps an epoch, 2 epochs, random augmentation.
 RUN = ["--max_train_samples", "400", "--num_train_epochs", "2", "--per_device_train_batch_size", "16"]
 RUN += ["--gradient_accumulation_steps", "2", "--checkpointing_steps", "5", "--random_flip", "--logging_steps", "2"]
+RUN += ["--with_tracking", "--report_to", "tensorboard"]
 RUN += ["--resume_from_checkpoint", "latest"]  # a scheduler's blind relaunch: fresh start when there is no checkpoint
 
 
@@ -55,12 +56,24 @@ def staging_folders(out):
     return [name for name in os.listdir(out) if name.startswith(".tmp-")] if out.exists() else []
 
 
+def tensorboard_scalars(out):
+    """{tag: [(step, value), ...]} as TensorBoard shows it (it drops steps orphaned by a resume)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(out / "imgft"))
+    accumulator.Reload()
+    return {
+        tag: [(event.step, event.value) for event in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]
+    }
+
+
 def assert_same_run(reference, resumed):
     weights, resumed_weights = load_file(reference / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert weights.keys() == resumed_weights.keys()
     for name, tensor in weights.items():
         assert torch.equal(tensor, resumed_weights[name]), name
     assert (resumed / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text()
+    assert tensorboard_scalars(resumed) == tensorboard_scalars(reference)
     results, resumed_results = (json.loads((d / "all_results.json").read_text()) for d in (reference, resumed))
     for key in ("eval_accuracy", "eval_loss", "eval_samples", "train_loss", "train_steps", "epoch"):
         assert resumed_results[key] == results[key], key
