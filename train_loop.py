@@ -28,7 +28,7 @@ from transformers import get_scheduler
 from imgft import args as imgft_args
 from imgft import checkpoint, data, metrics, outputs, runtime
 from imgft.errors import UserError, exit_on_user_error
-from imgft.model import load_model, optimizer_param_groups
+from imgft.model import check_model_source, load_model, optimizer_param_groups
 
 logger = get_logger("imgft")
 
@@ -39,6 +39,7 @@ def main(argv=None):
     data_args, model_args, train_args = parsed
     config, output_dir = imgft_args.to_dict(*parsed), train_args.output_dir
     outputs.check_push_possible(train_args)
+    check_model_source(model_args)
 
     # The Accelerator replaces the hand-written parts of distributed training: it picks the device,
     # wraps the model in DDP, shards DataLoaders across processes, runs autocast + GradScaler for
@@ -71,7 +72,7 @@ def main(argv=None):
     # Hub name or local imagefolders (folder names become labels); a seeded split when there is no
     # validation set; labels made a ClassLabel whose names become the model's id2label.
     with accelerator.main_process_first():
-        dataset, image_column, label_column, label_names = data.load_labeled_dataset(
+        dataset, image_column, label_column, label_names, unreadable_images = data.load_labeled_dataset(
             data_args, model_args.cache_dir, train_args.seed
         )
 
@@ -182,7 +183,8 @@ def main(argv=None):
     progress = tqdm(total=max_train_steps, initial=completed_steps, disable=not accelerator.is_local_main_process)
     # Losses pile up on the device and are read once per log step: an .item() per step would stall the GPU.
     window_loss = torch.zeros((), device=accelerator.device)
-    window_batches = samples_seen = 0
+    nonfinite_losses = torch.zeros((), dtype=torch.int64, device=accelerator.device)
+    window_batches = samples_seen = skipped_steps = 0
     eval_results = {}
     start_time = time.perf_counter()
     for epoch in range(state["epoch"], num_epochs):
@@ -200,12 +202,22 @@ def main(argv=None):
                 # backward() replaces loss.backward(): it scales the loss for fp16 and divides it by the
                 # accumulation steps, so the loss must not be divided again here.
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and train_args.max_grad_norm > 0:
-                    # Unscales fp16 gradients first, then clips the all-reduced gradient.
-                    accelerator.clip_grad_norm_(model.parameters(), train_args.max_grad_norm)
-                optimizer.step()
+                nonfinite_losses += ~loss.detach().isfinite()  # counted on the device, read once per step
+                step_is_finite = True
+                if accelerator.sync_gradients:
+                    step_is_finite = runtime.losses_were_finite(accelerator, nonfinite_losses)
+                    if not step_is_finite and train_args.on_nonfinite_loss == "stop":
+                        raise UserError(runtime.nonfinite_message(completed_steps + 1, epoch, output_dir))
+                    if step_is_finite and train_args.max_grad_norm > 0:
+                        # Unscales fp16 gradients first, then clips the all-reduced gradient.
+                        accelerator.clip_grad_norm_(model.parameters(), train_args.max_grad_norm)
+                if step_is_finite:  # --on_nonfinite_loss skip: no update from a NaN/inf loss
+                    optimizer.step()
                 optimizer.zero_grad()
-            window_loss += loss.detach()
+            if not step_is_finite:
+                skipped_steps += 1
+                logger.warning(f"Skipped step {completed_steps + 1}: non-finite loss")
+            window_loss += loss.detach().nan_to_num(0.0, 0.0, 0.0)
             window_batches += 1
             samples_seen += len(batch["labels"])
             if not accelerator.sync_gradients:
@@ -262,6 +274,8 @@ def main(argv=None):
             "train_samples": len(train_dataset),
             "train_samples_per_second": samples_seen / train_runtime,
             "train_steps": completed_steps,
+            "unreadable_images": unreadable_images,
+            "skipped_nonfinite_steps": skipped_steps,
         }
         outputs.write_json(os.path.join(output_dir, outputs.RESULTS_FILE), results)
         logger.info(f"Saved the model and {outputs.RESULTS_FILE} to {output_dir}")

@@ -66,7 +66,13 @@ class DataArguments:
         default=0.6,
         metadata={"help": "Smallest area fraction RandomResizedCrop keeps of a training image (torchvision: 0.08)."},
     )
-    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes per device."})
+    num_workers: int = field(
+        default=0, metadata={"help": "DataLoader worker processes per device (and processes for the image check)."}
+    )
+    strict_data: bool = field(
+        default=False,
+        metadata={"help": "Refuse the data if any image is unreadable, listing them all (default: skip and warn)."},
+    )
 
 
 @dataclass(frozen=True)
@@ -151,6 +157,10 @@ class TrainArguments:
         "constant_with_warmup",
     ] = field(default="linear", metadata={"help": "Learning-rate schedule after warmup."})
     num_warmup_steps: int = field(default=0, metadata={"help": "Optimizer steps of linear warmup."})
+    on_nonfinite_loss: Literal["stop", "skip"] = field(
+        default="stop",
+        metadata={"help": "On a NaN/inf loss: stop the run (naming the step and last checkpoint) or skip that step."},
+    )
     max_grad_norm: float = field(
         default=1.0,
         metadata={"help": "Clip the gradient norm to this; 0 turns it off."},

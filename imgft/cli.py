@@ -9,7 +9,7 @@ import sys
 
 from imgft.errors import UserError, exit_on_user_error
 
-COMMANDS = ("demo-data", "evaluate", "flags")
+COMMANDS = ("demo-data", "evaluate", "check-data", "flags")
 
 
 def main(argv=None):
@@ -25,6 +25,8 @@ def main(argv=None):
         exit_on_user_error(demo_data, rest)
     elif command == "evaluate":
         exit_on_user_error(evaluate, rest)
+    elif command == "check-data":
+        exit_on_user_error(check_data, rest)
     elif command == "flags":
         from imgft.args import flags_markdown
 
@@ -58,7 +60,7 @@ def evaluate(argv):
     accelerator = Accelerator(cpu=runtime.distributed_without_gpu(), mixed_precision=train_args.mixed_precision)
     runtime.setup_logging()
     with accelerator.main_process_first():
-        dataset, image_column, label_column, label_names = data.load_labeled_dataset(
+        dataset, image_column, label_column, label_names, _ = data.load_labeled_dataset(
             data_args, model_args.cache_dir, train_args.seed
         )
         model, image_processor = load_saved_classifier(model_args)
@@ -83,3 +85,21 @@ def evaluate(argv):
     results = metrics.evaluate(model, dataloader, accelerator, num_labels)
     if accelerator.is_main_process:
         print(json.dumps(results))
+
+
+def check_data(argv):
+    """Report on the data as training would see it; a UserError (exit 2) where training would refuse it."""
+    from accelerate import PartialState
+
+    from imgft import runtime
+    from imgft.args import parse_args
+    from imgft.data_report import data_report
+
+    data_args, model_args, train_args = parse_args(argv)
+    PartialState()  # accelerate's logging, used by the data functions, needs it
+    runtime.setup_logging()
+    lines, refusal = data_report(data_args, model_args.cache_dir, train_args.seed)
+    print("\n".join(lines))
+    if refusal:
+        raise UserError(f"training would refuse this data: {refusal}")
+    print("Training would accept this data.")

@@ -1,6 +1,5 @@
 """Steps 2 and 4: load the dataset with its labels, and the transforms and collate_fn that turn it into batches."""
 
-import glob
 import os
 from functools import partial
 
@@ -11,8 +10,10 @@ from accelerate.logging import get_logger
 from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 from torchvision.transforms import v2
 
+from imgft import images
 from imgft.demo_data import ensure_digits_imagefolder
 from imgft.errors import UserError
+from imgft.runtime import hub_offline
 
 logger = get_logger("imgft")
 
@@ -22,28 +23,48 @@ IMAGE_EXTENSIONS = {ext.lower() for ext in ImageFolder.EXTENSIONS}
 
 
 def load_labeled_dataset(data_args, cache_dir, seed):
-    """Step 2 in one call: (dataset, image_column, label_column, label_names), labels a shared ClassLabel.
+    """Step 2 in one call: (dataset, image_column, label_column, label_names, unreadable_count).
 
-    With no dataset named, the digits demo is written (once) and used.
+    Labels become a ClassLabel shared by both splits; unreadable images are left out (each named in a
+    warning) or, with --strict_data, refused. With no dataset named, the digits demo is written and used.
     """
-    demo_dir = default_demo_dir()
-    if not data_args.dataset_name and not data_args.train_dir:
-        logger.info(f"No dataset given: using the digits demo in {demo_dir}")
-        ensure_digits_imagefolder(demo_dir)
-    dataset = load_raw_datasets(data_args, cache_dir, seed, demo_dir)
+    dataset = load_raw_datasets(data_args, cache_dir, seed, demo_dir_for(data_args))
     image_column, label_column = find_columns(dataset, data_args.image_column_name, data_args.label_column_name)
+    dataset, unreadable_count = drop_unreadable(dataset, image_column, data_args.strict_data, data_args.num_workers)
     dataset, label_names = encode_labels(dataset, label_column)
-    return dataset, image_column, label_column, label_names
+    return dataset, image_column, label_column, label_names, unreadable_count
 
 
-def default_demo_dir():
-    return os.path.join(os.environ.get("IMGFT_HOME", os.path.expanduser("~/.cache/imgft")), "digits")
+def drop_unreadable(dataset, image_column, strict, num_proc):
+    """Leave out every image that cannot be decoded, naming each; with `strict`, refuse the data instead."""
+    found = {split: images.find_unreadable(part, image_column, num_proc) for split, part in dataset.items()}
+    problems = [f"{path}: {reason}" for split in found for _, path, reason in found[split]]
+    if problems and strict:
+        listing = "\n  ".join(problems)
+        raise UserError(f"{len(problems)} unreadable image(s), refused by --strict_data:\n  {listing}")
+    for problem in problems:
+        logger.warning(f"Skipping unreadable image {problem}")
+    kept = {}
+    for split, part in dataset.items():
+        bad_rows = {row for row, _, _ in found[split]}
+        kept[split] = part.select([i for i in range(len(part)) if i not in bad_rows]) if bad_rows else part
+    return datasets.DatasetDict(kept), len(problems)
+
+
+def demo_dir_for(data_args):
+    """The digits demo folder, written first if missing, when `data_args` name no dataset; else None."""
+    if data_args.dataset_name or data_args.train_dir:
+        return None
+    demo_dir = os.path.join(os.environ.get("IMGFT_HOME", os.path.expanduser("~/.cache/imgft")), "digits")
+    logger.info(f"No dataset given: using the digits demo in {demo_dir}")
+    ensure_digits_imagefolder(demo_dir)
+    return demo_dir
 
 
 def load_raw_datasets(data_args, cache_dir, seed, demo_dir):
     """A DatasetDict with exactly `train` and `validation`, from the Hub, a dataset folder or imagefolders.
 
-    `demo_dir` holds the digits demo, used when no dataset is named.
+    `demo_dir` holds the digits demo, used when no dataset is named (see `demo_dir_for`).
     """
     if data_args.dataset_name:
         dataset = _load_named(data_args.dataset_name, data_args.dataset_config_name, cache_dir)
@@ -77,25 +98,33 @@ def _load_named(name, config_name, cache_dir):
         ConnectionError,
         datasets.exceptions.DatasetNotFoundError,
     ) as err:
-        offline = " (HF_HUB_OFFLINE is set: Hub datasets cannot be downloaded)" if _offline() else ""
+        offline = " (HF_HUB_OFFLINE is set: Hub datasets cannot be downloaded)" if hub_offline() else ""
         raise UserError(f"cannot load dataset '{name}'{offline}: {err}") from None
 
 
-def _offline():
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
-
-
 def _image_files(folder, flag):
+    """Every image file under `folder`, whatever the case of its extension; hidden files and folders
+    (.DS_Store, ._photo.jpg) and macOS archive leftovers (__MACOSX/) are passed over quietly."""
     if not os.path.isdir(folder):
         raise UserError(f"{flag} {folder} is not a folder")
-    pattern = os.path.join(glob.escape(folder), "**")
-    if not any(_is_image_file(path) for path in glob.iglob(pattern, recursive=True)):
+    files = []
+    for root, folders, names in os.walk(folder):
+        folders[:] = sorted(name for name in folders if not name.startswith(".") and name != "__MACOSX")
+        files += [
+            os.path.join(root, name)
+            for name in sorted(names)
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+        ]
+    if not files:
         raise UserError(f"{flag} {folder} holds no images: put each class's images in a subfolder named after it")
-    return pattern
-
-
-def _is_image_file(path):
-    return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS and os.path.isfile(path)
+    classes = sorted({os.path.basename(os.path.dirname(path)) for path in files})
+    if os.path.normpath(os.path.dirname(files[0])) == os.path.normpath(folder) or len(classes) < 2:
+        found = f"a single class ({classes[0]})" if len(classes) == 1 else "images outside class subfolders"
+        raise UserError(
+            f"{flag} {folder}: found {found}; classification needs at least two classes, "
+            "one subfolder of images per class"
+        )
+    return files
 
 
 def find_columns(dataset, image_column, label_column):
@@ -273,14 +302,14 @@ def _seeded_call(image_transform, image, seed):
 
 def apply_transform(batch, image_transform, image_column, label_column, seed=None, epoch=None):
     """Applied lazily by `set_transform` to each fetched batch of rows, so images are decoded on demand."""
-    images = [image.convert("RGB") for image in batch[image_column]]
+    rgb_images = [images.to_rgb(image) for image in batch[image_column]]
     if seed is None:
-        pixel_values = [image_transform(image) for image in images]
+        pixel_values = [image_transform(image) for image in rgb_images]
     else:
         epoch_now = int(epoch)
         pixel_values = [
             _seeded_call(image_transform, image, sample_seed(seed, epoch_now, row))
-            for image, row in zip(images, batch[ROW_COLUMN], strict=True)
+            for image, row in zip(rgb_images, batch[ROW_COLUMN], strict=True)
         ]
     return {"pixel_values": pixel_values, "labels": batch[label_column]}
 

@@ -4,6 +4,7 @@ import ast
 import os
 
 import torch
+from huggingface_hub import try_to_load_from_cache
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -13,6 +14,9 @@ from transformers import (
 
 from imgft.args import DEMO_CONFIG_OVERRIDES
 from imgft.errors import UserError
+from imgft.runtime import hub_offline
+
+OFFLINE_REASON = "HF_HUB_OFFLINE is set, so Hub ids cannot be downloaded (and this one is not in the local cache)"
 
 SCRATCH_IMAGE_SIZE = 32
 NORM_TYPES = (
@@ -61,16 +65,37 @@ def _apply_overrides(config, overrides):
         setattr(config, key, value)
 
 
+def _is_hub_id(name):
+    # A Hub id is `name` or `owner/name`; anything else can only be a local path.
+    return not (os.path.isabs(name) or name.startswith(".") or name.count("/") > 1)
+
+
 def _load_error(what, name, err):
     """A one-line reason for a failed load, telling a missing local folder from an unreachable Hub id."""
-    # A Hub id is `name` or `owner/name`; anything else can only be a local path.
-    looks_like_path = os.path.isabs(name) or name.startswith(".") or name.count("/") > 1
-    if not os.path.exists(name) and looks_like_path:
+    if not os.path.exists(name) and not _is_hub_id(name):
         return UserError(f"cannot load {what} '{name}': no such local folder")
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
-    if not os.path.exists(name) and offline:
-        return UserError(f"cannot load {what} '{name}': HF_HUB_OFFLINE is set, so Hub ids cannot be downloaded")
+    if not os.path.exists(name) and hub_offline():
+        return UserError(f"cannot load {what} '{name}': {OFFLINE_REASON}")
     return UserError(f"cannot load {what} '{name}': {err}")
+
+
+def check_model_source(model_args):
+    """Fail fast, before any data is loaded, on a checkpoint that cannot be had: a missing local folder,
+    or a Hub id while offline that is not in the local cache."""
+    sources = (
+        ("model", model_args.model_name_or_path, "config.json"),
+        ("image processor", model_args.image_processor_name, "preprocessor_config.json"),
+    )
+    for what, name, probe_file in sources:
+        if name is None or os.path.isdir(name):
+            continue
+        if not _is_hub_id(name):
+            raise UserError(f"cannot load {what} '{name}': no such local folder")
+        cached = try_to_load_from_cache(
+            name, probe_file, cache_dir=model_args.cache_dir, revision=model_args.model_revision
+        )
+        if hub_offline() and not isinstance(cached, str):
+            raise UserError(f"cannot load {what} '{name}': {OFFLINE_REASON}")
 
 
 def load_model(model_args, label_names):

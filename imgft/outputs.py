@@ -1,6 +1,7 @@
 """What a run leaves in output_dir: the model, results, metrics log and config; and guarding that folder."""
 
 import json
+import math
 import os
 import shutil
 
@@ -8,6 +9,7 @@ import yaml
 
 from imgft.checkpoint import CHECKPOINT_NAME, STAGING_PREFIX, compare_runs, list_checkpoints
 from imgft.errors import UserError
+from imgft.runtime import hub_offline
 
 RESULTS_FILE = "all_results.json"
 METRICS_LOG = "metrics.jsonl"
@@ -113,6 +115,8 @@ def tracker_config(config):
 
 
 def write_json(path, value):
+    # JSON has no NaN or Infinity: a diverged metric is written as null rather than as invalid JSON.
+    value = {key: None if isinstance(item, float) and not math.isfinite(item) else item for key, item in value.items()}
     with open(path, "w", encoding="utf-8") as file:
         json.dump(value, file, indent=2, ensure_ascii=False)
         file.write("\n")
@@ -128,7 +132,7 @@ def check_push_possible(train_args):
     """Say before training, not after it, that a requested push cannot happen."""
     if not train_args.push_to_hub:
         return
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+    if hub_offline():
         raise UserError("--push_to_hub cannot work offline: HF_HUB_OFFLINE is set")
     if not hub_token(train_args.hub_token):
         raise UserError("--push_to_hub needs a token: pass --hub_token, set HF_TOKEN or run `hf auth login`")

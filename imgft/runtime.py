@@ -10,6 +10,10 @@ import torch
 QUIET_LOGGERS = ("httpx", "datasets", "accelerate.checkpointing", "accelerate.accelerator")
 
 
+def hub_offline():
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
 def setup_logging():
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
     # Set on our logger too: basicConfig does nothing when the root logger already has handlers.
@@ -72,3 +76,25 @@ def preemption_check(accelerator):
         return int(signum.item())
 
     return signal_on_any_process
+
+
+def losses_were_finite(accelerator, nonfinite_losses):
+    """Whether every loss since the last optimizer step, on every process, was finite; resets the count.
+
+    The one host sync per optimizer step that imgft makes: a step on a NaN/inf loss must never happen.
+    """
+    total = accelerator.reduce(nonfinite_losses, "sum") if accelerator.num_processes > 1 else nonfinite_losses
+    finite = total.item() == 0
+    nonfinite_losses.zero_()
+    return finite
+
+
+def nonfinite_message(step, epoch, output_dir):
+    from imgft.checkpoint import list_checkpoints
+
+    checkpoints = list_checkpoints(output_dir)
+    last = f"the last checkpoint is {checkpoints[-1]}" if checkpoints else "there is no checkpoint yet"
+    return (
+        f"non-finite loss (NaN or inf) at step {step}, epoch {epoch + 1}: stopped rather than train on it; {last}. "
+        "Lower --learning_rate or check the data, or pass --on_nonfinite_loss skip to skip such steps"
+    )

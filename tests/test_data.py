@@ -286,8 +286,9 @@ def test_load_raw_datasets_folder_without_images(tmp_path):
 
 def test_load_labeled_dataset_on_an_imagefolder(colors_data, tmp_path):
     data_args = DataArguments(train_dir=str(colors_data / "train"), validation_dir=str(colors_data / "validation"))
-    dataset, image_column, label_column, names = load_labeled_dataset(data_args, str(tmp_path / "cache"), 0)
+    dataset, image_column, label_column, names, unreadable = load_labeled_dataset(data_args, str(tmp_path / "cache"), 0)
     assert (image_column, label_column) == ("image", "label")
+    assert unreadable == 0
     assert names == sorted(list(COLORS)[:5])
     assert len(dataset["train"]) == 5 * 12
     assert len(dataset["validation"]) == 5 * 5

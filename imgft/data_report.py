@@ -1,0 +1,81 @@
+"""`python -m imgft check-data`: what training would see of a dataset, before a long run finds out."""
+
+import numpy as np
+
+from imgft import data, images
+from imgft.errors import UserError
+
+
+def data_report(data_args, cache_dir, seed):
+    """(lines to print, refusal message or None): counts, imbalance, sizes, unreadable files, duplicates.
+
+    The image pass is the one training makes (cached by datasets), so checking first costs training nothing.
+    """
+    dataset = data.load_raw_datasets(data_args, cache_dir, seed, data.demo_dir_for(data_args))
+    image_column, label_column = data.find_columns(dataset, data_args.image_column_name, data_args.label_column_name)
+    inspected = {
+        split: images.inspect_images(part, image_column, data_args.num_workers) for split, part in dataset.items()
+    }
+    lines = [f"Images: {len(dataset['train'])} train, {len(dataset['validation'])} validation"]
+    refusal = None
+    try:
+        kept, _ = data.drop_unreadable(dataset, image_column, data_args.strict_data, data_args.num_workers)
+        kept, label_names = data.encode_labels(kept, label_column)
+        lines += _class_lines(kept, label_column, label_names)
+    except UserError as err:
+        refusal = str(err)
+    for split, part in inspected.items():
+        lines += _size_lines(split, np.asarray(part["width"]), np.asarray(part["height"]))
+    lines += _unreadable_lines(inspected)
+    lines += _duplicate_lines(inspected["train"], inspected["validation"])
+    return lines, refusal
+
+
+def _class_lines(dataset, label_column, label_names):
+    counts = {split: data.label_counts(dataset[split], label_column, len(label_names)) for split in dataset}
+    width = max(len(name) for name in label_names)
+    lines = [f"Classes ({len(label_names)}), train / validation:"]
+    for i, name in enumerate(label_names):
+        lines.append(f"  {name:<{width}}  {counts['train'][i]:>7} / {counts['validation'][i]}")
+    smallest, largest = counts["train"].min(), counts["train"].max()
+    ratio = f"{largest / smallest:.1f}x" if smallest else "a class has no training images"
+    lines.append(f"Imbalance (train): largest class {largest}, smallest {smallest} ({ratio})")
+    return lines
+
+
+def _size_lines(split, widths, heights):
+    readable = widths > 0
+    if not readable.any():
+        return []
+    w, h = widths[readable], heights[readable]
+    return [
+        f"Image sizes ({split}, min / median / max): width {w.min()} / {int(np.median(w))} / {w.max()}, "
+        f"height {h.min()} / {int(np.median(h))} / {h.max()}"
+    ]
+
+
+def _unreadable_lines(inspected):
+    found = [
+        (path or f"{split} row {row}", reason)
+        for split, part in inspected.items()
+        for row, (path, reason) in enumerate(zip(part[images.PATH_COLUMN], part[images.ERROR_COLUMN], strict=True))
+        if reason
+    ]
+    note = " (training skips them; --strict_data refuses them)" if found else ""
+    return [f"Unreadable images: {len(found)}{note}"] + [f"  {path}: {reason}" for path, reason in found]
+
+
+def _duplicate_lines(train, validation):
+    """Readable validation images whose bytes also stand in train (they inflate validation accuracy)."""
+    first_train_path = {}
+    for path, digest, reason in zip(train[images.PATH_COLUMN], train["sha1"], train[images.ERROR_COLUMN], strict=True):
+        if not reason:
+            first_train_path.setdefault(digest, path)
+    pairs = [
+        (path, first_train_path[digest])
+        for path, digest in zip(validation[images.PATH_COLUMN], validation["sha1"], strict=True)
+        if digest in first_train_path
+    ]
+    return [f"Duplicates across train and validation (same bytes): {len(pairs)}"] + [
+        f"  {validation_path} = {train_path}" for validation_path, train_path in pairs
+    ]

@@ -1,0 +1,113 @@
+"""Reading real-world image files: a verdict on each file up front, and a faithful conversion to RGB.
+
+Real folders hold zero-byte and truncated files, CMYK JPEGs, 16-bit PNGs, palette images with
+transparency, rotated phone photos and decompression bombs. Unreadable files are found once, by a
+cached `datasets.map` pass, and left out with their reason; readable ones are converted correctly.
+"""
+
+import hashlib
+import io
+import warnings
+
+import datasets
+import numpy as np
+from PIL import Image, ImageOps
+
+ERROR_COLUMN = "imgft_error"
+PATH_COLUMN = "imgft_path"
+# Transparent pixels become this colour rather than whatever RGB values hide under alpha 0.
+BACKGROUND = (255, 255, 255)
+SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}  # "I" too: PIL opens some 16-bit files so
+
+
+def to_rgb(image):
+    """An 8-bit RGB image whatever the file held: alpha composited, 16-bit scaled (not clipped), CMYK converted."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in SIXTEEN_BIT_MODES or image.mode == "F":
+        # PIL's convert("RGB") clips these to 255, turning a 16-bit photo almost white: scale instead.
+        pixels = np.asarray(image, dtype=np.float64)
+        if image.mode == "F":
+            full_scale = 1.0 if pixels.max(initial=0) <= 1.0 else 255.0
+        elif image.mode == "I" and pixels.max(initial=0) <= 255:
+            full_scale = 255.0  # 32-bit integer pixels that only hold 8-bit values
+        else:
+            full_scale = 65535.0
+        return Image.fromarray(np.clip(pixels / full_scale * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def open_image(path=None, data=None):
+    """Fully decode one file (first frame, EXIF orientation applied); raise on anything unreadable.
+
+    PIL's decompression-bomb warning is an error here, and truncated files are never padded with grey
+    (LOAD_TRUNCATED_IMAGES stays off).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        image = Image.open(io.BytesIO(data) if data is not None else path)
+        image.load()
+    if image.getexif().get(0x0112, 1) != 1:  # EXIF orientation
+        image = ImageOps.exif_transpose(image)
+    return image
+
+
+def inspect_file(path=None, data=None):
+    """(reason or "", width, height, sha1 of the bytes) for one file; reason is "" for a readable image."""
+    try:
+        if data is None:
+            with open(path, "rb") as file:
+                data = file.read()
+    except OSError as err:
+        return f"cannot read the file: {err.strerror}", 0, 0, ""
+    digest = hashlib.sha1(data).hexdigest()
+    if not data:
+        return "empty file (0 bytes)", 0, 0, digest
+    try:
+        image = open_image(data=data)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return f"larger than PIL's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS} pixels", 0, 0, digest
+    except Image.UnidentifiedImageError:
+        return "not an image PIL can identify", 0, 0, digest
+    except (OSError, ValueError, SyntaxError, EOFError) as err:  # truncated data, broken streams
+        return f"cannot decode: {err}", 0, 0, digest
+    return "", image.width, image.height, digest
+
+
+def _inspect_batch(batch, image_column):
+    columns = {ERROR_COLUMN: [], PATH_COLUMN: [], "width": [], "height": [], "sha1": []}
+    for value in batch[image_column]:
+        reason, width, height, digest = inspect_file(value.get("path"), value.get("bytes"))
+        for name, item in zip(columns, (reason, value.get("path") or "", width, height, digest), strict=True):
+            columns[name].append(item)
+    return columns
+
+
+def inspect_images(split_dataset, image_column, num_proc=None):
+    """One row per image: its unreadable reason ("" if fine), path, size and content hash.
+
+    One decode of every file, as a `datasets.map` whose result is cached under the dataset's
+    fingerprint: a second run on the same data, or `check-data` then training, reads the cache.
+    """
+    undecoded = split_dataset.cast_column(image_column, datasets.Image(decode=False))
+    return undecoded.map(
+        _inspect_batch,
+        fn_kwargs={"image_column": image_column},
+        batched=True,
+        batch_size=64,
+        remove_columns=undecoded.column_names,
+        num_proc=num_proc if num_proc and num_proc > 1 and len(undecoded) > 256 else None,
+        desc="Checking images",
+    )
+
+
+def find_unreadable(split_dataset, image_column, num_proc=None):
+    """[(row, path, reason)] for every image in the split that cannot be read."""
+    inspected = inspect_images(split_dataset, image_column, num_proc)
+    paths = inspected[PATH_COLUMN]
+    return [(row, paths[row] or f"row {row}", reason) for row, reason in enumerate(inspected[ERROR_COLUMN]) if reason]
