@@ -28,7 +28,7 @@ from transformers import get_scheduler
 from imgft import args as imgft_args
 from imgft import checkpoint, data, metrics, outputs, runtime
 from imgft.errors import UserError, exit_on_user_error
-from imgft.model import check_model_source, load_model, optimizer_param_groups
+from imgft.model import FROM_SCRATCH_NOTE, check_model_source, load_model, optimizer_param_groups
 
 logger = get_logger("imgft")
 
@@ -72,7 +72,7 @@ def main(argv=None):
     # Hub name or local imagefolders (folder names become labels); a seeded split when there is no
     # validation set; labels made a ClassLabel whose names become the model's id2label.
     with accelerator.main_process_first():
-        dataset, image_column, label_column, label_names, unreadable_images = data.load_labeled_dataset(
+        dataset, image_column, label_column, label_names = data.load_labeled_dataset(
             data_args, model_args.cache_dir, train_args.seed
         )
 
@@ -80,13 +80,16 @@ def main(argv=None):
     with accelerator.main_process_first():
         model, image_processor, from_scratch = load_model(model_args, label_names)
     if from_scratch:
-        logger.info(
-            f"Training a {model_args.model_type} model from scratch (random weights, no download). To fine-tune "
-            "a pretrained one instead, pass e.g. --model_name_or_path google/vit-base-patch16-224-in21k "
-            "--ignore_mismatched_sizes"
-        )
+        logger.info(FROM_SCRATCH_NOTE.format(model_type=model_args.model_type))
 
     # ---------------------------------------------------------------- 4. Transforms and DataLoaders
+    # One decode of every image: unreadable files are set aside (each named), and with --resize_once the
+    # rest are stored shrunk to what the transforms need, in a cached file that later epochs and runs reuse.
+    stored_size = data.stored_image_size(image_processor, model_args.image_size, data_args)
+    with accelerator.main_process_first():
+        dataset, unreadable_images = data.drop_unreadable(
+            dataset, image_column, label_column, label_names, data_args, stored_size
+        )
     # Sizes and normalisation come from the image processor; images are decoded and transformed lazily,
     # batch by batch, when the DataLoader asks for them (set_transform), never all up front.
     train_transform, eval_transform = data.build_transforms(
@@ -149,11 +152,8 @@ def main(argv=None):
     if train_args.with_tracking:
         # init_trackers starts TensorBoard/W&B/... on the main process only; accelerator.log() is a no-op elsewhere.
         # purge_step makes TensorBoard drop what an interrupted run logged after the step we start from.
-        accelerator.init_trackers(
-            outputs.TRACKER_DIR,
-            config=outputs.tracker_config(config),
-            init_kwargs={"tensorboard": {"purge_step": completed_steps + 1}},
-        )
+        tensorboard_options = {"tensorboard": {"purge_step": completed_steps + 1}}
+        accelerator.init_trackers(outputs.TRACKER_DIR, outputs.tracker_config(config), tensorboard_options)
     summary = runtime.run_summary(len(train_dataset), len(eval_dataset), label_names, accelerator, train_args)
     logger.info(f"{summary}; {max_train_steps} optimizer steps")
 
@@ -194,7 +194,9 @@ def main(argv=None):
         skip = state["batch_in_epoch"] if epoch == state["epoch"] else 0
         # skip_first_batches replaces "iterate and discard": the sampler jumps ahead without loading images.
         epoch_batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
-        for batch_in_epoch, batch in enumerate(epoch_batches, start=skip + 1):
+        # timed() adds up the time spent waiting for each batch: a large share means a starved accelerator.
+        data_wait, epoch_start, samples_before = {"seconds": 0.0}, time.perf_counter(), samples_seen
+        for batch_in_epoch, batch in enumerate(runtime.timed(epoch_batches, data_wait), start=skip + 1):
             # accumulate() skips DDP's gradient all-reduce until the last batch of each accumulation window,
             # and turns optimizer.step() and zero_grad() into no-ops before it.
             with accelerator.accumulate(model):
@@ -243,10 +245,15 @@ def main(argv=None):
             if completed_steps >= max_train_steps:
                 break
 
+        epoch_seconds = time.perf_counter() - epoch_start
+        speed = runtime.throughput(
+            (samples_seen - samples_before) * accelerator.num_processes, epoch_seconds, data_wait
+        )
         log_train_loss(epoch + 1)
         eval_results = metrics.evaluate(model, eval_dataloader, accelerator, len(label_names))
-        logger.info(f"epoch {epoch + 1}/{num_epochs}, step {completed_steps}: {metrics.format_results(eval_results)}")
-        outputs.log_metrics(accelerator, metrics_log, {"step": completed_steps, "epoch": epoch + 1, **eval_results})
+        record = {"step": completed_steps, "epoch": epoch + 1, **eval_results, **speed}
+        logger.info(f"epoch {epoch + 1}/{num_epochs}, step {completed_steps}: {metrics.format_results(record)}")
+        outputs.log_metrics(accelerator, metrics_log, record)
         if train_args.checkpointing_steps == "epoch":
             save_checkpoint(f"epoch_{epoch + 1}", epoch + 1, 0)
         if completed_steps >= max_train_steps:

@@ -67,7 +67,21 @@ class DataArguments:
         metadata={"help": "Smallest area fraction RandomResizedCrop keeps of a training image (torchvision: 0.08)."},
     )
     num_workers: int = field(
-        default=0, metadata={"help": "DataLoader worker processes per device (and processes for the image check)."}
+        default=0,
+        metadata={"help": "DataLoader worker processes per device; also processes for the one-time image pass."},
+    )
+    resize_once: bool = field(
+        default=True,
+        metadata={
+            "help": "Decode each image once and store it shrunk (cached by datasets), instead of decoding the "
+            "full-size file every epoch. --resize_once false gives the upstream pipeline exactly."
+        },
+    )
+    stored_image_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Shortest edge, in pixels, --resize_once stores images at. Default: what the transforms need."
+        },
     )
     strict_data: bool = field(
         default=False,
@@ -319,6 +333,7 @@ def check_args(data_args, model_args, train_args):
         "max_eval_samples": data_args.max_eval_samples,
         "checkpoints_total_limit": train_args.checkpoints_total_limit,
         "image_size": model_args.image_size,
+        "stored_image_size": data_args.stored_image_size,
     }.items():
         if value is not None and value < 1:
             raise UserError(f"--{name} must be at least 1 (got {value})")

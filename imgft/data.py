@@ -1,21 +1,20 @@
 """Steps 2 and 4: load the dataset with its labels, and the transforms and collate_fn that turn it into batches."""
 
+import logging
+import math
 import os
 from functools import partial
 
 import datasets
 import numpy as np
 import torch
-from accelerate.logging import get_logger
 from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 from torchvision.transforms import v2
 
 from imgft import images
 from imgft.demo_data import ensure_digits_imagefolder
 from imgft.errors import UserError
-from imgft.runtime import hub_offline
-
-logger = get_logger("imgft")
+from imgft.runtime import hub_offline, log_once
 
 VALIDATION_SPLIT_NAMES = ("validation", "valid", "val")
 # The extensions the imagefolder loader reads (it ignores every other file).
@@ -23,32 +22,67 @@ IMAGE_EXTENSIONS = {ext.lower() for ext in ImageFolder.EXTENSIONS}
 
 
 def load_labeled_dataset(data_args, cache_dir, seed):
-    """Step 2 in one call: (dataset, image_column, label_column, label_names, unreadable_count).
+    """Step 2 in one call: (dataset, image_column, label_column, label_names); no image is decoded yet.
 
-    Labels become a ClassLabel shared by both splits; unreadable images are left out (each named in a
-    warning) or, with --strict_data, refused. With no dataset named, the digits demo is written and used.
+    Labels become a ClassLabel shared by both splits. With no dataset named, the digits demo is used.
     """
     dataset = load_raw_datasets(data_args, cache_dir, seed, demo_dir_for(data_args))
     image_column, label_column = find_columns(dataset, data_args.image_column_name, data_args.label_column_name)
-    dataset, unreadable_count = drop_unreadable(dataset, image_column, data_args.strict_data, data_args.num_workers)
     dataset, label_names = encode_labels(dataset, label_column)
-    return dataset, image_column, label_column, label_names, unreadable_count
+    return dataset, image_column, label_column, label_names
 
 
-def drop_unreadable(dataset, image_column, strict, num_proc):
-    """Leave out every image that cannot be decoded, naming each; with `strict`, refuse the data instead."""
-    found = {split: images.find_unreadable(part, image_column, num_proc) for split, part in dataset.items()}
-    problems = [f"{path}: {reason}" for split in found for _, path, reason in found[split]]
-    if problems and strict:
+def preprocessing_processes(data_args):
+    return data_args.num_workers or os.cpu_count()
+
+
+def drop_unreadable(dataset, image_column, label_column, label_names, data_args, stored_size=None):
+    """(dataset without unreadable images, how many were left out): each is named in a warning, or with
+    --strict_data the data is refused. With `stored_size`, the same single decode of every image also
+    stores it shrunk (`images.resize_once`); without, it only checks (`images.inspect_images`).
+    """
+    num_proc = preprocessing_processes(data_args)
+    if stored_size:
+        checked = {
+            split: images.resize_once(part, image_column, stored_size, num_proc) for split, part in dataset.items()
+        }
+        verdicts = checked
+    else:
+        checked = dict(dataset)
+        verdicts = {split: images.inspect_images(part, image_column, num_proc) for split, part in dataset.items()}
+    bad_rows, problems = {}, []
+    for split, verdict in verdicts.items():
+        reasons, paths = verdict[images.ERROR_COLUMN], verdict[images.PATH_COLUMN]
+        bad_rows[split] = [row for row, reason in enumerate(reasons) if reason]
+        problems += [f"{paths[row] or f'{split} row {row}'}: {reasons[row]}" for row in bad_rows[split]]
+    if problems and data_args.strict_data:
         listing = "\n  ".join(problems)
         raise UserError(f"{len(problems)} unreadable image(s), refused by --strict_data:\n  {listing}")
     for problem in problems:
-        logger.warning(f"Skipping unreadable image {problem}")
+        log_once(logging.WARNING, f"Skipping unreadable image {problem}")
     kept = {}
-    for split, part in dataset.items():
-        bad_rows = {row for row, _, _ in found[split]}
-        kept[split] = part.select([i for i in range(len(part)) if i not in bad_rows]) if bad_rows else part
-    return datasets.DatasetDict(kept), len(problems)
+    for split, part in checked.items():
+        if bad_rows[split]:
+            bad = set(bad_rows[split])
+            part = part.select([row for row in range(len(part)) if row not in bad])
+        verdict_columns = [c for c in (images.ERROR_COLUMN, images.PATH_COLUMN) if c in part.column_names]
+        kept[split] = part.remove_columns(verdict_columns)
+    kept = datasets.DatasetDict(kept)
+    if problems:  # a class may have lost all its training images
+        _check_class_counts(kept, label_column, label_names)
+    return kept, len(problems)
+
+
+def stored_image_size(image_processor, image_size, data_args):
+    """The shortest edge --resize_once stores images at (None when it is off): --stored_image_size, else
+    enough for the transforms: the eval resize, and the crop size with the usual 0.875 centre-crop margin."""
+    if not data_args.resize_once:
+        return None
+    if data_args.stored_image_size:
+        return data_args.stored_image_size
+    resize, crop = image_sizes(image_processor, image_size)
+    largest_resize = max(resize) if isinstance(resize, tuple) else resize
+    return max(largest_resize, math.ceil(max(crop) / 0.875))
 
 
 def demo_dir_for(data_args):
@@ -56,7 +90,7 @@ def demo_dir_for(data_args):
     if data_args.dataset_name or data_args.train_dir:
         return None
     demo_dir = os.path.join(os.environ.get("IMGFT_HOME", os.path.expanduser("~/.cache/imgft")), "digits")
-    logger.info(f"No dataset given: using the digits demo in {demo_dir}")
+    log_once(logging.INFO, f"No dataset given: using the digits demo in {demo_dir}")
     ensure_digits_imagefolder(demo_dir)
     return demo_dir
 

@@ -13,14 +13,13 @@ def data_report(data_args, cache_dir, seed):
     """
     dataset = data.load_raw_datasets(data_args, cache_dir, seed, data.demo_dir_for(data_args))
     image_column, label_column = data.find_columns(dataset, data_args.image_column_name, data_args.label_column_name)
-    inspected = {
-        split: images.inspect_images(part, image_column, data_args.num_workers) for split, part in dataset.items()
-    }
+    num_proc = data.preprocessing_processes(data_args)
+    inspected = {split: images.inspect_images(part, image_column, num_proc) for split, part in dataset.items()}
     lines = [f"Images: {len(dataset['train'])} train, {len(dataset['validation'])} validation"]
     refusal = None
     try:
-        kept, _ = data.drop_unreadable(dataset, image_column, data_args.strict_data, data_args.num_workers)
-        kept, label_names = data.encode_labels(kept, label_column)
+        labeled, label_names = data.encode_labels(dataset, label_column)
+        kept, _ = data.drop_unreadable(labeled, image_column, label_column, label_names, data_args)
         lines += _class_lines(kept, label_column, label_names)
     except UserError as err:
         refusal = str(err)

@@ -42,41 +42,124 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
-def open_image(path=None, data=None):
+def open_image(path=None, data=None, draft_size=None):
     """Fully decode one file (first frame, EXIF orientation applied); raise on anything unreadable.
 
     PIL's decompression-bomb warning is an error here, and truncated files are never padded with grey
-    (LOAD_TRUNCATED_IMAGES stays off).
+    (LOAD_TRUNCATED_IMAGES stays off). With `draft_size`, a JPEG is decoded at the smallest DCT scale
+    (1/2, 1/4 or 1/8) that keeps both sides at least that large: the whole file is still read, so
+    truncation is still caught, at a fraction of the cost.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         image = Image.open(io.BytesIO(data) if data is not None else path)
+        if draft_size and image.format == "JPEG":
+            image.draft("RGB", (draft_size, draft_size))
         image.load()
     if image.getexif().get(0x0112, 1) != 1:  # EXIF orientation
         image = ImageOps.exif_transpose(image)
     return image
 
 
+def _read(path, data):
+    if data is None:
+        with open(path, "rb") as file:
+            data = file.read()
+    return data
+
+
+def _reason(err):
+    """A short, user-facing reason for an exception raised while reading an image."""
+    if isinstance(err, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return f"larger than PIL's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS} pixels"
+    if isinstance(err, Image.UnidentifiedImageError):
+        return "not an image PIL can identify"
+    if isinstance(err, OSError) and err.filename:
+        return f"cannot read the file: {err.strerror}"
+    return f"cannot decode: {err}"  # truncated data, broken streams
+
+
+DECODE_ERRORS = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    Image.DecompressionBombError,
+    Image.DecompressionBombWarning,
+)
+
+
 def inspect_file(path=None, data=None):
     """(reason or "", width, height, sha1 of the bytes) for one file; reason is "" for a readable image."""
     try:
-        if data is None:
-            with open(path, "rb") as file:
-                data = file.read()
+        data = _read(path, data)
     except OSError as err:
-        return f"cannot read the file: {err.strerror}", 0, 0, ""
+        return _reason(err), 0, 0, ""
     digest = hashlib.sha1(data).hexdigest()
     if not data:
         return "empty file (0 bytes)", 0, 0, digest
     try:
         image = open_image(data=data)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return f"larger than PIL's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS} pixels", 0, 0, digest
-    except Image.UnidentifiedImageError:
-        return "not an image PIL can identify", 0, 0, digest
-    except (OSError, ValueError, SyntaxError, EOFError) as err:  # truncated data, broken streams
-        return f"cannot decode: {err}", 0, 0, digest
+    except DECODE_ERRORS as err:
+        return _reason(err), 0, 0, digest
     return "", image.width, image.height, digest
+
+
+def shrink_file(path=None, data=None, stored_size=None):
+    """(PNG bytes of the image as RGB, its shortest edge at most `stored_size`, or None; reason or "")."""
+    try:
+        data = _read(path, data)
+        if not data:
+            return None, "empty file (0 bytes)"
+        image = to_rgb(open_image(data=data, draft_size=stored_size))
+    except DECODE_ERRORS as err:
+        return None, _reason(err)
+    shortest = min(image.size)
+    if shortest > stored_size:
+        scale = stored_size / shortest
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        image = image.resize(size, Image.BICUBIC, reducing_gap=3.0)
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", compress_level=1)  # lossless; fast to write, fast to read back every epoch
+    return buffer.getvalue(), ""
+
+
+def _shrink_batch(batch, image_column, stored_size):
+    stored, reasons, paths = [], [], []
+    for value in batch[image_column]:
+        content, reason = shrink_file(value.get("path"), value.get("bytes"), stored_size)
+        stored.append({"bytes": content, "path": None} if content else None)
+        reasons.append(reason)
+        paths.append(value.get("path") or "")
+    return {image_column: stored, ERROR_COLUMN: reasons, PATH_COLUMN: paths}
+
+
+def resize_once(split_dataset, image_column, stored_size, num_proc=None):
+    """The split with every image decoded once and stored shrunk, plus ERROR_COLUMN/PATH_COLUMN verdicts.
+
+    One `datasets.map` does both the unreadable-file check and the resize, and its Arrow output is cached
+    under the dataset's fingerprint and `stored_size`: later epochs decode small PNGs instead of camera
+    JPEGs, and later runs on the same data skip the pass entirely.
+    """
+    undecoded = split_dataset.cast_column(image_column, datasets.Image(decode=False))
+    features = undecoded.features.copy()
+    features[image_column] = datasets.Image()
+    features[ERROR_COLUMN] = datasets.Value("string")
+    features[PATH_COLUMN] = datasets.Value("string")
+    return undecoded.map(
+        _shrink_batch,
+        fn_kwargs={"image_column": image_column, "stored_size": stored_size},
+        batched=True,
+        batch_size=32,
+        features=features,
+        num_proc=_worth_processes(num_proc, len(undecoded)),
+        desc=f"Decoding images once, stored at {stored_size} px",
+    )
+
+
+def _worth_processes(num_proc, rows):
+    # A pool costs about a second to start: only worth it with enough images per process.
+    return num_proc if num_proc and num_proc > 1 and rows > 64 * num_proc else None
 
 
 def _inspect_batch(batch, image_column):
@@ -101,13 +184,6 @@ def inspect_images(split_dataset, image_column, num_proc=None):
         batched=True,
         batch_size=64,
         remove_columns=undecoded.column_names,
-        num_proc=num_proc if num_proc and num_proc > 1 and len(undecoded) > 256 else None,
+        num_proc=_worth_processes(num_proc, len(undecoded)),
         desc="Checking images",
     )
-
-
-def find_unreadable(split_dataset, image_column, num_proc=None):
-    """[(row, path, reason)] for every image in the split that cannot be read."""
-    inspected = inspect_images(split_dataset, image_column, num_proc)
-    paths = inspected[PATH_COLUMN]
-    return [(row, paths[row] or f"row {row}", reason) for row, reason in enumerate(inspected[ERROR_COLUMN]) if reason]

@@ -19,6 +19,10 @@ from imgft.runtime import hub_offline
 OFFLINE_REASON = "HF_HUB_OFFLINE is set, so Hub ids cannot be downloaded (and this one is not in the local cache)"
 
 SCRATCH_IMAGE_SIZE = 32
+FROM_SCRATCH_NOTE = (
+    "Training a {model_type} model from scratch (random weights, no download). To fine-tune a pretrained one "
+    "instead, pass e.g. --model_name_or_path google/vit-base-patch16-224-in21k --ignore_mismatched_sizes"
+)
 NORM_TYPES = (
     torch.nn.modules.batchnorm._NormBase,
     torch.nn.LayerNorm,

@@ -101,8 +101,9 @@ def log_metrics(accelerator, metrics_log, record):
     if accelerator.is_main_process:
         with open(metrics_log, "a", encoding="utf-8") as file:
             file.write(json.dumps(record) + "\n")
+    # eval_accuracy -> eval/accuracy, train_images_per_second -> train/images_per_second, loss -> train/loss
     scalars = {
-        (f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"): value
+        key.replace("eval_", "eval/", 1) if key.startswith("eval_") else "train/" + key.removeprefix("train_"): value
         for key, value in record.items()
         if key not in ("step", "epoch")
     }

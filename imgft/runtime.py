@@ -4,6 +4,7 @@ import logging
 import os
 import signal
 import sys
+import time
 
 import torch
 
@@ -12,6 +13,14 @@ QUIET_LOGGERS = ("httpx", "datasets", "accelerate.checkpointing", "accelerate.ac
 
 def hub_offline():
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def log_once(level, message):
+    """Log from the main process only; also usable with no Accelerator at all (a plain script, a test)."""
+    from accelerate import PartialState
+
+    if not PartialState._shared_state or PartialState().is_main_process:
+        logging.getLogger("imgft").log(level, message)
 
 
 def setup_logging():
@@ -98,3 +107,22 @@ def nonfinite_message(step, epoch, output_dir):
         f"non-finite loss (NaN or inf) at step {step}, epoch {epoch + 1}: stopped rather than train on it; {last}. "
         "Lower --learning_rate or check the data, or pass --on_nonfinite_loss skip to skip such steps"
     )
+
+
+def timed(batches, wait):
+    """Yield from `batches`, adding the seconds spent waiting for each one to wait["seconds"]."""
+    iterator = iter(batches)
+    while True:
+        start = time.perf_counter()
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        wait["seconds"] += time.perf_counter() - start
+        yield batch
+
+
+def throughput(images, seconds, wait):
+    """An epoch's training speed: images per second end to end, and the share of it spent waiting for data."""
+    seconds = max(seconds, 1e-9)
+    return {"train_images_per_second": images / seconds, "data_wait_fraction": min(wait["seconds"] / seconds, 1.0)}

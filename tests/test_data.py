@@ -12,12 +12,14 @@ from imgft.args import DataArguments
 from imgft.data import (
     build_transforms,
     collate_fn,
+    drop_unreadable,
     encode_labels,
     find_columns,
     image_sizes,
     load_labeled_dataset,
     load_raw_datasets,
     relabel,
+    stored_image_size,
     subsample,
     with_image_transform,
 )
@@ -286,13 +288,42 @@ def test_load_raw_datasets_folder_without_images(tmp_path):
 
 def test_load_labeled_dataset_on_an_imagefolder(colors_data, tmp_path):
     data_args = DataArguments(train_dir=str(colors_data / "train"), validation_dir=str(colors_data / "validation"))
-    dataset, image_column, label_column, names, unreadable = load_labeled_dataset(data_args, str(tmp_path / "cache"), 0)
+    dataset, image_column, label_column, names = load_labeled_dataset(data_args, str(tmp_path / "cache"), 0)
     assert (image_column, label_column) == ("image", "label")
-    assert unreadable == 0
     assert names == sorted(list(COLORS)[:5])
     assert len(dataset["train"]) == 5 * 12
     assert len(dataset["validation"]) == 5 * 5
     assert np.bincount(ids(dataset["validation"]), minlength=5).tolist() == [5] * 5
+
+
+def test_resize_once_stores_shrunk_images_and_sets_unreadable_ones_aside(tmp_path):
+    from conftest import write_color_imagefolder
+
+    write_color_imagefolder(tmp_path / "train", ["red", "green"], 3, size=60)
+    (tmp_path / "train" / "red" / "broken.png").write_bytes(b"not a png")
+    data_args = DataArguments(train_dir=str(tmp_path / "train"), train_val_split=0.34)
+    dataset, image_column, label_column, names = load_labeled_dataset(data_args, None, 0)
+    kept, unreadable = drop_unreadable(dataset, image_column, label_column, names, data_args, stored_size=20)
+    assert unreadable == 1
+    assert len(kept["train"]) + len(kept["validation"]) == 6
+    assert {image.size for image in kept["train"][image_column]} == {(20, 20)}
+    assert kept["train"].column_names == dataset["train"].column_names  # the verdict columns are gone
+    # The same pass without resizing only checks: the images stay as they were.
+    checked, unreadable = drop_unreadable(dataset, image_column, label_column, names, data_args)
+    assert unreadable == 1
+    assert {image.size for image in checked["train"][image_column]} == {(60, 60)}
+
+
+def test_stored_image_size_covers_what_the_transforms_need():
+    from transformers import ConvNextImageProcessor, ViTImageProcessor
+
+    vit = ViTImageProcessor(size={"height": 224, "width": 224})
+    assert stored_image_size(vit, None, DataArguments()) == 256
+    assert stored_image_size(vit, 64, DataArguments()) == 74
+    convnext = ConvNextImageProcessor(size={"shortest_edge": 224}, crop_pct=0.875)
+    assert stored_image_size(convnext, None, DataArguments()) == 256
+    assert stored_image_size(vit, None, DataArguments(stored_image_size=300)) == 300
+    assert stored_image_size(vit, None, DataArguments(resize_once=False)) is None
 
 
 # --- image_sizes ----------------------------------------------------------------------------------------------------

@@ -167,7 +167,10 @@ def test_checkpoints_rotate_and_resume_is_exact(train, tmp_path, colors_data, ti
     full_weights, resumed_weights = load_file(full / "model.safetensors"), load_file(part / "model.safetensors")
     for name, tensor in full_weights.items():
         assert torch.equal(tensor, resumed_weights[name]), name
-    assert read_jsonl(part / "metrics.jsonl") == full_log
+    timing = ("train_images_per_second", "data_wait_fraction")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in read_jsonl(part / "metrics.jsonl")] == [
+        {k: v for k, v in r.items() if k not in timing} for r in full_log
+    ]
     full_results = json.loads((full / "all_results.json").read_text())
     resumed_results = json.loads((part / "all_results.json").read_text())
     for key in ("eval_accuracy", "eval_loss", "train_loss", "train_steps"):

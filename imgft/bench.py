@@ -1,0 +1,307 @@
+"""`python -m imgft bench`: imgft's data path against the upstream example's, each run as a whole process.
+
+Two pairs, on data the benchmark makes itself:
+- camera: 320 train + 80 validation noisy 2000x1500 JPEGs in 4 classes, a small ResNet at 64 px, 10 epochs;
+- digits: the demo's 32 px PNGs, 3 epochs.
+Upstream (`imgft/bench_upstream.py`) and imgft alternate, cold (empty datasets cache) then warm (the cache
+the cold run left). Timings are ratios against upstream measured in the same run, never absolute claims.
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMING_KEYS = ("train_images_per_second", "data_wait_fraction")
+
+
+def write_camera_folder(root, train_per_class, validation_per_class, classes=4, size=(2000, 1500), seed=0):
+    """Photo-like JPEGs: a smooth colour field per class plus sensor noise, so files weigh what photos do."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    ys, xs = np.mgrid[0:height:4, 0:width:4]
+    for split, count in (("train", train_per_class), ("validation", validation_per_class)):
+        for label in range(classes):
+            folder = os.path.join(root, split, f"class_{label}")
+            os.makedirs(folder, exist_ok=True)
+            for index in range(count):
+                phase = rng.uniform(0, 2 * np.pi, 3)
+                field = np.stack(
+                    [127 + 100 * np.sin(xs / (90 + 40 * label) + ys / 150 + phase[c]) for c in range(3)], axis=-1
+                )
+                small = np.clip(field + rng.normal(0, 12, field.shape), 0, 255).astype(np.uint8)
+                image = Image.fromarray(small).resize(size, Image.BILINEAR)
+                noisy = np.asarray(image, dtype=np.int16) + rng.integers(-6, 7, (height, width, 3), dtype=np.int16)
+                Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(
+                    os.path.join(folder, f"{index:04d}.jpg"), quality=90
+                )
+    return root
+
+
+def run_process(command, env, log_path):
+    """(wall seconds, peak RSS in MiB of the process and its children), polling every 50 ms."""
+    import psutil
+
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    watched, peak = psutil.Process(process.pid), 0
+    while process.poll() is None:
+        try:
+            rss = watched.memory_info().rss + sum(c.memory_info().rss for c in watched.children(recursive=True))
+            peak = max(peak, rss)
+        except psutil.Error:
+            pass
+        time.sleep(0.05)
+    seconds = time.perf_counter() - start
+    if process.returncode != 0:
+        with open(log_path) as log:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{log.read()[-3000:]}")
+    return seconds, peak / 2**20
+
+
+def read_epochs(metrics_file):
+    with open(metrics_file) as file:
+        records = [json.loads(line) for line in file]
+    return [r for r in records if "train_images_per_second" in r]
+
+
+def pipeline_command(pipeline, data_dir, out_dir, image_size, epochs, batch_size):
+    data = ["--train_dir", f"{data_dir}/train", "--validation_dir", f"{data_dir}/validation"]
+    common = ["--image_size", str(image_size), "--num_train_epochs", str(epochs)]
+    common += ["--per_device_train_batch_size", str(batch_size)]
+    if pipeline == "upstream":
+        return [sys.executable, "-m", "imgft.bench_upstream", *data, *common, "--metrics_file", f"{out_dir}/m.jsonl"]
+    return [sys.executable, "train_loop.py", *data, *common, "--output_dir", out_dir, "--random_flip"]
+
+
+def metrics_file(pipeline, out_dir):
+    return f"{out_dir}/m.jsonl" if pipeline == "upstream" else f"{out_dir}/metrics.jsonl"
+
+
+def run_pair(name, data_dir, work, image_size, epochs, batch_size, repeats):
+    """Alternate upstream and imgft, cold then warm, `repeats` times; return the per-pipeline results."""
+    runs = {pipeline: {"cold": [], "warm": []} for pipeline in ("upstream", "imgft")}
+    for repeat in range(repeats):
+        for pipeline in ("upstream", "imgft"):
+            cache = tempfile.mkdtemp(prefix=f"{name}-{pipeline}-cache-", dir=work)
+            for temperature in ("cold", "warm"):
+                out_dir = tempfile.mkdtemp(prefix=f"{name}-{pipeline}-{temperature}-", dir=work)
+                env = {**os.environ, "HF_DATASETS_CACHE": cache, "HF_HUB_OFFLINE": "1"}
+                command = pipeline_command(pipeline, data_dir, out_dir, image_size, epochs, batch_size)
+                seconds, peak = run_process(command, env, f"{out_dir}.log")
+                epochs_seen = read_epochs(metrics_file(pipeline, out_dir))
+                runs[pipeline][temperature].append(
+                    {
+                        "seconds": seconds,
+                        "peak_rss_mib": peak,
+                        "images_per_second_by_epoch": [r["train_images_per_second"] for r in epochs_seen],
+                        "data_wait_fraction_by_epoch": [r["data_wait_fraction"] for r in epochs_seen],
+                        "eval_accuracy": epochs_seen[-1]["eval_accuracy"],
+                    }
+                )
+                print(f"  {name} {pipeline:8} {temperature} #{repeat + 1}: {seconds:6.1f} s", flush=True)
+                shutil.rmtree(out_dir)
+            shutil.rmtree(cache)
+    return runs
+
+
+def model_only_rate(image_size, batch_size, num_labels, steps=20):
+    """Images/s of the training step alone, on a batch already in memory: the ceiling for the data path."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageClassification
+
+    from imgft.args import DEMO_CONFIG_OVERRIDES
+    from imgft.model import parse_config_overrides
+
+    config = AutoConfig.for_model("resnet", **parse_config_overrides(DEMO_CONFIG_OVERRIDES), num_labels=num_labels)
+    model = AutoModelForImageClassification.from_config(config)
+    optimizer = torch.optim.AdamW(model.parameters())
+    batch = {
+        "pixel_values": torch.randn(batch_size, 3, image_size, image_size),
+        "labels": torch.randint(0, num_labels, (batch_size,)),
+    }
+    for step in range(steps + 3):
+        if step == 3:  # warm-up steps excluded
+            start = time.perf_counter()
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+def loader_only_rate(pipeline, data_dir, image_size, batch_size, cache_dir):
+    """Images/s of one epoch of the training DataLoader with no model (after a warm-up epoch fills caches)."""
+    if pipeline == "upstream":
+        from imgft.bench_upstream import build_dataloaders
+
+        loader = build_dataloaders(f"{data_dir}/train", f"{data_dir}/validation", image_size, batch_size, cache_dir)[0]
+    else:
+        loader = imgft_train_loader(data_dir, image_size, batch_size, cache_dir)
+    for _ in loader:  # warm-up: imgft's resize-once pass and both pipelines' Arrow caches
+        pass
+    start, images = time.perf_counter(), 0
+    for batch in loader:
+        images += len(batch["labels"])
+    return images / (time.perf_counter() - start)
+
+
+def imgft_train_loader(data_dir, image_size, batch_size, cache_dir):
+    """The training DataLoader train_loop.py builds with its defaults (steps 2 and 4), without the model."""
+    from torch.utils.data import DataLoader
+    from transformers import ViTImageProcessor
+
+    from imgft import data
+    from imgft.args import DataArguments
+
+    data_args = DataArguments(train_dir=f"{data_dir}/train", validation_dir=f"{data_dir}/validation", random_flip=True)
+    dataset, image_column, label_column, names = data.load_labeled_dataset(data_args, cache_dir, 42)
+    processor = ViTImageProcessor(size={"height": image_size, "width": image_size})
+    stored_size = data.stored_image_size(processor, image_size, data_args)
+    dataset, _ = data.drop_unreadable(dataset, image_column, label_column, names, data_args, stored_size)
+    train_transform, _ = data.build_transforms(processor, image_size, True, data_args.crop_scale_min)
+    train = data.with_image_transform(
+        dataset["train"], train_transform, image_column, label_column, seed=42, epoch=data.shared_epoch()
+    )
+    return DataLoader(train, batch_size, shuffle=True, collate_fn=data.collate_fn, num_workers=data_args.num_workers)
+
+
+def summarize(runs):
+    def median(temperature, key):
+        return statistics.median(run[key] for run in runs[temperature])
+
+    def steady_rate(temperature):  # end-to-end images/s after the first epoch (the only one, if just one)
+        rates = [run["images_per_second_by_epoch"] for run in runs[temperature]]
+        return statistics.median([r for epochs in rates for r in (epochs[1:] or epochs)])
+
+    return {
+        temperature: {
+            "seconds": median(temperature, "seconds"),
+            "peak_rss_mib": median(temperature, "peak_rss_mib"),
+            "images_per_second_after_first_epoch": steady_rate(temperature),
+            "eval_accuracy": median(temperature, "eval_accuracy"),
+        }
+        for temperature in ("cold", "warm")
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m imgft bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="Smaller data, fewer epochs, one repeat: < 3 min.")
+    parser.add_argument("--repeats", type=int, default=None, help="Runs per pipeline and cache state (default 3).")
+    parser.add_argument("--output", default="bench_results.json", help="Where the JSON results go.")
+    parser.add_argument("--workdir", default=None, help="Scratch folder (default: a temporary one).")
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (1 if args.quick else 3)
+    per_class, val_per_class, camera_epochs, digits_epochs = (16, 4, 3, 2) if args.quick else (80, 20, 10, 3)
+    work = args.workdir or tempfile.mkdtemp(prefix="imgft-bench-")
+    os.makedirs(work, exist_ok=True)
+    print(f"Generating data in {work} ...", flush=True)
+    camera = os.path.join(work, f"camera_{per_class}")
+    if not os.path.isdir(camera):
+        write_camera_folder(camera, per_class, val_per_class)
+    from imgft.demo_data import write_digits_imagefolder
+
+    digits = os.path.join(work, "digits")
+    if not os.path.isdir(digits):
+        write_digits_imagefolder(digits)
+
+    results = {"machine": _machine(), "quick": args.quick, "repeats": repeats, "pairs": {}}
+    for name, data_dir, image_size, epochs, num_labels in (
+        ("camera", camera, 64, camera_epochs, 4),
+        ("digits", digits, 32, digits_epochs, 10),
+    ):
+        print(f"{name}: {epochs} epochs at {image_size} px", flush=True)
+        runs = run_pair(name, data_dir, work, image_size, epochs, 32, repeats)
+        summary = {pipeline: summarize(pipeline_runs) for pipeline, pipeline_runs in runs.items()}
+        cache = tempfile.mkdtemp(prefix="loader-cache-", dir=work)
+        pair = {
+            "runs": runs,
+            "summary": summary,
+            "speedup_cold": summary["upstream"]["cold"]["seconds"] / summary["imgft"]["cold"]["seconds"],
+            "speedup_warm": summary["upstream"]["warm"]["seconds"] / summary["imgft"]["warm"]["seconds"],
+            "model_only_images_per_second": model_only_rate(image_size, 32, num_labels),
+            "loader_only_images_per_second": {
+                pipeline: loader_only_rate(pipeline, data_dir, image_size, 32, cache) for pipeline in runs
+            },
+        }
+        pair["imgft_end_to_end_vs_model_only"] = (
+            summary["imgft"]["warm"]["images_per_second_after_first_epoch"] / pair["model_only_images_per_second"]
+        )
+        results["pairs"][name] = pair
+    results["memory"] = memory_growth(digits, work)
+    with open(args.output, "w") as file:
+        json.dump(results, file, indent=2)
+    print(format_table(results))
+    print(f"Wrote {args.output}")
+    return results
+
+
+def memory_growth(digits, work):
+    """imgft's peak RSS for one epoch on the digits, and on four times as many images."""
+    bigger = os.path.join(work, "digits_x4")
+    if not os.path.isdir(bigger):
+        for copy in range(4):
+            for split in ("train", "validation"):
+                for label in os.listdir(os.path.join(digits, split)):
+                    target = os.path.join(bigger, split, label)
+                    os.makedirs(target, exist_ok=True)
+                    for name in os.listdir(os.path.join(digits, split, label)):
+                        shutil.copyfile(
+                            os.path.join(digits, split, label, name), os.path.join(target, f"{copy}_{name}")
+                        )
+    peaks = {}
+    for label, data_dir in (("1x", digits), ("4x", bigger)):
+        out_dir = tempfile.mkdtemp(prefix=f"memory-{label}-", dir=work)
+        env = {**os.environ, "HF_DATASETS_CACHE": os.path.join(out_dir, "cache"), "HF_HUB_OFFLINE": "1"}
+        command = pipeline_command("imgft", data_dir, out_dir, 32, 1, 32)
+        peaks[label] = run_process(command, env, f"{out_dir}.log")[1]
+        shutil.rmtree(out_dir)
+    return {"peak_rss_mib": peaks, "ratio_4x_to_1x": peaks["4x"] / peaks["1x"]}
+
+
+def _machine():
+    import torch
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def format_table(results):
+    lines = [
+        "| pair | pipeline | cold s | warm s | images/s after epoch 1 | loader-only images/s | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, pair in results["pairs"].items():
+        for pipeline, summary in pair["summary"].items():
+            lines.append(
+                f"| {name} | {pipeline} | {summary['cold']['seconds']:.1f} | {summary['warm']['seconds']:.1f} | "
+                f"{summary['warm']['images_per_second_after_first_epoch']:.0f} | "
+                f"{pair['loader_only_images_per_second'][pipeline]:.0f} | {summary['warm']['peak_rss_mib']:.0f} |"
+            )
+        lines.append(
+            f"| {name} | **imgft speed-up** | **{pair['speedup_cold']:.1f}x** | **{pair['speedup_warm']:.1f}x** | "
+            f"model-only {pair['model_only_images_per_second']:.0f} images/s; imgft reaches "
+            f"{pair['imgft_end_to_end_vs_model_only']:.0%} of it | | |"
+        )
+    memory = results["memory"]
+    lines.append(
+        f"\nPeak RSS, imgft, 1 epoch: {memory['peak_rss_mib']['1x']:.0f} MiB on the digits, "
+        f"{memory['peak_rss_mib']['4x']:.0f} MiB on 4x the images ({memory['ratio_4x_to_1x']:.2f}x)."
+    )
+    return "\n".join(lines)
