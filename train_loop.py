@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from imgft import args as imgft_args
-from imgft import checkpoint, data, metrics, outputs, runtime
+from imgft import best, checkpoint, data, metrics, outputs, reports, runtime
 from imgft.errors import UserError, exit_on_user_error
 from imgft.model import FROM_SCRATCH_NOTE, check_model_source, load_model, optimizer_param_groups
 
@@ -35,16 +35,14 @@ logger = get_logger("imgft")
 
 def main(argv=None):
     # ---------------------------------------------------------------- 1. Arguments
-    parsed = imgft_args.parse_args(sys.argv[1:] if argv is None else argv)
-    data_args, model_args, train_args = parsed
+    data_args, model_args, train_args = parsed = imgft_args.parse_args(sys.argv[1:] if argv is None else argv)
     config, output_dir = imgft_args.to_dict(*parsed), train_args.output_dir
     outputs.check_push_possible(train_args)
     check_model_source(model_args)
 
-    # The Accelerator replaces the hand-written parts of distributed training: it picks the device,
-    # wraps the model in DDP, shards DataLoaders across processes, runs autocast + GradScaler for
-    # mixed precision and skips gradient all-reduce on accumulation steps. `accelerate launch` sets
-    # the process count; the same script runs as plain `python` on one device.
+    # The Accelerator replaces the hand-written parts of distributed training: device placement, DDP wrapping,
+    # sharded DataLoaders, autocast + GradScaler, and no all-reduce on accumulation steps. `accelerate launch`
+    # sets the process count; the same script runs as plain `python` on one device.
     try:
         accelerator = Accelerator(
             cpu=runtime.distributed_without_gpu(),
@@ -59,8 +57,8 @@ def main(argv=None):
         raise UserError(f"--mixed_precision {train_args.mixed_precision}: {err}") from None
     runtime.setup_logging()
     resume_path = checkpoint.resolve_resume(train_args.resume_from_checkpoint, output_dir)
-    resume_requested = train_args.resume_from_checkpoint is not None
-    if outputs.check_output_dir(output_dir, resume_requested, train_args.overwrite_output_dir, config):
+    resuming = train_args.resume_from_checkpoint is not None
+    if outputs.check_output_dir(output_dir, resuming, train_args.overwrite_output_dir, config):
         logger.info(f"{output_dir} already holds this finished run: nothing to do")
         return
     checkpoint_every = imgft_args.checkpointing_every(train_args)
@@ -90,20 +88,18 @@ def main(argv=None):
         dataset, unreadable_images = data.drop_unreadable(
             dataset, image_column, label_column, label_names, data_args, stored_size
         )
-    # Sizes and normalisation come from the image processor; images are decoded and transformed lazily,
-    # batch by batch, when the DataLoader asks for them (set_transform), never all up front.
+    # Sizes and normalisation come from the image processor; transforms run lazily, per batch (set_transform).
     train_transform, eval_transform = data.build_transforms(
         image_processor, model_args.image_size, data_args.random_flip, data_args.crop_scale_min
     )
     train_dataset = data.subsample(dataset["train"], data_args.max_train_samples, train_args.seed)
-    eval_dataset = data.subsample(dataset["validation"], data_args.max_eval_samples, train_args.seed)
-    # Workers read the epoch from shared memory: each image's augmentation is seeded by (seed, epoch, row),
-    # so it does not depend on which worker draws it, nor on whether the run was resumed.
+    eval_rows = data.subsample(dataset["validation"], data_args.max_eval_samples, train_args.seed)
+    # Augmentation is seeded per image by (seed, epoch, row), workers reading the epoch from shared memory.
     augmentation_epoch = data.shared_epoch()
     train_dataset = data.with_image_transform(
         train_dataset, train_transform, image_column, label_column, seed=train_args.seed, epoch=augmentation_epoch
     )
-    eval_dataset = data.with_image_transform(eval_dataset, eval_transform, image_column, label_column)
+    eval_dataset = data.with_image_transform(eval_rows, eval_transform, image_column, label_column)
     loader_options = {
         "collate_fn": data.collate_fn,  # stacks pixel_values into B x C x H x W and labels into B
         "num_workers": data_args.num_workers,
@@ -116,11 +112,10 @@ def main(argv=None):
     # ---------------------------------------------------------------- 5. Optimizer, schedule, prepare
     optimizer = torch.optim.AdamW(optimizer_param_groups(model, train_args.weight_decay), lr=train_args.learning_rate)
     # prepare() moves the model to the device and wraps it in DDP, wraps the optimizer for mixed precision
-    # and accumulation, and shards each DataLoader so every process sees its own slice of the data.
+    # and accumulation, and shards each DataLoader: len(train_dataloader) is then this process's share.
     model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
         model, optimizer, train_dataloader, eval_dataloader
     )
-    # After prepare(), len(train_dataloader) is this process's number of batches per epoch.
     updates_per_epoch = math.ceil(len(train_dataloader) / train_args.gradient_accumulation_steps)
     max_train_steps = train_args.max_train_steps or train_args.num_train_epochs * updates_per_epoch
     num_epochs = math.ceil(max_train_steps / updates_per_epoch)
@@ -129,8 +124,7 @@ def main(argv=None):
     lr_scheduler = get_scheduler(
         train_args.lr_scheduler_type, optimizer, train_args.num_warmup_steps, num_training_steps=max_train_steps
     )
-    # register_for_checkpointing: save_state/load_state now cover the scheduler too, beside the model,
-    # optimizer, grad scaler, sampler and every process's RNG states.
+    # save_state/load_state now cover the scheduler too, beside model, optimizer, scaler, sampler and RNGs.
     accelerator.register_for_checkpointing(lr_scheduler)
 
     # Counters a checkpoint restores; a resume must continue the same run (same arguments and data).
@@ -144,8 +138,8 @@ def main(argv=None):
         for change in harmless_changes:
             logger.warning(f"Changed since the checkpoint, which does not change training: {change}")
         logger.info(f"Resuming from {resume_path} at step {state['completed_steps']}")
-    completed_steps, train_loss_sum, train_loss_count = (
-        state["completed_steps"], state["train_loss_sum"], state["train_loss_count"]
+    completed_steps, train_loss_sum, train_loss_count, best_state = (
+        state["completed_steps"], state["train_loss_sum"], state["train_loss_count"], state["best"]
     )  # fmt: skip
     if accelerator.is_main_process:
         outputs.start_run_files(output_dir, train_args, resume_path, state, config)
@@ -154,8 +148,8 @@ def main(argv=None):
         # purge_step makes TensorBoard drop what an interrupted run logged after the step we start from.
         tensorboard_options = {"tensorboard": {"purge_step": completed_steps + 1}}
         accelerator.init_trackers(outputs.TRACKER_DIR, outputs.tracker_config(config), tensorboard_options)
-    summary = runtime.run_summary(len(train_dataset), len(eval_dataset), label_names, accelerator, train_args)
-    logger.info(f"{summary}; {max_train_steps} optimizer steps")
+    sizes = (len(train_dataset), len(eval_dataset), len(label_names))
+    logger.info(runtime.run_summary(*sizes, accelerator, train_args, max_train_steps))
 
     def log_train_loss(epoch_position):
         # Also called at checkpoints and epoch ends, so a checkpoint never holds a half-summed window.
@@ -172,20 +166,38 @@ def main(argv=None):
             outputs.log_metrics(accelerator, metrics_log, record)
 
     def save_checkpoint(name, epoch, batch_in_epoch):
-        counters = {"completed_steps": completed_steps, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                    "train_loss_sum": train_loss_sum, "train_loss_count": train_loss_count}  # fmt: skip
+        counters = {"completed_steps": completed_steps, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "best":
+                    best_state, "train_loss_sum": train_loss_sum, "train_loss_count": train_loss_count}  # fmt: skip
         path = checkpoint.save_checkpoint(accelerator, output_dir, name, counters, run_identity, metrics_log)
         checkpoint.rotate_checkpoints(accelerator, output_dir, train_args.checkpoints_total_limit, keep=[resume_path])
         logger.info(f"Saved checkpoint {path}")
 
+    def evaluate_now(epoch_position):
+        # One log line per evaluation; keeps the best model; True when early stopping says stop.
+        nonlocal eval_results, evaluated_at, best_state
+        eval_results = metrics.evaluate(model, eval_dataloader, accelerator, len(label_names))
+        evaluated_at = completed_steps
+        epoch_images = (samples_seen - samples_before) * accelerator.num_processes
+        speed = runtime.throughput(epoch_images, time.perf_counter() - epoch_start, data_wait)
+        record = {"step": completed_steps, "epoch": round(epoch_position, 4), **eval_results, **speed}
+        logger.info(f"{time.perf_counter() - start_time:.0f} s, {metrics.format_results(record)}")
+        outputs.log_metrics(accelerator, metrics_log, record)
+        best_state, improved = best.update(best_state, eval_results, completed_steps, epoch_position, train_args)
+        if improved and train_args.load_best_model_at_end:
+            accelerator.unwrap_model(model).save_pretrained(
+                os.path.join(output_dir, outputs.BEST_DIR), is_main_process=accelerator.is_main_process
+            )
+        model.train()
+        return best.should_stop_early(best_state, train_args, logger)
+
     # ---------------------------------------------------------------- The training loop
-    stop_signal = runtime.preemption_check(accelerator)  # SIGTERM/SIGINT: save after this step, then exit
+    stop_signal = runtime.preemption_check(accelerator)
     progress = tqdm(total=max_train_steps, initial=completed_steps, disable=not accelerator.is_local_main_process)
     # Losses pile up on the device and are read once per log step: an .item() per step would stall the GPU.
     window_loss = torch.zeros((), device=accelerator.device)
     nonfinite_losses = torch.zeros((), dtype=torch.int64, device=accelerator.device)
     window_batches = samples_seen = skipped_steps = 0
-    eval_results = {}
+    eval_results, evaluated_at, stop_early = {}, None, False
     start_time = time.perf_counter()
     for epoch in range(state["epoch"], num_epochs):
         model.train()
@@ -229,39 +241,36 @@ def main(argv=None):
                 lr_scheduler.step()
             completed_steps += 1
             progress.update(1)
-            checkpoint_now = checkpoint_every and completed_steps % checkpoint_every == 0
+            signum = stop_signal()  # SIGTERM/SIGINT: checkpoint this step, then exit
+            checkpoint_now = signum or (checkpoint_every and completed_steps % checkpoint_every == 0)
             if completed_steps % train_args.logging_steps == 0 or checkpoint_now:
                 log_train_loss(epoch + batch_in_epoch / len(train_dataloader))
+            if train_args.eval_steps and completed_steps % train_args.eval_steps == 0:
+                stop_early = evaluate_now(epoch + batch_in_epoch / len(train_dataloader))
             if checkpoint_now:
                 save_checkpoint(f"step_{completed_steps}", epoch, batch_in_epoch)
-            signum = stop_signal()
             if signum:
-                if not checkpoint_now:
-                    log_train_loss(epoch + batch_in_epoch / len(train_dataloader))
-                    save_checkpoint(f"step_{completed_steps}", epoch, batch_in_epoch)
-                logger.info("Stopped early. To continue, run the same command with --resume_from_checkpoint latest")
+                logger.info("Stopped by a signal; to continue, rerun the command with --resume_from_checkpoint latest")
                 accelerator.end_training()
                 sys.exit(128 + signum)
-            if completed_steps >= max_train_steps:
+            if completed_steps >= max_train_steps or stop_early:
                 break
 
-        epoch_seconds = time.perf_counter() - epoch_start
-        speed = runtime.throughput(
-            (samples_seen - samples_before) * accelerator.num_processes, epoch_seconds, data_wait
-        )
         log_train_loss(epoch + 1)
-        eval_results = metrics.evaluate(model, eval_dataloader, accelerator, len(label_names))
-        record = {"step": completed_steps, "epoch": epoch + 1, **eval_results, **speed}
-        logger.info(f"epoch {epoch + 1}/{num_epochs}, step {completed_steps}: {metrics.format_results(record)}")
-        outputs.log_metrics(accelerator, metrics_log, record)
+        if not train_args.eval_steps:
+            stop_early = evaluate_now(epoch + 1)
         if train_args.checkpointing_steps == "epoch":
             save_checkpoint(f"epoch_{epoch + 1}", epoch + 1, 0)
-        if completed_steps >= max_train_steps:
+        if completed_steps >= max_train_steps or stop_early:
             break
     progress.close()
     train_runtime = time.perf_counter() - start_time
-    if not eval_results:  # resumed from a checkpoint taken after the last evaluation
-        eval_results = metrics.evaluate(model, eval_dataloader, accelerator, len(label_names))
+    if evaluated_at != completed_steps:  # --eval_steps off the last step, or resumed after the last evaluation
+        evaluate_now(completed_steps / updates_per_epoch)
+    if train_args.load_best_model_at_end and best_state["step"] is not None:
+        outputs.load_weights(accelerator.unwrap_model(model), os.path.join(output_dir, outputs.BEST_DIR))
+    # Per-class metrics, confusion matrix and worst mistakes of the final model, for the report and card.
+    eval_results, details = metrics.detailed_evaluation(model, eval_dataloader, accelerator, label_names)
 
     # ---------------------------------------------------------------- Save a model anyone can load
     # reduce() sums each process's count into the global one (a collective: every process calls it).
@@ -273,18 +282,14 @@ def main(argv=None):
     )
     if accelerator.is_main_process:
         image_processor.save_pretrained(output_dir)  # pipeline() reads sizes and normalisation from it
-        results = {
-            **eval_results,
-            "epoch": completed_steps / updates_per_epoch,
-            "train_loss": train_loss_sum / max(train_loss_count, 1),
-            "train_runtime": train_runtime,
-            "train_samples": len(train_dataset),
-            "train_samples_per_second": samples_seen / train_runtime,
-            "train_steps": completed_steps,
-            "unreadable_images": unreadable_images,
-            "skipped_nonfinite_steps": skipped_steps,
-        }
+        results = {**eval_results, "epoch": completed_steps / updates_per_epoch, "train_steps": completed_steps,
+                   "train_loss": train_loss_sum / max(train_loss_count, 1), "train_runtime": train_runtime,
+                   "train_samples": len(train_dataset), "train_samples_per_second": samples_seen / train_runtime,
+                   "unreadable_images": unreadable_images, "skipped_nonfinite_steps": skipped_steps,
+                   "stopped_early": stop_early, **best.summary(best_state)}  # fmt: skip
         outputs.write_json(os.path.join(output_dir, outputs.RESULTS_FILE), results)
+        report = (config, results, details, eval_rows, image_column, metrics_log, accelerator.num_processes)
+        reports.write_training_report(output_dir, *report)
         logger.info(f"Saved the model and {outputs.RESULTS_FILE} to {output_dir}")
         if train_args.push_to_hub:
             logger.info(f"Pushed to https://huggingface.co/{outputs.push_to_hub(train_args)}")

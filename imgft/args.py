@@ -187,6 +187,22 @@ class TrainArguments:
         default=42,
         metadata={"help": "Seeds weights, data order, augmentation and the split."},
     )
+    eval_steps: int | None = field(
+        default=None, metadata={"help": "Evaluate every N optimizer steps (and at the end) instead of every epoch."}
+    )
+    metric_for_best_model: str = field(
+        default="accuracy", metadata={"help": "Evaluation metric that decides the best model, e.g. accuracy, loss."}
+    )
+    greater_is_better: bool | None = field(
+        default=None, metadata={"help": "Whether a larger --metric_for_best_model is better. Default: all but loss."}
+    )
+    load_best_model_at_end: bool = field(
+        default=False,
+        metadata={"help": "Save the best evaluation's weights as the final model (kept in output_dir/best_model)."},
+    )
+    early_stopping_patience: int | None = field(
+        default=None, metadata={"help": "Stop after this many evaluations in a row without a better metric."}
+    )
     logging_steps: int = field(
         default=10,
         metadata={"help": "Log the training loss every this many optimizer steps."},
@@ -334,6 +350,8 @@ def check_args(data_args, model_args, train_args):
         "checkpoints_total_limit": train_args.checkpoints_total_limit,
         "image_size": model_args.image_size,
         "stored_image_size": data_args.stored_image_size,
+        "eval_steps": train_args.eval_steps,
+        "early_stopping_patience": train_args.early_stopping_patience,
     }.items():
         if value is not None and value < 1:
             raise UserError(f"--{name} must be at least 1 (got {value})")

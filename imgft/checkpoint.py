@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 
+from imgft.best import NO_BEST
 from imgft.errors import UserError
 
 STATE_FILE = "imgft_state.json"
@@ -18,6 +19,7 @@ NEW_RUN_STATE = {
     "train_loss_sum": 0.0,
     "train_loss_count": 0,
     "metrics_log_lines": 0,
+    "best": NO_BEST,
 }
 
 

@@ -1,25 +1,70 @@
-"""Step 5's evaluation: torchmetrics accuracy over the whole validation set, exact across processes."""
+"""Evaluation over the whole validation set with torchmetrics, exact across processes.
+
+Every process gathers all processes' logits (accelerator.gather_for_metrics) and updates its own
+metrics with them, so each one holds the numbers of the full set. torchmetrics' own cross-process sync
+is turned off: on top of the gather it would count every sample once per process (ratios survive
+that, the confusion matrix and supports do not).
+"""
+
+import json
+import math
+import re
 
 import torch
 import torch.nn.functional as F
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
+
+RESULTS_FILE = "eval_results.json"
+NUM_MISTAKES = 16
+# A list of numbers that json.dumps spread over lines: a raw newline never occurs inside a JSON string.
+NUMBER_LIST = re.compile(r"\[\n[-+\d.eE,\s]*\]")
+SUMMARY_METRICS = ("accuracy", "top5_accuracy", "macro_precision", "macro_recall", "macro_f1")
 
 
-def make_metrics(num_labels):
-    metrics = {"accuracy": MulticlassAccuracy(num_classes=num_labels, top_k=1, average="micro")}
+def make_metrics(num_labels, per_class=False):
+    """Top-1 (and top-5 above 5 classes) accuracy and macro precision/recall/F1; with `per_class`, also
+    per-class precision/recall/F1 and the confusion matrix (rows: true class, columns: predicted).
+
+    Macro averages leave out a class that is neither in the labels nor ever predicted (torchmetrics'
+    convention), so a class absent from a small validation set does not count as a zero.
+    """
+    options = {"num_classes": num_labels, "sync_on_compute": False}  # inputs are already gathered
+    metrics = {"accuracy": MulticlassAccuracy(top_k=1, average="micro", **options)}
     if num_labels > 5:
-        metrics["top5_accuracy"] = MulticlassAccuracy(num_classes=num_labels, top_k=5, average="micro")
+        metrics["top5_accuracy"] = MulticlassAccuracy(top_k=5, average="micro", **options)
+    metrics.update(_precision_recall_f1("macro", "macro_", options))
+    if per_class:
+        metrics.update(_precision_recall_f1("none", "", options))
+        metrics["confusion_matrix"] = MulticlassConfusionMatrix(**options)
     return MetricCollection(metrics)
 
 
+def _precision_recall_f1(average, prefix, options):
+    return {
+        f"{prefix}precision": MulticlassPrecision(average=average, **options),
+        f"{prefix}recall": MulticlassRecall(average=average, **options),
+        f"{prefix}f1": MulticlassF1Score(average=average, **options),
+    }
+
+
 @torch.no_grad()
-def evaluate(model, dataloader, accelerator, num_labels):
-    """`eval_accuracy` (+ `eval_top5_accuracy`), `eval_loss`, `eval_samples`; leaves the model in eval mode."""
+def _run(model, dataloader, accelerator, metrics):
+    """Update `metrics` over the dataloader; return (loss sum, samples, (score, prediction, label) per sample).
+
+    The per-sample tensors are in dataset order: an unshuffled evaluation loader is sharded in whole
+    batches, process by process, and gather_for_metrics puts them back in that order.
+    """
     model.eval()
-    metrics = make_metrics(num_labels).to(accelerator.device)
     loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     samples = 0
+    scores, predictions, labels_seen = [], [], []
     for batch in dataloader:
         logits = model(pixel_values=batch["pixel_values"]).logits
         # gather_for_metrics replaces a hand-written all_gather: it also drops the duplicate samples that
@@ -28,10 +73,93 @@ def evaluate(model, dataloader, accelerator, num_labels):
         metrics.update(logits, labels)
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
         samples += labels.numel()
-    results = {f"eval_{name}": value.item() for name, value in metrics.compute().items()}
+        # Kept on the device (a few bytes per image): copying each batch to the CPU would stall a GPU.
+        score, prediction = logits.float().softmax(dim=-1).max(dim=-1)
+        scores.append(score)
+        predictions.append(prediction)
+        labels_seen.append(labels)
+    per_sample = tuple(torch.cat(parts) if parts else torch.zeros(0) for parts in (scores, predictions, labels_seen))
+    return loss_sum, samples, per_sample
+
+
+def _summary(computed, loss_sum, samples):
+    results = {f"eval_{name}": computed[name].item() for name in SUMMARY_METRICS if name in computed}
     results["eval_loss"] = (loss_sum / max(samples, 1)).item()
     results["eval_samples"] = samples
     return results
+
+
+def evaluate(model, dataloader, accelerator, num_labels):
+    """`eval_accuracy` (+ `eval_top5_accuracy`), `eval_macro_precision`/`_recall`/`_f1`, `eval_loss`,
+    `eval_samples`; identical on every process. Leaves the model in eval mode."""
+    metrics = make_metrics(num_labels).to(accelerator.device)
+    loss_sum, samples, _ = _run(model, dataloader, accelerator, metrics)
+    return _summary(metrics.compute(), loss_sum, samples)
+
+
+def detailed_evaluation(model, dataloader, accelerator, label_names, num_mistakes=NUM_MISTAKES):
+    """(results, details): `evaluate`'s results, and for the report
+
+        details = {
+            "per_class": {name: {"precision", "recall", "f1", "support"}},
+            "confusion_matrix": {"labels": label_names, "matrix": [[count]]},  # rows true, columns predicted
+            "mistakes": [{"index", "true_label", "predicted_label", "score"}],  # most confident first
+        }
+
+    `label_names` are the model's classes in id order; a mistake's `index` is its row in the evaluated
+    dataset. Every process must call it (it gathers); all get the same answer.
+    """
+    metrics = make_metrics(len(label_names), per_class=True).to(accelerator.device)
+    loss_sum, samples, per_sample = _run(model, dataloader, accelerator, metrics)
+    scores, predictions, labels = (tensor.cpu() for tensor in per_sample)
+    computed = metrics.compute()
+    matrix = computed["confusion_matrix"].cpu()
+    support = matrix.sum(dim=1).tolist()
+    per_class = {
+        name: {
+            "precision": computed["precision"][i].item(),
+            "recall": computed["recall"][i].item(),
+            "f1": computed["f1"][i].item(),
+            "support": support[i],
+        }
+        for i, name in enumerate(label_names)
+    }
+    details = {
+        "per_class": per_class,
+        "confusion_matrix": {"labels": list(label_names), "matrix": matrix.tolist()},
+        "mistakes": most_confident_mistakes(scores, predictions, labels, label_names, num_mistakes),
+    }
+    return _summary(computed, loss_sum, samples), details
+
+
+def most_confident_mistakes(scores, predictions, labels, label_names, count):
+    """The `count` wrong predictions with the highest predicted-class probability, ties broken by index."""
+    wrong = (predictions != labels).nonzero().flatten()
+    # A stable sort keeps equal scores in dataset order, so the same mistakes come out in the same order each time.
+    order = scores[wrong].argsort(descending=True, stable=True)[:count]
+    return [
+        {
+            "index": int(i),
+            "true_label": label_names[int(labels[i])],
+            "predicted_label": label_names[int(predictions[i])],
+            "score": float(scores[i]),
+        }
+        for i in wrong[order]
+    ]
+
+
+def write_eval_results(path, results, details):
+    """eval_results.json: the summary numbers, then per-class metrics, the confusion matrix and the mistakes."""
+    # JSON has no NaN or Infinity: a diverged loss is written as null rather than as invalid JSON.
+    summary = {
+        key: None if isinstance(value, float) and not math.isfinite(value) else value for key, value in results.items()
+    }
+    text = json.dumps({**summary, **details}, indent=2, ensure_ascii=False)
+    # One line per confusion-matrix row rather than one per number, so 100 classes stay 100 lines.
+    text = NUMBER_LIST.sub(lambda match: " ".join(match.group(0).split()).replace("[ ", "[").replace(" ]", "]"), text)
+    with open(path, "w", encoding="utf-8") as file:
+        file.write(text + "\n")
+    return path
 
 
 def format_results(results):

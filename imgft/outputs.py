@@ -15,8 +15,14 @@ RESULTS_FILE = "all_results.json"
 METRICS_LOG = "metrics.jsonl"
 CONFIG_FILE = "imgft_config.yaml"
 TRACKER_DIR = "imgft"  # accelerate's trackers write under output_dir/<project name>
+BEST_DIR = "best_model"  # the best evaluation's weights, with --load_best_model_at_end
 # Files a finished run writes beside its checkpoints; --overwrite_output_dir removes these and nothing else.
 RUN_FILES = (
+    "README.md",  # the model card
+    "eval_results.json",
+    "confusion_matrix.png",
+    "mistakes.png",
+    "training_curves.png",
     RESULTS_FILE,
     METRICS_LOG,
     CONFIG_FILE,
@@ -71,7 +77,7 @@ def clear_previous_run(output_dir):
         if name in RUN_FILES and os.path.isfile(path):
             os.remove(path)
         elif os.path.isdir(path) and (
-            CHECKPOINT_NAME.match(name) or name.startswith(STAGING_PREFIX) or name == TRACKER_DIR
+            CHECKPOINT_NAME.match(name) or name.startswith(STAGING_PREFIX) or name in (TRACKER_DIR, BEST_DIR)
         ):
             shutil.rmtree(path)
 
@@ -149,6 +155,13 @@ def push_to_hub(train_args):
         repo_id=repo_id,
         folder_path=train_args.output_dir,
         commit_message="imgft: fine-tuned model",
-        ignore_patterns=["step_*", "epoch_*", STAGING_PREFIX + "*"],
+        ignore_patterns=["step_*", "epoch_*", STAGING_PREFIX + "*", BEST_DIR + "/*"],
     )
     return repo_id
+
+
+def load_weights(model, folder):
+    """Load weights saved by save_pretrained into `model` in place (the best evaluation's, at the end)."""
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))

@@ -42,15 +42,15 @@ def distributed_without_gpu():
     return launched and not has_gpu
 
 
-def run_summary(train_samples, eval_samples, label_names, accelerator, train_args):
+def run_summary(train_samples, eval_samples, num_labels, accelerator, train_args, max_train_steps):
     per_device = train_args.per_device_train_batch_size
     accumulation = train_args.gradient_accumulation_steps
     total_batch = per_device * accelerator.num_processes * accumulation
     return (
-        f"{train_samples} training / {eval_samples} validation examples, {len(label_names)} classes; "
+        f"{train_samples} training / {eval_samples} validation examples, {num_labels} classes; "
         f"{accelerator.num_processes} process(es) on {accelerator.device.type}, "
         f"mixed precision {accelerator.mixed_precision}; batch {total_batch} = {per_device} per device "
-        f"x {accelerator.num_processes} process(es) x {accumulation} accumulation"
+        f"x {accelerator.num_processes} process(es) x {accumulation} accumulation; {max_train_steps} optimizer steps"
     )
 
 

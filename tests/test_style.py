@@ -24,6 +24,6 @@ def test_train_loop_keeps_the_loop_visible_and_short():
         "optimizer.step()",
         "lr_scheduler.step()",
         "accelerator.prepare(",
-        "batch in enumerate(epoch_batches",
+        "for batch_in_epoch, batch in enumerate(",
     ):
         assert visible in source, visible

@@ -1,0 +1,178 @@
+"""output_dir/README.md: a Hub model card, its metadata built with huggingface_hub rather than written by hand."""
+
+import os
+import re
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+CARD_FILE = "README.md"
+TAGS = ["image-classification", "imgft"]
+# `owner/name` or `name`: what the Hub accepts as a repository id.
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+# (key in results, label in the card, metric type and arguments for model-index; None: table only)
+RESULT_ROWS = (
+    ("eval_accuracy", "accuracy", ("accuracy", None)),
+    ("eval_top5_accuracy", "top-5 accuracy", ("accuracy", {"top_k": 5})),
+    ("eval_macro_precision", "macro precision", ("precision", {"average": "macro"})),
+    ("eval_macro_recall", "macro recall", ("recall", {"average": "macro"})),
+    ("eval_macro_f1", "macro F1", ("f1", {"average": "macro"})),
+    ("eval_loss", "validation loss", None),
+    ("eval_samples", "validation images", None),
+    ("train_loss", "training loss (mean)", None),
+    ("train_steps", "optimizer steps", None),
+    ("epoch", "epochs", None),
+)
+HYPERPARAMETERS = (
+    "learning_rate",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "num_train_epochs",
+    "max_train_steps",
+    "lr_scheduler_type",
+    "num_warmup_steps",
+    "weight_decay",
+    "max_grad_norm",
+    "mixed_precision",
+    "seed",
+    "image_size",
+    "random_flip",
+    "crop_scale_min",
+)
+
+
+def write_model_card(output_dir, config, results, label_names, per_class=None, num_processes=None, license=None):
+    """Write `output_dir/README.md` and return its path.
+
+    config: the run's arguments as one flat dict, as `imgft.args.to_dict` gives and imgft_config.yaml holds.
+        `model_name_or_path` becomes `base_model` when it is a Hub id (a local folder is only mentioned),
+        `dataset_name` becomes `datasets` when it is a Hub id, `hub_model_id` (else output_dir's name)
+        names the model, and the training keys fill the hyperparameters table.
+    results: the numbers of all_results.json (eval_accuracy, eval_macro_f1, ..., train_loss); the eval_*
+        metrics also go into the model-index metadata.
+    label_names: the class names in id order.
+    per_class: optional {class name: {"precision", "recall", "f1", "support"}}, as in
+        `metrics.detailed_evaluation`'s details["per_class"], for a per-class table.
+    num_processes: optional, to state the effective batch size.
+    license: optional Hub license id, e.g. "apache-2.0".
+    """
+    model_name = config.get("hub_model_id") or os.path.basename(os.path.abspath(output_dir))
+    base_model = _hub_id(config.get("model_name_or_path"))
+    dataset = _hub_id(config.get("dataset_name"))
+    card_data = ModelCardData(
+        model_name=model_name,
+        base_model=base_model,
+        datasets=[dataset] if dataset else None,
+        license=license,
+        library_name="transformers",
+        pipeline_tag="image-classification",
+        tags=list(TAGS),
+        metrics=sorted({row[2][0] for row in RESULT_ROWS if row[2] and row[0] in results}) or None,
+        eval_results=_eval_results(results, dataset, config.get("dataset_config_name")) or None,
+    )
+    sections = [
+        f"# {model_name}",
+        _origin(config, base_model, dataset, len(label_names)),
+        "## Results on the validation set",
+        _table(
+            ["metric", "value"], [(label, _number(results[key])) for key, label, _ in RESULT_ROWS if key in results]
+        ),
+    ]
+    if per_class:
+        sections += ["## Per-class metrics", _per_class_table(per_class)]
+    else:
+        sections += ["## Classes", ", ".join(f"`{name}`" for name in label_names)]
+    sections += [
+        "## Training hyperparameters",
+        _table(["hyperparameter", "value"], _hyperparameters(config, num_processes)),
+        "## Usage",
+        _usage(config.get("hub_model_id") or output_dir),
+    ]
+    card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
+    path = os.path.join(output_dir, CARD_FILE)
+    card.save(path)
+    return path
+
+
+def _hub_id(name):
+    """`name` when it can only mean a Hub repository, else None (unset, or a folder on this machine)."""
+    if not name or os.path.exists(name) or not HUB_ID.match(name):
+        return None
+    return name
+
+
+def _eval_results(results, dataset, dataset_config):
+    return [
+        EvalResult(
+            task_type="image-classification",
+            task_name="Image Classification",
+            dataset_type=dataset or "imagefolder",
+            dataset_name=dataset or "local imagefolder",
+            dataset_config=dataset_config if dataset else None,
+            dataset_split="validation",
+            metric_type=metric[0],
+            metric_name=label,
+            metric_args=metric[1],
+            metric_value=results[key],
+        )
+        for key, label, metric in RESULT_ROWS
+        if metric and isinstance(results.get(key), (int, float))
+    ]
+
+
+def _origin(config, base_model, dataset, num_classes):
+    source = config.get("model_name_or_path")
+    if base_model:
+        model = f"a fine-tuned version of [{base_model}](https://huggingface.co/{base_model})"
+    elif source:
+        model = f"fine-tuned from the local checkpoint `{source}`"
+    else:
+        model = f"a {config.get('model_type', 'model')} trained from scratch"
+    if dataset:
+        data = f"the [{dataset}](https://huggingface.co/datasets/{dataset}) dataset"
+    elif config.get("dataset_name"):
+        data = f"the local dataset `{config['dataset_name']}`"
+    else:
+        data = "a local image folder"
+    return f"This image classifier ({num_classes} classes) is {model}, trained on {data} with imgft's `train_loop.py`."
+
+
+def _hyperparameters(config, num_processes):
+    rows = [(key, f"`{config[key]}`") for key in HYPERPARAMETERS if config.get(key) is not None]
+    if num_processes:
+        per_device = config.get("per_device_train_batch_size", 1)
+        total = per_device * num_processes * config.get("gradient_accumulation_steps", 1)
+        rows += [("processes", f"`{num_processes}`"), ("total train batch size", f"`{total}`")]
+    return rows
+
+
+def _per_class_table(per_class):
+    rows = [
+        (_cell(name), _number(m["precision"]), _number(m["recall"]), _number(m["f1"]), str(m["support"]))
+        for name, m in per_class.items()
+    ]
+    return _table(["class", "precision", "recall", "F1", "images"], rows)
+
+
+def _usage(model_ref):
+    return (
+        "```python\n"
+        "from transformers import pipeline\n\n"
+        f'classifier = pipeline("image-classification", model="{model_ref}")\n'
+        'classifier("image.jpg")  # [{"label": ..., "score": ...}, ...]\n'
+        "```"
+    )
+
+
+def _table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def _cell(text):
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _number(value):
+    if isinstance(value, float):
+        return f"{value:.4f}".rstrip("0").rstrip(".")  # 0.97, not 0.9700; 5 epochs, not 5.0000
+    return _cell(value)

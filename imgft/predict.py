@@ -1,0 +1,257 @@
+"""`python -m imgft predict`: label image files with any image-classification checkpoint.
+
+    python -m imgft predict --model_name_or_path output/mine photos/ 'more/**/*.jpg' cat.png
+
+One JSON line per image on stdout, {"path", "label", "score", "top_k": [{"label", "score"}, ...]}, or
+a .jsonl / .csv file with --output. Images get the model's own evaluation transforms, the ones
+training evaluated with. Unreadable files and inputs that match nothing are named on stderr and
+skipped; the exit code is 0 as long as some image was labelled, and 2 when none could be.
+"""
+
+import argparse
+import csv
+import difflib
+import glob
+import json
+import os
+import sys
+
+from PIL import Image
+
+from imgft.errors import UserError
+
+OUTPUT_SUFFIXES = (".jsonl", ".csv")
+PROGRESS_MIN_IMAGES = 100  # below this a run takes seconds and a progress bar is only noise
+# What PIL and imgft.images raise on a file that is not a decodable image.
+UNREADABLE_ERRORS = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    Image.DecompressionBombError,
+    Image.DecompressionBombWarning,  # imgft.images.open_image makes this warning an error
+)
+
+
+FLAGS = ("--model_name_or_path", "--top_k", "--per_device_eval_batch_size", "--output", "--cache_dir")
+FLAGS += ("--model_revision", "--trust_remote_code")  # make_parser's flags, for "did you mean"
+GLOB_CHARACTERS = "*?["
+
+
+def make_parser():
+    # exit_on_error=False: argparse's own errors become one `error: ...` line (UserError), like train_loop.py's.
+    parser = argparse.ArgumentParser(
+        prog="python -m imgft predict",
+        description="Label images with a trained image classifier; one JSON line per image.",
+        allow_abbrev=False,
+        exit_on_error=False,
+    )
+    parser.add_argument("paths", nargs="*", metavar="PATH", help="image files, folders (searched recursively), globs")
+    parser.add_argument(
+        "--model_name_or_path", metavar="DIR_OR_HUB_ID", help="a trained model folder or a Hub id (required)"
+    )
+    parser.add_argument(
+        "--top_k", type=int, metavar="K", default=5, help="classes listed per image (at most the class count)"
+    )
+    parser.add_argument(
+        "--per_device_eval_batch_size", type=int, metavar="N", default=32, help="images per forward pass"
+    )
+    parser.add_argument("--output", metavar="FILE", help="write to this .jsonl or .csv file instead of stdout")
+    parser.add_argument("--cache_dir", metavar="DIR", help="where downloaded models are kept")
+    parser.add_argument(
+        "--model_revision", default="main", metavar="REVISION", help="branch, tag or commit of a Hub checkpoint"
+    )
+    parser.add_argument("--trust_remote_code", action="store_true", help="run model code from the Hub repository")
+    return parser
+
+
+def parse_args(argv):
+    parser = make_parser()
+    try:
+        # intermixed: paths may come before, between or after the flags.
+        args, extras = parser.parse_known_intermixed_args(argv)
+    except argparse.ArgumentError as err:
+        raise UserError(str(err)) from None
+    if extras:
+        raise UserError(_unknown_flag_message(extras[0], parser))
+    if not args.model_name_or_path:
+        raise UserError("predict needs --model_name_or_path (a trained model folder or a Hub id)")
+    if not args.paths:
+        raise UserError("predict needs at least one image file, folder or glob to label")
+    for name in ("top_k", "per_device_eval_batch_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1 (got {getattr(args, name)})")
+    if args.output and not args.output.lower().endswith(OUTPUT_SUFFIXES):
+        raise UserError(f"--output {args.output}: the file must end in .jsonl or .csv")
+    return args
+
+
+def _unknown_flag_message(token, parser):
+    name = token.split("=", 1)[0]
+    close = difflib.get_close_matches(name, FLAGS, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]}?" if close else f"; see {parser.prog} --help"
+    return f"unknown flag '{name}'{hint}"
+
+
+def is_image_name(name):
+    from imgft.data import IMAGE_EXTENSIONS
+
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def images_in_folder(folder):
+    """Every image under `folder`, sorted, skipping hidden files and folders and macOS __MACOSX leftovers."""
+    found = []
+    for root, folders, names in os.walk(folder):
+        folders[:] = sorted(name for name in folders if not name.startswith(".") and name != "__MACOSX")
+        found += [os.path.join(root, name) for name in sorted(names) if is_image_name(name)]
+    return found
+
+
+def find_images(inputs):
+    """(image files in input order without repeats, [(input, why it gave nothing)]).
+
+    A file named outright is always tried, whatever its extension; files found in folders or by a glob
+    must have an image extension (any case).
+    """
+    files, problems = [], []
+    for pattern in inputs:
+        if any(char in pattern for char in GLOB_CHARACTERS):
+            matches = sorted(glob.glob(pattern, recursive=True))
+            found = [m for m in matches if os.path.isfile(m) and is_image_name(os.path.basename(m))]
+            for folder in (m for m in matches if os.path.isdir(m)):
+                found += images_in_folder(folder)
+            reason = "matches no image file"
+        elif os.path.isdir(pattern):
+            found, reason = images_in_folder(pattern), "holds no image files"
+        elif os.path.isfile(pattern):
+            found, reason = [pattern], ""
+        else:
+            found, reason = [], "no such file or folder"
+        files += found
+        if not found:
+            problems.append((pattern, reason))
+    return list(dict.fromkeys(files)), problems
+
+
+def load_image(path):
+    """(RGB image, "") or (None, why it cannot be read), decoded as training decodes it."""
+    from imgft import images
+
+    try:
+        return images.to_rgb(images.open_image(path)), ""
+    except UNREADABLE_ERRORS as err:
+        # imgft.images words the reason (empty file, truncated, not an image, too large) as training's warnings do.
+        return None, images.inspect_file(path)[0] or f"cannot decode: {err}"
+
+
+def predict_batch(model, pixel_values, top_k):
+    """[(score, class id) best first, top_k of them] for each image in the batch."""
+    import torch
+
+    with torch.inference_mode():
+        probabilities = model(pixel_values=pixel_values).logits.float().softmax(dim=-1)
+    scores, ids = probabilities.topk(min(top_k, probabilities.shape[-1]), dim=-1)
+    return [
+        list(zip(row_scores.tolist(), row_ids.tolist(), strict=True))
+        for row_scores, row_ids in zip(scores, ids, strict=True)
+    ]
+
+
+def to_record(path, ranked, id2label):
+    top_k = [{"label": id2label[class_id], "score": score} for score, class_id in ranked]
+    return {"path": path, "label": top_k[0]["label"], "score": top_k[0]["score"], "top_k": top_k}
+
+
+def predict_files(model, transform, files, batch_size, top_k, progress):
+    """Yield one record per readable file, in order, decoding only one batch of images at a time;
+    unreadable files are named through the progress bar (on stderr, without breaking the bar)."""
+    import torch
+
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    id2label = {int(key): value for key, value in model.config.id2label.items()}
+    for start in range(0, len(files), batch_size):
+        readable, pixel_values = [], []
+        for path in files[start : start + batch_size]:
+            image, reason = load_image(path)
+            if image is None:
+                progress.write(f"warning: skipping unreadable image {path}: {reason}", file=sys.stderr)
+                continue
+            readable.append(path)
+            pixel_values.append(transform(image))
+        if readable:
+            batch = torch.stack(pixel_values).to(device=device, dtype=dtype)
+            for path, ranked in zip(readable, predict_batch(model, batch, top_k), strict=True):
+                yield to_record(path, ranked, id2label)
+        progress.update(len(files[start : start + batch_size]))
+
+
+def write_records(records, output):
+    """Write each record as it comes, as a JSON line to stdout or a .jsonl file, or a CSV row; return the count."""
+    if output is None:
+        return _write_json_lines(records, sys.stdout)
+    try:
+        file = open(output, "w", encoding="utf-8", newline="")  # noqa: SIM115 (closed by the with below)
+    except OSError as err:
+        raise UserError(f"cannot write --output {output}: {err.strerror}") from None
+    with file:
+        if output.lower().endswith(".csv"):
+            return _write_csv(records, file)
+        return _write_json_lines(records, file)
+
+
+def _write_json_lines(records, file):
+    count = 0
+    for record in records:
+        file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        file.flush()  # a reader downstream (| jq, tail -f) gets each answer when it is ready
+        count += 1
+    return count
+
+
+def _write_csv(records, file):
+    writer = csv.writer(file)
+    writer.writerow(["path", "label", "score", "top_k"])
+    count = 0
+    for record in records:
+        count += 1
+        writer.writerow(
+            [record["path"], record["label"], record["score"], json.dumps(record["top_k"], ensure_ascii=False)]
+        )
+    return count
+
+
+def main(argv):
+    args = parse_args(argv)
+    # Heavy imports wait until the arguments are checked, so that a mistyped flag is answered at once.
+    import torch
+    from tqdm.auto import tqdm
+
+    from imgft.args import ModelArguments
+    from imgft.data import build_transforms
+    from imgft.model import load_saved_classifier
+
+    files, problems = find_images(args.paths)
+    for pattern, reason in problems:
+        print(f"warning: {pattern}: {reason}", file=sys.stderr)
+    if not files:
+        raise UserError(f"no images found in {', '.join(args.paths)}")
+    model_args = ModelArguments(
+        model_name_or_path=args.model_name_or_path,
+        cache_dir=args.cache_dir,
+        model_revision=args.model_revision,
+        trust_remote_code=args.trust_remote_code,
+    )
+    model, image_processor = load_saved_classifier(model_args)
+    model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    transform = build_transforms(image_processor, None, False, 1.0)[1]
+
+    progress = tqdm(total=len(files), unit="image", disable=len(files) < PROGRESS_MIN_IMAGES, file=sys.stderr)
+    with progress:
+        records = predict_files(model, transform, files, args.per_device_eval_batch_size, args.top_k, progress)
+        labelled = write_records(records, args.output)
+    skipped = len(files) - labelled
+    summary = f"Labelled {labelled} image(s)" + (f", skipped {skipped} unreadable" if skipped else "")
+    print(summary + (f"; wrote {args.output}" if args.output else ""), file=sys.stderr)
+    if not labelled:
+        raise UserError("none of the images could be read")

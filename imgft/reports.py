@@ -1,0 +1,38 @@
+"""The evaluation report a person reads: eval_results.json, confusion_matrix.png and mistakes.png."""
+
+import os
+
+from imgft import images, metrics, model_card, plots
+
+CONFUSION_MATRIX_FILE = "confusion_matrix.png"
+MISTAKES_FILE = "mistakes.png"
+TRAINING_CURVES_FILE = "training_curves.png"
+REPORT_FILES = (metrics.RESULTS_FILE, CONFUSION_MATRIX_FILE, MISTAKES_FILE, TRAINING_CURVES_FILE, model_card.CARD_FILE)
+
+
+def write_evaluation_report(output_dir, results, details, split, image_column):
+    """Write the three report files to `output_dir` (created if needed); return their paths.
+
+    `results, details` come from `metrics.detailed_evaluation`; `split` is the evaluated dataset as
+    evaluated (same rows, same order) but without the image transform, so the mistakes' images can be
+    read back by row. Call it on the main process only.
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    mistakes = details["mistakes"]
+    mistake_images = [images.to_rgb(split[mistake["index"]][image_column]) for mistake in mistakes]
+    confusion = details["confusion_matrix"]
+    return [
+        metrics.write_eval_results(os.path.join(output_dir, metrics.RESULTS_FILE), results, details),
+        plots.plot_confusion_matrix(
+            confusion["matrix"], confusion["labels"], os.path.join(output_dir, CONFUSION_MATRIX_FILE)
+        ),
+        plots.plot_mistakes(mistake_images, mistakes, os.path.join(output_dir, MISTAKES_FILE)),
+    ]
+
+
+def write_training_report(output_dir, config, results, details, eval_rows, image_column, metrics_log, num_processes):
+    """After training, on the main process: the evaluation report, the training curves and the model card."""
+    write_evaluation_report(output_dir, results, details, eval_rows, image_column)
+    plots.plot_training_curves(metrics_log, os.path.join(output_dir, TRAINING_CURVES_FILE))
+    labels = details["confusion_matrix"]["labels"]
+    model_card.write_model_card(output_dir, config, results, labels, details["per_class"], num_processes)
