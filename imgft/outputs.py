@@ -161,7 +161,10 @@ def push_to_hub(train_args):
 
 
 def load_weights(model, folder):
-    """Load weights saved by save_pretrained into `model` in place (the best evaluation's, at the end)."""
-    from safetensors.torch import load_file
+    """Copy the weights saved by save_pretrained in `folder` into `model` (the best evaluation's, at the end).
 
-    model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
+    Loaded through from_pretrained rather than a raw state dict: transformers may save tensors under
+    other names than the live model uses, and maps them back only on that path.
+    """
+    saved = type(model).from_pretrained(folder)
+    model.load_state_dict(saved.state_dict())
