@@ -28,7 +28,7 @@ from transformers import get_scheduler
 from imgft import args as imgft_args
 from imgft import best, checkpoint, data, metrics, outputs, reports, runtime
 from imgft.errors import UserError, exit_on_user_error
-from imgft.model import FROM_SCRATCH_NOTE, check_model_source, load_model, optimizer_param_groups
+from imgft.model import check_model_source, load_model, optimizer_param_groups
 
 logger = get_logger("imgft")
 
@@ -76,9 +76,7 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- 3. Model and image processor
     with accelerator.main_process_first():
-        model, image_processor, from_scratch = load_model(model_args, label_names)
-    if from_scratch:
-        logger.info(FROM_SCRATCH_NOTE.format(model_type=model_args.model_type))
+        model, image_processor = load_model(model_args, label_names)  # says so when training from scratch
 
     # ---------------------------------------------------------------- 4. Transforms and DataLoaders
     # One decode of every image: unreadable files are set aside (each named), and with --resize_once the
@@ -100,11 +98,12 @@ def main(argv=None):
         train_dataset, train_transform, image_column, label_column, seed=train_args.seed, epoch=augmentation_epoch
     )
     eval_dataset = data.with_image_transform(eval_rows, eval_transform, image_column, label_column)
+    workers = runtime.dataloader_workers(data_args.num_workers, accelerator.device, accelerator.num_processes)
     loader_options = {
         "collate_fn": data.collate_fn,  # stacks pixel_values into B x C x H x W and labels into B
-        "num_workers": data_args.num_workers,
+        "num_workers": workers,
         "pin_memory": accelerator.device.type == "cuda",  # page-locked batches copy to the GPU faster
-        "persistent_workers": data_args.num_workers > 0,  # keep workers alive across epochs
+        "persistent_workers": workers > 0,  # keep workers alive across epochs
     }
     train_dataloader = DataLoader(train_dataset, train_args.per_device_train_batch_size, shuffle=True, **loader_options)
     eval_dataloader = DataLoader(eval_dataset, train_args.per_device_eval_batch_size, **loader_options)

@@ -66,9 +66,12 @@ class DataArguments:
         default=0.6,
         metadata={"help": "Smallest area fraction RandomResizedCrop keeps of a training image (torchvision: 0.08)."},
     )
-    num_workers: int = field(
-        default=0,
-        metadata={"help": "DataLoader worker processes per device; also processes for the one-time image pass."},
+    num_workers: int | None = field(
+        default=None,
+        metadata={
+            "help": "DataLoader worker processes per device. Default: none when the model trains on the CPU (the "
+            "cores are busy with it), else min(8, CPU cores per process - 1)."
+        },
     )
     resize_once: bool = field(
         default=True,
@@ -360,7 +363,7 @@ def check_args(data_args, model_args, train_args):
         "weight_decay": train_args.weight_decay,
         "num_warmup_steps": train_args.num_warmup_steps,
         "max_grad_norm": train_args.max_grad_norm,
-        "num_workers": data_args.num_workers,
+        "num_workers": data_args.num_workers or 0,
     }.items():
         if not math.isfinite(value) or value < 0:
             raise UserError(f"--{name} must be a non-negative number (got {value})")

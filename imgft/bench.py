@@ -173,7 +173,7 @@ def imgft_train_loader(data_dir, image_size, batch_size, cache_dir):
     train = data.with_image_transform(
         dataset["train"], train_transform, image_column, label_column, seed=42, epoch=data.shared_epoch()
     )
-    return DataLoader(train, batch_size, shuffle=True, collate_fn=data.collate_fn, num_workers=data_args.num_workers)
+    return DataLoader(train, batch_size, shuffle=True, collate_fn=data.collate_fn)  # no workers, as on a CPU run
 
 
 def summarize(runs):

@@ -103,7 +103,7 @@ def evaluate(argv):
         data.with_image_transform(validation, eval_transform, image_column, label_column),
         batch_size=train_args.per_device_eval_batch_size,
         collate_fn=data.collate_fn,
-        num_workers=data_args.num_workers,
+        num_workers=runtime.dataloader_workers(data_args.num_workers, accelerator.device, accelerator.num_processes),
         pin_memory=accelerator.device.type == "cuda",
     )
     model_label_names = [model.config.id2label[i] for i in range(model.config.num_labels)]

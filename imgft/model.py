@@ -1,6 +1,7 @@
 """Step 3: the config, model and image processor, and the optimizer's parameter groups."""
 
 import ast
+import logging
 import os
 
 import torch
@@ -14,7 +15,7 @@ from transformers import (
 
 from imgft.args import DEMO_CONFIG_OVERRIDES
 from imgft.errors import UserError
-from imgft.runtime import hub_offline
+from imgft.runtime import hub_offline, log_once
 
 OFFLINE_REASON = "HF_HUB_OFFLINE is set, so Hub ids cannot be downloaded (and this one is not in the local cache)"
 
@@ -103,7 +104,7 @@ def check_model_source(model_args):
 
 
 def load_model(model_args, label_names):
-    """Return (model, image_processor, from_scratch), with the class names written into the config.
+    """Return (model, image_processor), with the class names written into the config.
 
     A pretrained checkpoint keeps its backbone; with `ignore_mismatched_sizes` its head is replaced
     by a new one sized for `label_names`.
@@ -137,7 +138,8 @@ def load_model(model_args, label_names):
                 image_mean=[0.5] * 3,
                 image_std=[0.5] * 3,
             )
-        return model, image_processor, True
+        log_once(logging.INFO, FROM_SCRATCH_NOTE.format(model_type=model_args.model_type))
+        return model, image_processor
     try:
         config = AutoConfig.from_pretrained(path, finetuning_task="image-classification", **label_maps, **hub)
     except OSError as err:
@@ -159,7 +161,7 @@ def load_model(model_args, label_names):
             ) from None
         raise
     image_processor = _load_processor(model_args.image_processor_name or path, hub)
-    return model, image_processor, False
+    return model, image_processor
 
 
 def load_saved_classifier(model_args):

@@ -42,6 +42,19 @@ def distributed_without_gpu():
     return launched and not has_gpu
 
 
+def dataloader_workers(requested, device, num_processes):
+    """--num_workers, else a default that keeps an accelerator fed without starving a CPU-only run.
+
+    Measured on 2 cores: a worker brings the data wait from 27 % to 7 % of the step but slows the run,
+    since it takes CPU time from the model's own step. With a GPU, the cores are free for decoding.
+    """
+    if requested is not None:
+        return requested
+    if device.type == "cpu":
+        return 0
+    return max(0, min(8, (os.cpu_count() or 1) // num_processes - 1))
+
+
 def run_summary(train_samples, eval_samples, num_labels, accelerator, train_args, max_train_steps):
     per_device = train_args.per_device_train_batch_size
     accumulation = train_args.gradient_accumulation_steps

@@ -180,8 +180,7 @@ def test_param_groups_leave_out_frozen_parameters():
 
 
 def test_load_model_from_scratch_builds_the_demo_resnet():
-    model, processor, from_scratch = load_model(ModelArguments(), TEN)
-    assert from_scratch is True
+    model, processor = load_model(ModelArguments(), TEN)
     assert isinstance(model, ResNetForImageClassification)
     n_params = sum(p.numel() for p in model.parameters())
     assert 1.1e6 < n_params < 1.3e6
@@ -200,7 +199,7 @@ def test_load_model_from_scratch_builds_the_demo_resnet():
 
 
 def test_load_model_from_scratch_image_size():
-    _, processor, _ = load_model(model_args(image_size=48), ["x", "y"])
+    _, processor = load_model(model_args(image_size=48), ["x", "y"])
     assert (processor.size["height"], processor.size["width"]) == (48, 48)
 
 
@@ -208,8 +207,7 @@ def test_load_model_from_scratch_other_type_with_overrides():
     overrides = (
         "hidden_size=32,num_hidden_layers=1,num_attention_heads=2,intermediate_size=64,image_size=16,patch_size=8"
     )
-    model, _, from_scratch = load_model(model_args(model_type="vit", config_overrides=overrides), ["x", "y", "z"])
-    assert from_scratch is True
+    model, _ = load_model(model_args(model_type="vit", config_overrides=overrides), ["x", "y", "z"])
     assert isinstance(model, ViTForImageClassification)
     assert model.config.hidden_size == 32 and model.config.num_hidden_layers == 1
     assert model.classifier.weight.shape == (3, 32)
@@ -257,10 +255,7 @@ def saved_as_model_keys(saved, model_keys):
 
 def test_fine_tuning_keeps_the_backbone_and_replaces_the_head(tiny_vit):
     saved = load_file(str(tiny_vit / "model.safetensors"))
-    model, processor, from_scratch = load_model(
-        model_args(model_name_or_path=str(tiny_vit), ignore_mismatched_sizes=True), TEN
-    )
-    assert from_scratch is False
+    model, processor = load_model(model_args(model_name_or_path=str(tiny_vit), ignore_mismatched_sizes=True), TEN)
     assert isinstance(model, ViTForImageClassification)
     state = model.state_dict()
     saved = saved_as_model_keys(saved, state)
@@ -282,16 +277,16 @@ def test_fine_tuning_keeps_the_backbone_and_replaces_the_head(tiny_vit):
 def test_fine_tuning_same_class_count_keeps_the_head(tiny_vit):
     saved = load_file(str(tiny_vit / "model.safetensors"))
     names = ["v", "w", "x", "y", "z"]
-    model, _, _ = load_model(model_args(model_name_or_path=str(tiny_vit)), names)
+    model, _ = load_model(model_args(model_name_or_path=str(tiny_vit)), names)
     assert torch.equal(model.classifier.weight, saved["classifier.weight"])
     assert model.config.id2label == dict(enumerate(names))
 
 
 def test_fine_tuning_applies_explicit_overrides_only(tiny_vit):
     # The default overrides (the demo ResNet's) would fail on a ViT config, so loading proves they are skipped.
-    model, _, _ = load_model(model_args(model_name_or_path=str(tiny_vit)), [f"old{i}" for i in range(5)])
+    model, _ = load_model(model_args(model_name_or_path=str(tiny_vit)), [f"old{i}" for i in range(5)])
     assert model.config.hidden_size == 32
-    model, _, _ = load_model(
+    model, _ = load_model(
         model_args(model_name_or_path=str(tiny_vit), config_overrides="hidden_dropout_prob=0.3"),
         [f"old{i}" for i in range(5)],
     )
