@@ -53,7 +53,7 @@ def main(argv=None):
             # A sampler seeded by (seed, epoch): the same order on every process, every rerun and after a resume.
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train_args.seed),
         )
-    except ValueError as err:  # e.g. fp16 on a machine without a GPU
+    except ValueError as err:  # e.g. bf16 on a GPU that cannot do it
         raise UserError(f"--mixed_precision {train_args.mixed_precision}: {err}") from None
     runtime.setup_logging()
     resume_path = checkpoint.resolve_resume(train_args.resume_from_checkpoint, output_dir)
