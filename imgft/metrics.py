@@ -7,7 +7,6 @@ that, the confusion matrix and supports do not).
 """
 
 import json
-import math
 import re
 
 import torch
@@ -20,6 +19,8 @@ from torchmetrics.classification import (
     MulticlassPrecision,
     MulticlassRecall,
 )
+
+from imgft.outputs import json_safe
 
 RESULTS_FILE = "eval_results.json"
 NUM_MISTAKES = 16
@@ -150,11 +151,7 @@ def most_confident_mistakes(scores, predictions, labels, label_names, count):
 
 def write_eval_results(path, results, details):
     """eval_results.json: the summary numbers, then per-class metrics, the confusion matrix and the mistakes."""
-    # JSON has no NaN or Infinity: a diverged loss is written as null rather than as invalid JSON.
-    summary = {
-        key: None if isinstance(value, float) and not math.isfinite(value) else value for key, value in results.items()
-    }
-    text = json.dumps({**summary, **details}, indent=2, ensure_ascii=False)
+    text = json.dumps({**json_safe(results), **details}, indent=2, ensure_ascii=False)
     # One line per confusion-matrix row rather than one per number, so 100 classes stay 100 lines.
     text = NUMBER_LIST.sub(lambda match: " ".join(match.group(0).split()).replace("[ ", "[").replace(" ]", "]"), text)
     with open(path, "w", encoding="utf-8") as file:

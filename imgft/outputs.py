@@ -121,11 +121,14 @@ def tracker_config(config):
     return {key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in config.items()}
 
 
+def json_safe(values):
+    """JSON has no NaN or Infinity: a diverged metric becomes null rather than invalid JSON."""
+    return {key: None if isinstance(item, float) and not math.isfinite(item) else item for key, item in values.items()}
+
+
 def write_json(path, value):
-    # JSON has no NaN or Infinity: a diverged metric is written as null rather than as invalid JSON.
-    value = {key: None if isinstance(item, float) and not math.isfinite(item) else item for key, item in value.items()}
     with open(path, "w", encoding="utf-8") as file:
-        json.dump(value, file, indent=2, ensure_ascii=False)
+        json.dump(json_safe(value), file, indent=2, ensure_ascii=False)
         file.write("\n")
 
 

@@ -106,6 +106,16 @@ def tiny_vit(tmp_path_factory):
     return save_tiny_vit(tmp_path_factory.mktemp("tiny_vit"), [f"old{i}" for i in range(5)])
 
 
+def data_flags(root):
+    """train_loop flags for an imagefolder with train/ and validation/ under `root`."""
+    return ["--train_dir", root / "train", "--validation_dir", root / "validation"]
+
+
+def vit_flags(model_dir):
+    """train_loop flags that fine-tune a saved checkpoint, replacing its head."""
+    return ["--model_name_or_path", model_dir, "--ignore_mismatched_sizes"]
+
+
 def reset_accelerate():
     from accelerate.state import AcceleratorState, GradientState, PartialState
 

@@ -7,7 +7,7 @@ import zlib
 
 import numpy as np
 import pytest
-from conftest import COLORS, write_color_imagefolder
+from conftest import COLORS, data_flags, vit_flags, write_color_imagefolder
 from PIL import Image
 
 from imgft import images
@@ -65,14 +65,6 @@ def folder_with_bad_files(tmp_path):
     return root
 
 
-def data_flags(root):
-    return ["--train_dir", root / "train", "--validation_dir", root / "validation"]
-
-
-def vit(tiny_vit):
-    return ["--model_name_or_path", tiny_vit, "--ignore_mismatched_sizes"]
-
-
 # --- 1. unreadable files ---------------------------------------------------------------------------------------------
 
 
@@ -84,7 +76,7 @@ def test_each_kind_of_unreadable_file_gets_its_reason(name):
 
 def test_unreadable_files_are_skipped_named_and_counted(train, tmp_path, folder_with_bad_files, tiny_vit, caplog):
     out = tmp_path / "out"
-    train(data_flags(folder_with_bad_files) + vit(tiny_vit) + ["--output_dir", out, "--num_train_epochs", "1"])
+    train(data_flags(folder_with_bad_files) + vit_flags(tiny_vit) + ["--output_dir", out, "--num_train_epochs", "1"])
     results = json.loads((out / "all_results.json").read_text())
     assert results["unreadable_images"] == 6
     assert results["train_samples"] == 40 and results["eval_samples"] == 15
@@ -97,7 +89,7 @@ def test_unreadable_files_are_skipped_named_and_counted(train, tmp_path, folder_
 def test_strict_data_refuses_before_training_listing_every_file(train, tmp_path, folder_with_bad_files, tiny_vit):
     out = tmp_path / "out"
     with pytest.raises(UserError) as refused:
-        train(data_flags(folder_with_bad_files) + vit(tiny_vit) + ["--output_dir", out, "--strict_data"])
+        train(data_flags(folder_with_bad_files) + vit_flags(tiny_vit) + ["--output_dir", out, "--strict_data"])
     message = str(refused.value)
     assert "6 unreadable image(s)" in message
     for name in [*BAD_FILES, "cut.png"]:
@@ -195,7 +187,7 @@ def test_every_format_and_extension_case_is_read_and_junk_is_ignored_quietly(tra
     (root / "train" / "__MACOSX" / "red" / "._e.jpg").write_bytes(b"\0\5\26\7 AppleDouble")
     (red / "._f.jpg").write_bytes(b"\0\5\26\7 AppleDouble")
     out = tmp_path / "out"
-    train(data_flags(root) + vit(tiny_vit) + ["--output_dir", out, "--max_train_steps", "1", "--strict_data"])
+    train(data_flags(root) + vit_flags(tiny_vit) + ["--output_dir", out, "--max_train_steps", "1", "--strict_data"])
     results = json.loads((out / "all_results.json").read_text())
     assert results["train_samples"] == 12 + 4
     assert results["unreadable_images"] == 0
@@ -303,7 +295,7 @@ def test_class_names_with_spaces_and_non_ascii_work_end_to_end(train, tmp_path, 
     out = tmp_path / "out"
     train(
         data_flags(tmp_path / "data")
-        + vit(tiny_vit)
+        + vit_flags(tiny_vit)
         + ["--output_dir", out, "--num_train_epochs", "8", "--per_device_train_batch_size", "6"]
         + ["--learning_rate", "3e-3"]
     )
@@ -321,7 +313,7 @@ def test_class_names_with_spaces_and_non_ascii_work_end_to_end(train, tmp_path, 
 
 def test_nonfinite_loss_stops_naming_the_step_and_checkpoint(train, tmp_path, colors_data, tiny_vit):
     out = tmp_path / "out"
-    common = data_flags(colors_data) + vit(tiny_vit) + ["--output_dir", out, "--per_device_train_batch_size", "8"]
+    common = data_flags(colors_data) + vit_flags(tiny_vit) + ["--output_dir", out, "--per_device_train_batch_size", "8"]
     # A sane first step (checkpointed), then a learning rate large enough to blow the weights up.
     with pytest.raises(UserError) as stopped:
         train(common + ["--learning_rate", "1e30", "--max_train_steps", "6", "--checkpointing_steps", "1"])
@@ -336,7 +328,7 @@ def test_nonfinite_loss_can_skip_steps_instead(train, tmp_path, colors_data, tin
     out = tmp_path / "out"
     train(
         data_flags(colors_data)
-        + vit(tiny_vit)
+        + vit_flags(tiny_vit)
         + ["--output_dir", out, "--learning_rate", "1e30", "--max_train_steps", "4", "--on_nonfinite_loss", "skip"]
     )
     results = json.loads((out / "all_results.json").read_text())  # valid JSON: a NaN metric is written as null

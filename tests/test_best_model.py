@@ -5,20 +5,13 @@ import json
 import pytest
 import torch
 import yaml
+from conftest import data_flags, vit_flags
 from PIL import Image
 from safetensors.torch import load_file
 
 from imgft import best
 from imgft.args import TrainArguments
 from imgft.errors import UserError
-
-
-def data_flags(root):
-    return ["--train_dir", root / "train", "--validation_dir", root / "validation"]
-
-
-def vit(tiny_vit):
-    return ["--model_name_or_path", tiny_vit, "--ignore_mismatched_sizes"]
 
 
 def evaluations(out):
@@ -48,7 +41,7 @@ def test_load_best_model_at_end_saves_the_best_evaluations_weights(train, tmp_pa
     # A learning rate that first learns, then wrecks the model: the last step is not the best one.
     train(
         data_flags(colors_data)
-        + vit(tiny_vit)
+        + vit_flags(tiny_vit)
         + ["--output_dir", out, "--per_device_train_batch_size", "8", "--learning_rate", "3e-3"]
         + ["--eval_steps", "2", "--max_train_steps", "12", "--load_best_model_at_end"]
         + ["--metric_for_best_model", "loss"]
@@ -70,7 +63,7 @@ def test_early_stopping_stops_after_patience_evaluations(train, tmp_path, colors
     # A learning rate of almost nothing: the loss stays put, so no evaluation beats the first by much.
     train(
         data_flags(colors_data)
-        + vit(tiny_vit)
+        + vit_flags(tiny_vit)
         + ["--output_dir", out, "--learning_rate", "1e-12", "--eval_steps", "1", "--max_train_steps", "20"]
         + ["--metric_for_best_model", "accuracy", "--early_stopping_patience", "2"]
     )
@@ -82,7 +75,7 @@ def test_early_stopping_stops_after_patience_evaluations(train, tmp_path, colors
 
 def test_a_finished_run_leaves_a_report_a_person_can_read(train, tmp_path, colors10_data, tiny_vit):
     out = tmp_path / "out"
-    train(data_flags(colors10_data) + vit(tiny_vit) + ["--output_dir", out, "--num_train_epochs", "2"])
+    train(data_flags(colors10_data) + vit_flags(tiny_vit) + ["--output_dir", out, "--num_train_epochs", "2"])
     results = json.loads((out / "all_results.json").read_text())
     for key in ("eval_accuracy", "eval_top5_accuracy", "eval_macro_precision", "eval_macro_recall", "eval_macro_f1"):
         assert 0 <= results[key] <= 1, key
@@ -100,7 +93,7 @@ def test_a_finished_run_leaves_a_report_a_person_can_read(train, tmp_path, color
     assert 'pipeline("image-classification"' in card
     # --overwrite_output_dir clears every report file too, and a user's own file survives.
     (out / "mine.txt").write_text("keep")
-    train(data_flags(colors10_data) + vit(tiny_vit) + ["--output_dir", out, "--max_train_steps", "1"]
+    train(data_flags(colors10_data) + vit_flags(tiny_vit) + ["--output_dir", out, "--max_train_steps", "1"]
           + ["--overwrite_output_dir"])  # fmt: skip
     assert (out / "mine.txt").read_text() == "keep"
     assert json.loads((out / "all_results.json").read_text())["train_steps"] == 1

@@ -5,17 +5,10 @@ import math
 
 import pytest
 import torch
+from conftest import data_flags, vit_flags
 from safetensors.torch import load_file
 
 from imgft.errors import UserError
-
-
-def data_flags(root):
-    return ["--train_dir", root / "train", "--validation_dir", root / "validation"]
-
-
-def vit_flags(model_dir):
-    return ["--model_name_or_path", model_dir, "--ignore_mismatched_sizes"]
 
 
 def read_jsonl(path):
