@@ -40,6 +40,9 @@ def main(argv=None):
     outputs.check_push_possible(train_args)
     check_model_source(model_args)
 
+    # A sampler seeded by (seed, epoch): the same order on every process, every rerun and after a resume.
+    # non_blocking: a batch copies to the GPU (from pinned memory) while the GPU still computes the last step.
+    loader_config = DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train_args.seed, non_blocking=True)
     # The Accelerator replaces the hand-written parts of distributed training: device placement, DDP wrapping,
     # sharded DataLoaders, autocast + GradScaler, and no all-reduce on accumulation steps. `accelerate launch`
     # sets the process count; the same script runs as plain `python` on one device.
@@ -50,8 +53,7 @@ def main(argv=None):
             gradient_accumulation_steps=train_args.gradient_accumulation_steps,
             log_with=train_args.report_to if train_args.with_tracking else None,
             project_dir=output_dir,
-            # A sampler seeded by (seed, epoch): the same order on every process, every rerun and after a resume.
-            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train_args.seed),
+            dataloader_config=loader_config,
         )
     except ValueError as err:  # e.g. bf16 on a GPU that cannot do it
         raise UserError(f"--mixed_precision {train_args.mixed_precision}: {err}") from None
@@ -66,9 +68,8 @@ def main(argv=None):
     set_seed(train_args.seed)
 
     # ---------------------------------------------------------------- 2. Dataset and labels
-    # main_process_first: process 0 downloads and builds the Arrow cache; the others wait, then read it.
-    # Hub name or local imagefolders (folder names become labels); a seeded split when there is no
-    # validation set; labels made a ClassLabel whose names become the model's id2label.
+    # Hub name or imagefolders (folder names become labels), a seeded split if there is no validation set, and
+    # a ClassLabel whose names become id2label. main_process_first: process 0 builds the cache, the others read it.
     with accelerator.main_process_first():
         dataset, image_column, label_column, label_names = data.load_labeled_dataset(
             data_args, model_args.cache_dir, train_args.seed
@@ -87,9 +88,11 @@ def main(argv=None):
             dataset, image_column, label_column, label_names, data_args, stored_size
         )
     # Sizes and normalisation come from the image processor; transforms run lazily, per batch (set_transform).
+    # They give uint8 images (a quarter of float32's bytes to move); `normalize` makes floats on the device.
     train_transform, eval_transform = data.build_transforms(
         image_processor, model_args.image_size, data_args.random_flip, data_args.crop_scale_min
     )
+    normalize = data.normalizer(image_processor, train_args.channels_last)
     train_dataset = data.subsample(dataset["train"], data_args.max_train_samples, train_args.seed)
     eval_rows = data.subsample(dataset["validation"], data_args.max_eval_samples, train_args.seed)
     # Augmentation is seeded per image by (seed, epoch, row), workers reading the epoch from shared memory.
@@ -100,7 +103,7 @@ def main(argv=None):
     eval_dataset = data.with_image_transform(eval_rows, eval_transform, image_column, label_column)
     workers = runtime.dataloader_workers(data_args.num_workers, accelerator.device, accelerator.num_processes)
     loader_options = {
-        "collate_fn": data.collate_fn,  # stacks pixel_values into B x C x H x W and labels into B
+        "collate_fn": data.collate_fn,  # stacks pixel_values into B x C x H x W (uint8) and labels into B
         "num_workers": workers,
         "pin_memory": accelerator.device.type == "cuda",  # page-locked batches copy to the GPU faster
         "persistent_workers": workers > 0,  # keep workers alive across epochs
@@ -109,6 +112,7 @@ def main(argv=None):
     eval_dataloader = DataLoader(eval_dataset, train_args.per_device_eval_batch_size, **loader_options)
 
     # ---------------------------------------------------------------- 5. Optimizer, schedule, prepare
+    model = model.to(memory_format=torch.channels_last) if train_args.channels_last else model
     optimizer = torch.optim.AdamW(optimizer_param_groups(model, train_args.weight_decay), lr=train_args.learning_rate)
     # prepare() moves the model to the device and wraps it in DDP, wraps the optimizer for mixed precision
     # and accumulation, and shards each DataLoader: len(train_dataloader) is then this process's share.
@@ -147,8 +151,7 @@ def main(argv=None):
         # purge_step makes TensorBoard drop what an interrupted run logged after the step we start from.
         tensorboard_options = {"tensorboard": {"purge_step": completed_steps + 1}}
         accelerator.init_trackers(outputs.TRACKER_DIR, outputs.tracker_config(config), tensorboard_options)
-    sizes = (len(train_dataset), len(eval_dataset), len(label_names))
-    logger.info(runtime.run_summary(*sizes, accelerator, train_args, max_train_steps))
+    logger.info(runtime.run_summary(train_dataset, eval_dataset, label_names, accelerator, train_args, max_train_steps))
 
     def log_train_loss(epoch_position):
         # Also called at checkpoints and epoch ends, so a checkpoint never holds a half-summed window.
@@ -172,9 +175,9 @@ def main(argv=None):
         logger.info(f"Saved checkpoint {path}")
 
     def evaluate_now(epoch_position):
-        # One log line per evaluation; keeps the best model; True when early stopping says stop.
-        nonlocal eval_results, evaluated_at, best_state
-        eval_results = metrics.evaluate(model, eval_dataloader, accelerator, len(label_names))
+        # Logs one line, keeps the best model and the details the report needs; True when early stopping says stop.
+        nonlocal eval_results, details, evaluated_at, best_state
+        eval_results, details = metrics.detailed_evaluation(model, eval_dataloader, normalize, accelerator, label_names)
         evaluated_at = completed_steps
         epoch_images = (samples_seen - samples_before) * accelerator.num_processes
         speed = runtime.throughput(epoch_images, time.perf_counter() - epoch_start, data_wait)
@@ -196,7 +199,7 @@ def main(argv=None):
     window_loss = torch.zeros((), device=accelerator.device)
     nonfinite_losses = torch.zeros((), dtype=torch.int64, device=accelerator.device)
     window_batches = samples_seen = skipped_steps = 0
-    eval_results, evaluated_at, stop_early = {}, None, False
+    eval_results, details, evaluated_at, stop_early = {}, {}, None, False
     start_time = time.perf_counter()
     for epoch in range(state["epoch"], num_epochs):
         model.train()
@@ -211,7 +214,7 @@ def main(argv=None):
             # accumulate() skips DDP's gradient all-reduce until the last batch of each accumulation window,
             # and turns optimizer.step() and zero_grad() into no-ops before it.
             with accelerator.accumulate(model):
-                loss = model(**batch).loss
+                loss = model(pixel_values=normalize(batch["pixel_values"]), labels=batch["labels"]).loss
                 # backward() replaces loss.backward(): it scales the loss for fp16 and divides it by the
                 # accumulation steps, so the loss must not be divided again here.
                 accelerator.backward(loss)
@@ -235,7 +238,6 @@ def main(argv=None):
             samples_seen += len(batch["labels"])
             if not accelerator.sync_gradients:
                 continue  # still accumulating: no optimizer step happened
-
             if not accelerator.optimizer_step_was_skipped:  # an fp16 overflow makes the scaler skip a step
                 lr_scheduler.step()
             completed_steps += 1
@@ -266,10 +268,9 @@ def main(argv=None):
     train_runtime = time.perf_counter() - start_time
     if evaluated_at != completed_steps:  # --eval_steps off the last step, or resumed after the last evaluation
         evaluate_now(completed_steps / updates_per_epoch)
-    if train_args.load_best_model_at_end and best_state["step"] is not None:
+    if train_args.load_best_model_at_end and best_state["step"] not in (None, completed_steps):
         outputs.load_weights(accelerator.unwrap_model(model), os.path.join(output_dir, outputs.BEST_DIR))
-    # Per-class metrics, confusion matrix and worst mistakes of the final model, for the report and card.
-    eval_results, details = metrics.detailed_evaluation(model, eval_dataloader, accelerator, label_names)
+        eval_results, details = metrics.detailed_evaluation(model, eval_dataloader, normalize, accelerator, label_names)
 
     # ---------------------------------------------------------------- Save a model anyone can load
     # reduce() sums each process's count into the global one (a collective: every process calls it).

@@ -186,6 +186,10 @@ class TrainArguments:
         default=None,
         metadata={"help": "Overrides the accelerate config. Default: the accelerate config, else no."},
     )
+    channels_last: bool = field(
+        default=False,
+        metadata={"help": "Weights and batches in channels_last memory: faster convolutions on GPUs with bf16/fp16."},
+    )
     seed: int = field(
         default=42,
         metadata={"help": "Seeds weights, data order, augmentation and the split."},

@@ -8,6 +8,7 @@ the cold run left). Timings are ratios against upstream measured in the same run
 """
 
 import argparse
+import concurrent.futures
 import json
 import os
 import platform
@@ -26,26 +27,32 @@ TIMING_KEYS = ("train_images_per_second", "data_wait_fraction")
 
 
 def write_camera_folder(root, train_per_class, validation_per_class, classes=4, size=(2000, 1500), seed=0):
-    """Photo-like JPEGs: a smooth colour field per class plus sensor noise, so files weigh what photos do."""
-    rng = np.random.default_rng(seed)
-    width, height = size
-    ys, xs = np.mgrid[0:height:4, 0:width:4]
+    """Photo-like JPEGs: a smooth colour field per class plus sensor noise, so files weigh what photos do.
+
+    Written by a pool of processes (each file seeded by its own index), so the same data on any core count.
+    """
+    jobs = []
     for split, count in (("train", train_per_class), ("validation", validation_per_class)):
         for label in range(classes):
             folder = os.path.join(root, split, f"class_{label}")
             os.makedirs(folder, exist_ok=True)
             for index in range(count):
-                phase = rng.uniform(0, 2 * np.pi, 3)
-                field = np.stack(
-                    [127 + 100 * np.sin(xs / (90 + 40 * label) + ys / 150 + phase[c]) for c in range(3)], axis=-1
-                )
-                small = np.clip(field + rng.normal(0, 12, field.shape), 0, 255).astype(np.uint8)
-                image = Image.fromarray(small).resize(size, Image.BILINEAR)
-                noisy = np.asarray(image, dtype=np.int16) + rng.integers(-6, 7, (height, width, 3), dtype=np.int16)
-                Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(
-                    os.path.join(folder, f"{index:04d}.jpg"), quality=90
-                )
+                jobs.append((os.path.join(folder, f"{index:04d}.jpg"), label, size, (seed, len(jobs))))
+    with concurrent.futures.ProcessPoolExecutor(min(len(jobs), os.cpu_count() or 1)) as pool:
+        list(pool.map(_write_camera_jpeg, *zip(*jobs, strict=True), chunksize=8))
     return root
+
+
+def _write_camera_jpeg(path, label, size, seed):
+    rng = np.random.default_rng(seed)
+    width, height = size
+    ys, xs = np.mgrid[0:height:4, 0:width:4]
+    phase = rng.uniform(0, 2 * np.pi, 3)
+    field = np.stack([127 + 100 * np.sin(xs / (90 + 40 * label) + ys / 150 + phase[c]) for c in range(3)], axis=-1)
+    small = np.clip(field + rng.normal(0, 12, field.shape), 0, 255).astype(np.uint8)
+    image = Image.fromarray(small).resize(size, Image.BILINEAR)
+    noisy = np.asarray(image, dtype=np.int16) + rng.integers(-6, 7, (height, width, 3), dtype=np.int16)
+    Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(path, quality=90)
 
 
 def run_process(command, env, log_path):
@@ -76,24 +83,38 @@ def read_epochs(metrics_file):
     return [r for r in records if "train_images_per_second" in r]
 
 
+# On a GPU, imgft also runs with what makes convolutions fast there; its loader is imgft's, so no loader-only rate.
+GPU_VARIANT = "imgft-bf16-channels_last"
+GPU_VARIANT_FLAGS = ("--mixed_precision", "bf16", "--channels_last")
+
+
+def pipelines():
+    """upstream and imgft, and on a GPU that can do bf16, imgft with bf16 and channels_last too."""
+    import torch
+
+    gpu = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return ("upstream", "imgft", GPU_VARIANT) if gpu else ("upstream", "imgft")
+
+
 def pipeline_command(pipeline, data_dir, out_dir, image_size, epochs, batch_size):
     data = ["--train_dir", f"{data_dir}/train", "--validation_dir", f"{data_dir}/validation"]
     common = ["--image_size", str(image_size), "--num_train_epochs", str(epochs)]
     common += ["--per_device_train_batch_size", str(batch_size)]
     if pipeline == "upstream":
         return [sys.executable, "-m", "imgft.bench_upstream", *data, *common, "--metrics_file", f"{out_dir}/m.jsonl"]
-    return [sys.executable, "train_loop.py", *data, *common, "--output_dir", out_dir, "--random_flip"]
+    variant = GPU_VARIANT_FLAGS if pipeline == GPU_VARIANT else ()
+    return [sys.executable, "train_loop.py", *data, *common, "--output_dir", out_dir, "--random_flip", *variant]
 
 
 def metrics_file(pipeline, out_dir):
     return f"{out_dir}/m.jsonl" if pipeline == "upstream" else f"{out_dir}/metrics.jsonl"
 
 
-def run_pair(name, data_dir, work, image_size, epochs, batch_size, repeats):
-    """Alternate upstream and imgft, cold then warm, `repeats` times; return the per-pipeline results."""
-    runs = {pipeline: {"cold": [], "warm": []} for pipeline in ("upstream", "imgft")}
+def run_pair(name, data_dir, work, image_size, epochs, batch_size, repeats, pipelines=("upstream", "imgft")):
+    """Alternate the pipelines, cold then warm, `repeats` times; return the per-pipeline results."""
+    runs = {pipeline: {"cold": [], "warm": []} for pipeline in pipelines}
     for repeat in range(repeats):
-        for pipeline in ("upstream", "imgft"):
+        for pipeline in pipelines:
             cache = tempfile.mkdtemp(prefix=f"{name}-{pipeline}-cache-", dir=work)
             for temperature in ("cold", "warm"):
                 out_dir = tempfile.mkdtemp(prefix=f"{name}-{pipeline}-{temperature}-", dir=work)
@@ -110,33 +131,43 @@ def run_pair(name, data_dir, work, image_size, epochs, batch_size, repeats):
                         "eval_accuracy": epochs_seen[-1]["eval_accuracy"],
                     }
                 )
-                print(f"  {name} {pipeline:8} {temperature} #{repeat + 1}: {seconds:6.1f} s", flush=True)
+                print(f"  {name} {pipeline:24} {temperature} #{repeat + 1}: {seconds:6.1f} s", flush=True)
                 shutil.rmtree(out_dir)
             shutil.rmtree(cache)
     return runs
 
 
-def model_only_rate(image_size, batch_size, num_labels, steps=20):
-    """Images/s of the training step alone, on a batch already in memory: the ceiling for the data path."""
+def model_only_rate(image_size, batch_size, num_labels, mixed_precision="no", channels_last=False, steps=20):
+    """Images/s of the training step alone, on a batch already on the device: the ceiling for the data path."""
     import torch
     from transformers import AutoConfig, AutoModelForImageClassification
 
     from imgft.args import DEMO_CONFIG_OVERRIDES
     from imgft.model import parse_config_overrides
 
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     config = AutoConfig.for_model("resnet", **parse_config_overrides(DEMO_CONFIG_OVERRIDES), num_labels=num_labels)
-    model = AutoModelForImageClassification.from_config(config)
+    model = AutoModelForImageClassification.from_config(config).to(device, memory_format=memory_format)
     optimizer = torch.optim.AdamW(model.parameters())
+    pixel_values = torch.randn(batch_size, 3, image_size, image_size, device=device)
     batch = {
-        "pixel_values": torch.randn(batch_size, 3, image_size, image_size),
-        "labels": torch.randint(0, num_labels, (batch_size,)),
+        "pixel_values": pixel_values.contiguous(memory_format=memory_format),
+        "labels": torch.randint(0, num_labels, (batch_size,), device=device),
     }
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=mixed_precision == "bf16")
     for step in range(steps + 3):
         if step == 3:  # warm-up steps excluded
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             start = time.perf_counter()
-        model(**batch).loss.backward()
+        with autocast:
+            loss = model(**batch).loss
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return steps * batch_size / (time.perf_counter() - start)
 
 
@@ -180,18 +211,52 @@ def summarize(runs):
     def median(temperature, key):
         return statistics.median(run[key] for run in runs[temperature])
 
-    def steady_rate(temperature):  # end-to-end images/s after the first epoch (the only one, if just one)
-        rates = [run["images_per_second_by_epoch"] for run in runs[temperature]]
-        return statistics.median([r for epochs in rates for r in (epochs[1:] or epochs)])
+    def after_first_epoch(temperature, key):  # the median over epochs 2.. (epoch 1, if it is the only one)
+        per_run = [run[key] for run in runs[temperature]]
+        return statistics.median([value for epochs in per_run for value in (epochs[1:] or epochs)])
 
     return {
         temperature: {
             "seconds": median(temperature, "seconds"),
             "peak_rss_mib": median(temperature, "peak_rss_mib"),
-            "images_per_second_after_first_epoch": steady_rate(temperature),
+            "images_per_second_after_first_epoch": after_first_epoch(temperature, "images_per_second_by_epoch"),
+            "data_wait_fraction_after_first_epoch": after_first_epoch(temperature, "data_wait_fraction_by_epoch"),
             "eval_accuracy": median(temperature, "eval_accuracy"),
         }
         for temperature in ("cold", "warm")
+    }
+
+
+def measure_pair(name, data_dir, work, image_size, epochs, num_labels, repeats, batch_size=32):
+    """Whole-process runs of every pipeline, and the model-only and loader-only rates beside them."""
+    runs = run_pair(name, data_dir, work, image_size, epochs, batch_size, repeats, pipelines())
+    summary = {pipeline: summarize(pipeline_runs) for pipeline, pipeline_runs in runs.items()}
+    model_only = {"imgft": model_only_rate(image_size, batch_size, num_labels)}
+    if GPU_VARIANT in runs:
+        model_only[GPU_VARIANT] = model_only_rate(image_size, batch_size, num_labels, "bf16", channels_last=True)
+    cache = tempfile.mkdtemp(prefix="loader-cache-", dir=work)
+    ours = [pipeline for pipeline in runs if pipeline != "upstream"]
+
+    def speedup(pipeline, temperature):
+        return summary["upstream"][temperature]["seconds"] / summary[pipeline][temperature]["seconds"]
+
+    def share_of_model_only(pipeline):
+        return summary[pipeline]["warm"]["images_per_second_after_first_epoch"] / model_only[pipeline]
+
+    return {
+        "runs": runs,
+        "summary": summary,
+        "speedup_cold": speedup("imgft", "cold"),
+        "speedup_warm": speedup("imgft", "warm"),
+        "speedups": {pipeline: {t: speedup(pipeline, t) for t in ("cold", "warm")} for pipeline in ours},
+        "model_only_images_per_second": model_only["imgft"],
+        "model_only_images_per_second_by_pipeline": model_only,
+        "imgft_end_to_end_vs_model_only": share_of_model_only("imgft"),
+        "end_to_end_vs_model_only": {pipeline: share_of_model_only(pipeline) for pipeline in ours},
+        "loader_only_images_per_second": {
+            pipeline: loader_only_rate(pipeline, data_dir, image_size, batch_size, cache)
+            for pipeline in ("upstream", "imgft")
+        },
     }
 
 
@@ -222,29 +287,18 @@ def main(argv=None):
         ("digits", digits, 32, digits_epochs, 10),
     ):
         print(f"{name}: {epochs} epochs at {image_size} px", flush=True)
-        runs = run_pair(name, data_dir, work, image_size, epochs, 32, repeats)
-        summary = {pipeline: summarize(pipeline_runs) for pipeline, pipeline_runs in runs.items()}
-        cache = tempfile.mkdtemp(prefix="loader-cache-", dir=work)
-        pair = {
-            "runs": runs,
-            "summary": summary,
-            "speedup_cold": summary["upstream"]["cold"]["seconds"] / summary["imgft"]["cold"]["seconds"],
-            "speedup_warm": summary["upstream"]["warm"]["seconds"] / summary["imgft"]["warm"]["seconds"],
-            "model_only_images_per_second": model_only_rate(image_size, 32, num_labels),
-            "loader_only_images_per_second": {
-                pipeline: loader_only_rate(pipeline, data_dir, image_size, 32, cache) for pipeline in runs
-            },
-        }
-        pair["imgft_end_to_end_vs_model_only"] = (
-            summary["imgft"]["warm"]["images_per_second_after_first_epoch"] / pair["model_only_images_per_second"]
-        )
-        results["pairs"][name] = pair
+        results["pairs"][name] = measure_pair(name, data_dir, work, image_size, epochs, num_labels, repeats)
+        _write(args.output, results)  # what is measured so far survives an interrupted benchmark
     results["memory"] = memory_growth(digits, work)
-    with open(args.output, "w") as file:
-        json.dump(results, file, indent=2)
+    _write(args.output, results)
     print(format_table(results))
     print(f"Wrote {args.output}")
     return results
+
+
+def _write(path, results):
+    with open(path, "w") as file:
+        json.dump(results, file, indent=2)
 
 
 def memory_growth(digits, work):
@@ -284,24 +338,31 @@ def _machine():
 
 def format_table(results):
     lines = [
-        "| pair | pipeline | cold s | warm s | images/s after epoch 1 | loader-only images/s | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|",
+        "| pair | pipeline | cold s | warm s | images/s after epoch 1 | data wait after epoch 1 "
+        "| loader-only images/s | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, pair in results["pairs"].items():
         for pipeline, summary in pair["summary"].items():
+            cold, warm = summary["cold"], summary["warm"]
+            loader_only = pair["loader_only_images_per_second"].get(pipeline)
             lines.append(
-                f"| {name} | {pipeline} | {summary['cold']['seconds']:.1f} | {summary['warm']['seconds']:.1f} | "
-                f"{summary['warm']['images_per_second_after_first_epoch']:.0f} | "
-                f"{pair['loader_only_images_per_second'][pipeline]:.0f} | {summary['warm']['peak_rss_mib']:.0f} |"
+                f"| {name} | {pipeline} | {cold['seconds']:.1f} | {warm['seconds']:.1f} | "
+                f"{warm['images_per_second_after_first_epoch']:.0f} | "
+                f"{warm['data_wait_fraction_after_first_epoch']:.0%} | "
+                f"{'' if loader_only is None else f'{loader_only:.0f}'} | {warm['peak_rss_mib']:.0f} |"
             )
+        for pipeline, speedup in pair["speedups"].items():
+            model_only = pair["model_only_images_per_second_by_pipeline"][pipeline]
+            lines.append(
+                f"| {name} | **{pipeline} speed-up** | **{speedup['cold']:.1f}x** | **{speedup['warm']:.1f}x** | "
+                f"model-only {model_only:.0f} images/s; {pipeline} reaches "
+                f"{pair['end_to_end_vs_model_only'][pipeline]:.0%} of it | | | |"
+            )
+    memory = results.get("memory")
+    if memory:
         lines.append(
-            f"| {name} | **imgft speed-up** | **{pair['speedup_cold']:.1f}x** | **{pair['speedup_warm']:.1f}x** | "
-            f"model-only {pair['model_only_images_per_second']:.0f} images/s; imgft reaches "
-            f"{pair['imgft_end_to_end_vs_model_only']:.0%} of it | | |"
+            f"\nPeak RSS, imgft, 1 epoch: {memory['peak_rss_mib']['1x']:.0f} MiB on the digits, "
+            f"{memory['peak_rss_mib']['4x']:.0f} MiB on 4x the images ({memory['ratio_4x_to_1x']:.2f}x)."
         )
-    memory = results["memory"]
-    lines.append(
-        f"\nPeak RSS, imgft, 1 epoch: {memory['peak_rss_mib']['1x']:.0f} MiB on the digits, "
-        f"{memory['peak_rss_mib']['4x']:.0f} MiB on 4x the images ({memory['ratio_4x_to_1x']:.2f}x)."
-    )
     return "\n".join(lines)

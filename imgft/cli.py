@@ -108,10 +108,11 @@ def evaluate(argv):
     )
     model_label_names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     model, dataloader = accelerator.prepare(model, dataloader)
+    normalize = data.normalizer(image_processor)
     if report_dir is None:
-        results = metrics.evaluate(model, dataloader, accelerator, len(model_label_names))
+        results = metrics.evaluate(model, dataloader, normalize, accelerator, len(model_label_names))
     else:
-        results, details = metrics.detailed_evaluation(model, dataloader, accelerator, model_label_names)
+        results, details = metrics.detailed_evaluation(model, dataloader, normalize, accelerator, model_label_names)
         if accelerator.is_main_process:
             _write_report(report_dir, results, details, validation, original_validation, image_column)
     if accelerator.is_main_process:

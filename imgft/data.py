@@ -3,13 +3,14 @@
 import logging
 import math
 import os
+import random
 from functools import partial
 
 import datasets
 import numpy as np
 import torch
 from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
-from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
 from imgft import images
 from imgft.demo_data import ensure_digits_imagefolder
@@ -291,27 +292,76 @@ def image_sizes(image_processor, image_size):
 
 
 def build_transforms(image_processor, image_size, random_flip, crop_scale_min):
-    """Training: random resized crop (+ optional flip). Evaluation: resize + centre crop. Both normalise."""
+    """(train, evaluation): PIL image -> H x W x 3 uint8 array at the model's input size.
+
+    Training: random resized crop (+ optional flip), its randomness drawn from the `rng` it is given.
+    Evaluation: resize + centre crop. Both stay uint8: `normalizer` makes floats later, on the device.
+    """
     resize, crop = image_sizes(image_processor, image_size)
+    train = partial(random_resized_crop, size=list(crop), scale=(crop_scale_min, 1.0), flip=random_flip)
+    evaluation = partial(
+        resize_center_crop, resize=list(resize) if isinstance(resize, tuple) else resize, crop=list(crop)
+    )
+    return train, evaluation
+
+
+def crop_box(width, height, scale, ratio, rng):
+    """(top, left, height, width) of a random crop: torchvision's RandomResizedCrop.get_params, drawing
+    from `rng` (a seeded random.Random) instead of torch's global generator."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*scale)
+        aspect_ratio = math.exp(rng.uniform(*log_ratio))
+        crop_width = round(math.sqrt(target_area * aspect_ratio))
+        crop_height = round(math.sqrt(target_area / aspect_ratio))
+        if 0 < crop_width <= width and 0 < crop_height <= height:
+            return rng.randint(0, height - crop_height), rng.randint(0, width - crop_width), crop_height, crop_width
+    # Fallback, as torchvision's: the centre crop with the ratio closest to the image's.
+    if width / height < min(ratio):
+        crop_width, crop_height = width, round(width / min(ratio))
+    elif width / height > max(ratio):
+        crop_width, crop_height = round(height * max(ratio)), height
+    else:
+        crop_width, crop_height = width, height
+    return (height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width
+
+
+def random_resized_crop(image, rng=random, size=(224, 224), scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip=False):
+    """A random crop resized to `size` (and a coin-flip mirror with `flip`), as an H x W x 3 uint8 array.
+
+    Torchvision's functional ops on the PIL image, with the parameters drawn here: the transform objects
+    (v2.RandomResizedCrop, PILToTensor, Normalize) cost 3-4x more per small image, measured, and draw
+    from torch's global generator where we need our own seeded `rng`.
+    """
+    top, left, height, width = crop_box(image.width, image.height, scale, ratio, rng)
+    image = F.resized_crop(image, top, left, height, width, size, antialias=True)
+    if flip and rng.random() < 0.5:
+        image = F.horizontal_flip(image)
+    return np.asarray(image)
+
+
+def resize_center_crop(image, resize, crop):
+    return np.asarray(F.center_crop(F.resize(image, resize, antialias=True), crop))
+
+
+def normalizer(image_processor, channels_last=False):
+    """The function that turns a uint8 batch (on the device) into the model's float input: (x/255 - mean) / std
+    with the image processor's statistics, in channels_last memory format when asked."""
     if getattr(image_processor, "do_normalize", True):
         mean, std = list(image_processor.image_mean), list(image_processor.image_std)
     else:
         mean, std = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
-    to_normalized_tensor = [
-        v2.PILToTensor(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean, std),
-    ]
-    flip = [v2.RandomHorizontalFlip()] if random_flip else []
-    train = v2.Compose(
-        [
-            v2.RandomResizedCrop(crop, scale=(crop_scale_min, 1.0)),
-            *flip,
-            *to_normalized_tensor,
-        ]
-    )
-    evaluation = v2.Compose([v2.Resize(resize), v2.CenterCrop(crop), *to_normalized_tensor])
-    return train, evaluation
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    return partial(normalize, mean=mean, std=std, memory_format=memory_format)
+
+
+def normalize(pixel_values, mean, std, memory_format=torch.contiguous_format):
+    # uint8 crossed the DataLoader and the host-to-device copy: a quarter of float32's bytes.
+    shape = (1, -1, 1, 1)
+    mean = torch.tensor(mean, device=pixel_values.device).view(shape) * 255
+    std = torch.tensor(std, device=pixel_values.device).view(shape) * 255
+    return pixel_values.to(torch.float32, memory_format=memory_format).sub_(mean).div_(std)
 
 
 ROW_COLUMN = "__imgft_row__"
@@ -327,13 +377,6 @@ def sample_seed(seed, epoch, row):
     return ((seed * 1_000_003 + epoch) * 1_000_000_007 + row) & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def _seeded_call(image_transform, image, seed):
-    # fork_rng restores the CPU generator afterwards, so seeding here leaves the loop's own randomness alone.
-    with torch.random.fork_rng(devices=[]):
-        torch.random.default_generator.manual_seed(seed)
-        return image_transform(image)
-
-
 def apply_transform(batch, image_transform, image_column, label_column, seed=None, epoch=None):
     """Applied lazily by `set_transform` to each fetched batch of rows, so images are decoded on demand."""
     rgb_images = [images.to_rgb(image) for image in batch[image_column]]
@@ -342,7 +385,7 @@ def apply_transform(batch, image_transform, image_column, label_column, seed=Non
     else:
         epoch_now = int(epoch)
         pixel_values = [
-            _seeded_call(image_transform, image, sample_seed(seed, epoch_now, row))
+            image_transform(image, random.Random(sample_seed(seed, epoch_now, row)))
             for image, row in zip(rgb_images, batch[ROW_COLUMN], strict=True)
         ]
     return {"pixel_values": pixel_values, "labels": batch[label_column]}
@@ -371,7 +414,10 @@ def with_image_transform(split_dataset, image_transform, image_column, label_col
 
 
 def collate_fn(examples):
+    """Stack H x W x 3 uint8 images into a B x 3 x H x W uint8 batch (channels-last in memory) and labels into B."""
     return {
-        "pixel_values": torch.stack([example["pixel_values"] for example in examples]),
+        "pixel_values": torch.from_numpy(np.stack([example["pixel_values"] for example in examples])).permute(
+            0, 3, 1, 2
+        ),
         "labels": torch.tensor([example["labels"] for example in examples], dtype=torch.long),
     }

@@ -56,7 +56,7 @@ def _precision_recall_f1(average, prefix, options):
 
 
 @torch.no_grad()
-def _run(model, dataloader, accelerator, metrics):
+def _run(model, dataloader, normalize, accelerator, metrics):
     """Update `metrics` over the dataloader; return (loss sum, samples, (score, prediction, label) per sample).
 
     The per-sample tensors are in dataset order: an unshuffled evaluation loader is sharded in whole
@@ -67,7 +67,7 @@ def _run(model, dataloader, accelerator, metrics):
     samples = 0
     scores, predictions, labels_seen = [], [], []
     for batch in dataloader:
-        logits = model(pixel_values=batch["pixel_values"]).logits
+        logits = model(pixel_values=normalize(batch["pixel_values"])).logits
         # gather_for_metrics replaces a hand-written all_gather: it also drops the duplicate samples that
         # pad the last batch so every process gets one, which would otherwise be counted twice.
         logits, labels = accelerator.gather_for_metrics((logits, batch["labels"]))
@@ -90,15 +90,17 @@ def _summary(computed, loss_sum, samples):
     return results
 
 
-def evaluate(model, dataloader, accelerator, num_labels):
+def evaluate(model, dataloader, normalize, accelerator, num_labels):
     """`eval_accuracy` (+ `eval_top5_accuracy`), `eval_macro_precision`/`_recall`/`_f1`, `eval_loss`,
-    `eval_samples`; identical on every process. Leaves the model in eval mode."""
+    `eval_samples`; identical on every process. Leaves the model in eval mode.
+
+    `normalize` turns a batch's uint8 pixel_values into the model's input (`data.normalizer`)."""
     metrics = make_metrics(num_labels).to(accelerator.device)
-    loss_sum, samples, _ = _run(model, dataloader, accelerator, metrics)
+    loss_sum, samples, _ = _run(model, dataloader, normalize, accelerator, metrics)
     return _summary(metrics.compute(), loss_sum, samples)
 
 
-def detailed_evaluation(model, dataloader, accelerator, label_names, num_mistakes=NUM_MISTAKES):
+def detailed_evaluation(model, dataloader, normalize, accelerator, label_names, num_mistakes=NUM_MISTAKES):
     """(results, details): `evaluate`'s results, and for the report
 
         details = {
@@ -111,7 +113,7 @@ def detailed_evaluation(model, dataloader, accelerator, label_names, num_mistake
     dataset. Every process must call it (it gathers); all get the same answer.
     """
     metrics = make_metrics(len(label_names), per_class=True).to(accelerator.device)
-    loss_sum, samples, per_sample = _run(model, dataloader, accelerator, metrics)
+    loss_sum, samples, per_sample = _run(model, dataloader, normalize, accelerator, metrics)
     scores, predictions, labels = (tensor.cpu() for tensor in per_sample)
     computed = metrics.compute()
     matrix = computed["confusion_matrix"].cpu()

@@ -163,9 +163,10 @@ def to_record(path, ranked, id2label):
     return {"path": path, "label": top_k[0]["label"], "score": top_k[0]["score"], "top_k": top_k}
 
 
-def predict_files(model, transform, files, batch_size, top_k, progress):
+def predict_files(model, transform, normalize, files, batch_size, top_k, progress):
     """Yield one record per readable file, in order, decoding only one batch of images at a time;
     unreadable files are named through the progress bar (on stderr, without breaking the bar)."""
+    import numpy as np
     import torch
 
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
@@ -180,7 +181,8 @@ def predict_files(model, transform, files, batch_size, top_k, progress):
             readable.append(path)
             pixel_values.append(transform(image))
         if readable:
-            batch = torch.stack(pixel_values).to(device=device, dtype=dtype)
+            uint8_batch = torch.from_numpy(np.stack(pixel_values)).permute(0, 3, 1, 2).to(device)
+            batch = normalize(uint8_batch).to(dtype)
             for path, ranked in zip(readable, predict_batch(model, batch, top_k), strict=True):
                 yield to_record(path, ranked, id2label)
         progress.update(len(files[start : start + batch_size]))
@@ -228,7 +230,7 @@ def main(argv):
     from tqdm.auto import tqdm
 
     from imgft.args import ModelArguments
-    from imgft.data import build_transforms
+    from imgft.data import build_transforms, normalizer
     from imgft.model import load_saved_classifier
 
     files, problems = find_images(args.paths)
@@ -245,10 +247,13 @@ def main(argv):
     model, image_processor = load_saved_classifier(model_args)
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     transform = build_transforms(image_processor, None, False, 1.0)[1]
+    normalize = normalizer(image_processor)
 
     progress = tqdm(total=len(files), unit="image", disable=len(files) < PROGRESS_MIN_IMAGES, file=sys.stderr)
     with progress:
-        records = predict_files(model, transform, files, args.per_device_eval_batch_size, args.top_k, progress)
+        records = predict_files(
+            model, transform, normalize, files, args.per_device_eval_batch_size, args.top_k, progress
+        )
         labelled = write_records(records, args.output)
     skipped = len(files) - labelled
     summary = f"Labelled {labelled} image(s)" + (f", skipped {skipped} unreadable" if skipped else "")

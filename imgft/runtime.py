@@ -55,12 +55,12 @@ def dataloader_workers(requested, device, num_processes):
     return max(0, min(8, (os.cpu_count() or 1) // num_processes - 1))
 
 
-def run_summary(train_samples, eval_samples, num_labels, accelerator, train_args, max_train_steps):
+def run_summary(train_dataset, eval_dataset, label_names, accelerator, train_args, max_train_steps):
     per_device = train_args.per_device_train_batch_size
     accumulation = train_args.gradient_accumulation_steps
     total_batch = per_device * accelerator.num_processes * accumulation
     return (
-        f"{train_samples} training / {eval_samples} validation examples, {num_labels} classes; "
+        f"{len(train_dataset)} training / {len(eval_dataset)} validation examples, {len(label_names)} classes; "
         f"{accelerator.num_processes} process(es) on {accelerator.device.type}, "
         f"mixed precision {accelerator.mixed_precision}; batch {total_batch} = {per_device} per device "
         f"x {accelerator.num_processes} process(es) x {accumulation} accumulation; {max_train_steps} optimizer steps"

@@ -44,19 +44,41 @@ def test_loader_only_rate_iterates_a_whole_epoch(tmp_path, pipeline):
     assert bench.loader_only_rate(pipeline, data_dir, 32, 4, str(tmp_path / "cache")) > 0
 
 
-def test_table_reports_ratios_against_upstream():
-    summary = {"seconds": 10.0, "peak_rss_mib": 900.0, "images_per_second_after_first_epoch": 500.0}
+def test_table_reports_ratios_against_upstream_for_each_of_our_pipelines():
+    def summary(seconds, rate, wait):
+        numbers = {"seconds": seconds, "peak_rss_mib": 900.0, "images_per_second_after_first_epoch": rate}
+        numbers["data_wait_fraction_after_first_epoch"] = wait
+        return {"cold": numbers, "warm": numbers}
+
     pair = {
-        "summary": {"upstream": {"cold": summary, "warm": summary}, "imgft": {"cold": summary, "warm": summary}},
-        "speedup_cold": 7.5,
-        "speedup_warm": 9.25,
-        "model_only_images_per_second": 600.0,
-        "imgft_end_to_end_vs_model_only": 0.83,
+        "summary": {
+            "upstream": summary(75.0, 40.0, 0.95),
+            "imgft": summary(10.0, 500.0, 0.12),
+            bench.GPU_VARIANT: summary(8.0, 900.0, 0.30),
+        },
+        "speedups": {"imgft": {"cold": 7.5, "warm": 9.25}, bench.GPU_VARIANT: {"cold": 9.4, "warm": 11.0}},
+        "model_only_images_per_second_by_pipeline": {"imgft": 600.0, bench.GPU_VARIANT: 1000.0},
+        "end_to_end_vs_model_only": {"imgft": 0.83, bench.GPU_VARIANT: 0.9},
         "loader_only_images_per_second": {"upstream": 40.0, "imgft": 2000.0},
     }
     results = {"pairs": {"camera": pair}, "memory": {"peak_rss_mib": {"1x": 1000, "4x": 1050}, "ratio_4x_to_1x": 1.05}}
     table = bench.format_table(results)
-    assert "**7.5x** | **9.2x**" in table
-    assert "83% of it" in table
+    assert "| camera | upstream | 75.0 | 75.0 | 40 | 95% | 40 | 900 |" in table
+    assert f"| camera | {bench.GPU_VARIANT} | 8.0 | 8.0 | 900 | 30% |  | 900 |" in table  # no loader of its own
+    assert "**imgft speed-up** | **7.5x** | **9.2x**" in table
+    assert "imgft reaches 83% of it" in table
+    assert f"**{bench.GPU_VARIANT} speed-up** | **9.4x** | **11.0x** | model-only 1000 images/s" in table
     assert "(1.05x)" in table
     json.dumps(results)
+
+
+def test_gpu_variant_runs_imgft_with_bf16_and_channels_last():
+    command = bench.pipeline_command(bench.GPU_VARIANT, "d", "o", 64, 2, 32)
+    assert command[1] == "train_loop.py"
+    assert command[-3:] == ["--mixed_precision", "bf16", "--channels_last"]
+    assert "--mixed_precision" not in bench.pipeline_command("imgft", "d", "o", 64, 2, 32)
+    assert bench.pipelines()[:2] == ("upstream", "imgft")
+
+
+def test_model_only_rate_times_real_training_steps():
+    assert bench.model_only_rate(16, 4, 3, steps=2) > 0

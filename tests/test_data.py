@@ -1,23 +1,28 @@
 """imgft.data: labels, columns, splits, image sizes, transforms and batches, on tiny in-memory datasets."""
 
+import random
+
 import datasets
 import numpy as np
 import pytest
 import torch
 from conftest import COLORS, write_color_imagefolder
 from PIL import Image
+from torchvision.transforms import RandomResizedCrop
 from transformers import CLIPImageProcessor, ConvNextImageProcessor, ViTImageProcessor
 
 from imgft.args import DataArguments
 from imgft.data import (
     build_transforms,
     collate_fn,
+    crop_box,
     drop_unreadable,
     encode_labels,
     find_columns,
     image_sizes,
     load_labeled_dataset,
     load_raw_datasets,
+    normalizer,
     relabel,
     stored_image_size,
     subsample,
@@ -362,35 +367,49 @@ def test_image_size_override_forces_a_square(processor):
     assert image_sizes(processor, 48) == (48, (48, 48))
 
 
-# --- build_transforms -----------------------------------------------------------------------------------------------
+# --- build_transforms, normalizer ----------------------------------------------------------------------------------
 
 MEAN = [0.2, 0.4, 0.6]
 STD = [0.5, 0.25, 0.1]
 
 
-def test_transforms_give_normalised_float_tensors_of_the_crop_size():
+def as_batch(array):
+    """One H x W x 3 uint8 transform output as the 1 x 3 x H x W uint8 batch collate_fn makes."""
+    return collate_fn([{"pixel_values": array, "labels": 0}])["pixel_values"]
+
+
+def test_transforms_give_uint8_images_of_the_crop_size_and_normalizer_makes_model_input():
     processor = ViTImageProcessor(size={"height": 24, "width": 32}, image_mean=MEAN, image_std=STD)
     train, evaluation = build_transforms(processor, None, random_flip=True, crop_scale_min=0.5)
     color = (255, 0, 128)
     image = Image.new("RGB", (50, 40), color)  # width 50, height 40
-    torch.manual_seed(0)
-    for transform in (train, evaluation):
-        out = transform(image)
-        assert isinstance(out, torch.Tensor)
-        assert out.dtype == torch.float32
-        assert tuple(out.shape) == (3, 24, 32)
-    out = evaluation(image)
+    for out in (train(image, random.Random(0)), evaluation(image)):
+        assert isinstance(out, np.ndarray)
+        assert out.dtype == np.uint8
+        assert out.shape == (24, 32, 3)
+        assert (out == np.array(color, dtype=np.uint8)).all()
+    out = normalizer(processor)(as_batch(evaluation(image)))
+    assert out.dtype == torch.float32 and tuple(out.shape) == (1, 3, 24, 32)
     expected = torch.tensor([(c / 255 - m) / s for c, m, s in zip(color, MEAN, STD, strict=True)])
-    assert torch.allclose(out, expected.view(3, 1, 1).expand_as(out), atol=1e-5)
-    assert out[0, 0, 0].item() == pytest.approx((1.0 - 0.2) / 0.5, abs=1e-5)
-    assert out[1, 0, 0].item() == pytest.approx((0.0 - 0.4) / 0.25, abs=1e-5)
+    assert torch.allclose(out[0], expected.view(3, 1, 1).expand_as(out[0]), atol=1e-5)
+    assert out[0, 0, 0, 0].item() == pytest.approx((1.0 - 0.2) / 0.5, abs=1e-5)
+    assert out[0, 1, 0, 0].item() == pytest.approx((0.0 - 0.4) / 0.25, abs=1e-5)
+
+
+def test_normalizer_channels_last_gives_the_same_numbers_in_channels_last_memory():
+    processor = ViTImageProcessor(image_mean=MEAN, image_std=STD)
+    batch = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8)  # contiguous, as a user's own batch may be
+    plain, channels_last = normalizer(processor)(batch), normalizer(processor, channels_last=True)(batch)
+    assert plain.is_contiguous()
+    assert channels_last.is_contiguous(memory_format=torch.channels_last) and not channels_last.is_contiguous()
+    assert torch.equal(plain, channels_last)
 
 
 def test_eval_transform_with_clip_processor():
     processor = CLIPImageProcessor(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32})
     _, evaluation = build_transforms(processor, None, random_flip=False, crop_scale_min=1.0)
     color = (10, 200, 90)
-    out = evaluation(Image.new("RGB", (60, 45), color))
+    out = normalizer(processor)(as_batch(evaluation(Image.new("RGB", (60, 45), color))))[0]
     assert tuple(out.shape) == (3, 32, 32)
     mean, std = processor.image_mean, processor.image_std
     for channel in range(3):
@@ -398,19 +417,59 @@ def test_eval_transform_with_clip_processor():
         assert torch.allclose(out[channel], torch.full((32, 32), expected), atol=1e-5)
 
 
-def test_transforms_without_normalize_keep_zero_one_range():
+def test_eval_transform_resizes_the_shortest_edge_then_crops_the_centre():
+    processor = CLIPImageProcessor(size={"shortest_edge": 20}, crop_size={"height": 20, "width": 20})
+    _, evaluation = build_transforms(processor, None, random_flip=False, crop_scale_min=1.0)
+    # 80 x 40 -> 40 x 20, of which the middle 20 columns are kept: the bright band (16-64, so 8-32 after the
+    # resize) fills the crop, and the dark sides are cut off.
+    pixels = np.zeros((40, 80, 3), dtype=np.uint8)
+    pixels[:, 16:64] = 255
+    out = evaluation(Image.fromarray(pixels))
+    assert out.shape == (20, 20, 3)
+    assert out.min() == 255
+
+
+def test_normalizer_without_normalize_keeps_zero_one_range():
     processor = ViTImageProcessor(size={"height": 16, "width": 16}, do_normalize=False)
     _, evaluation = build_transforms(processor, None, random_flip=False, crop_scale_min=1.0)
-    out = evaluation(Image.new("RGB", (16, 16), (255, 0, 51)))
-    assert torch.allclose(out[:, 0, 0], torch.tensor([1.0, 0.0, 0.2]), atol=1e-5)
+    out = normalizer(processor)(as_batch(evaluation(Image.new("RGB", (16, 16), (255, 0, 51)))))
+    assert torch.allclose(out[0, :, 0, 0], torch.tensor([1.0, 0.0, 0.2]), atol=1e-5)
 
 
 def test_transforms_with_image_size_override():
     processor = ViTImageProcessor(size={"height": 24, "width": 32})
     train, evaluation = build_transforms(processor, 20, random_flip=False, crop_scale_min=0.6)
     image = Image.new("RGB", (40, 30), (1, 2, 3))
-    assert tuple(evaluation(image).shape) == (3, 20, 20)
-    assert tuple(train(image).shape) == (3, 20, 20)
+    assert evaluation(image).shape == (20, 20, 3)
+    assert train(image, random.Random(0)).shape == (20, 20, 3)
+
+
+@pytest.mark.parametrize("size", [(300, 200), (200, 300), (64, 64)])
+def test_crop_box_draws_torchvisions_crops_from_the_given_generator(size):
+    width, height = size
+    scale, ratio = (0.25, 0.75), (3 / 4, 4 / 3)
+    boxes = [crop_box(width, height, scale, ratio, random.Random(seed)) for seed in range(200)]
+    assert boxes == [crop_box(width, height, scale, ratio, random.Random(seed)) for seed in range(200)]
+    assert len(set(boxes)) > 150  # different seeds, different crops
+    for top, left, crop_height, crop_width in boxes:
+        assert 0 <= top <= height - crop_height and 0 <= left <= width - crop_width
+        # Rounding to whole pixels moves area and ratio a little off the drawn values.
+        assert 0.24 * width * height <= crop_height * crop_width <= 0.76 * width * height
+        assert 0.7 <= crop_width / crop_height <= 1.4
+    # torchvision's own sampler, on torch's generator: the same distribution (mean crop area within 5 %).
+    torch.manual_seed(0)
+    image = torch.zeros(3, height, width)
+    theirs = [RandomResizedCrop.get_params(image, list(scale), list(ratio)) for _ in range(2000)]
+    ours = [crop_box(width, height, scale, ratio, random.Random(seed)) for seed in range(2000)]
+    mean_area = [np.mean([h * w for _, _, h, w in boxes_]) for boxes_ in (theirs, ours)]
+    assert mean_area[1] == pytest.approx(mean_area[0], rel=0.05)
+
+
+def test_crop_box_falls_back_to_a_centre_crop_for_extreme_shapes():
+    # A 1000 x 10 strip: no 3/4..4/3 crop fits, so the centre crop of the widest allowed ratio.
+    top, left, crop_height, crop_width = crop_box(1000, 10, (0.08, 1.0), (3 / 4, 4 / 3), random.Random(0))
+    assert (crop_height, crop_width) == (10, 13)
+    assert (top, left) == (0, (1000 - 13) // 2)
 
 
 def left_bright_image(size=32):
@@ -419,28 +478,26 @@ def left_bright_image(size=32):
     return Image.fromarray(pixels)
 
 
-def is_flipped(tensor):
-    half = tensor.shape[-1] // 2
-    return tensor[..., :half].mean().item() < tensor[..., half:].mean().item()
+def is_flipped(array):
+    half = array.shape[1] // 2
+    return array[:, :half].mean() < array[:, half:].mean()
 
 
 def test_no_flip_when_random_flip_is_off():
     processor = ViTImageProcessor(size={"height": 32, "width": 32})
     train, _ = build_transforms(processor, None, random_flip=False, crop_scale_min=1.0)
     image = left_bright_image()
-    torch.manual_seed(0)
-    draws = [train(image) for _ in range(30)]
+    draws = [train(image, random.Random(seed)) for seed in range(30)]
     assert not any(is_flipped(out) for out in draws)
-    # And the whole image was kept: left half at the bright end, right half at the dark end.
-    assert all(out[:, :, :12].min().item() > 0.9 and out[:, :, 20:].max().item() < -0.9 for out in draws)
+    # And the whole image was kept: left half bright, right half dark.
+    assert all(out[:, :12].min() > 230 and out[:, 20:].max() < 25 for out in draws)
 
 
 def test_flip_happens_when_random_flip_is_on():
     processor = ViTImageProcessor(size={"height": 32, "width": 32})
     train, _ = build_transforms(processor, None, random_flip=True, crop_scale_min=1.0)
     image = left_bright_image()
-    torch.manual_seed(0)
-    flips = [is_flipped(train(image)) for _ in range(30)]
+    flips = [is_flipped(train(image, random.Random(seed))) for seed in range(30)]
     assert any(flips)
     assert not all(flips)
 
@@ -460,7 +517,7 @@ def test_collate_fn_makes_a_batch():
     batch = collate_fn([transformed[i] for i in range(4)])
     assert set(batch) == {"pixel_values", "labels"}
     assert batch["pixel_values"].shape == (4, 3, 16, 16)
-    assert batch["pixel_values"].dtype == torch.float32
+    assert batch["pixel_values"].dtype == torch.uint8
     assert batch["labels"].dtype == torch.int64
     assert batch["labels"].tolist() == labels[:4]
 
@@ -471,10 +528,13 @@ def test_collate_fn_makes_a_batch():
 
 
 def test_collate_fn_on_plain_examples():
-    examples = [{"pixel_values": torch.full((3, 4, 5), float(i)), "labels": i} for i in range(3)]
+    examples = [{"pixel_values": np.full((4, 5, 3), i, dtype=np.uint8), "labels": i} for i in range(3)]
+    examples[1]["pixel_values"][0, 0] = (10, 20, 30)  # H x W x 3 in, B x 3 x H x W out
     batch = collate_fn(examples)
     assert batch["pixel_values"].shape == (3, 3, 4, 5)
-    assert batch["pixel_values"][2].unique().tolist() == [2.0]
+    assert batch["pixel_values"].dtype == torch.uint8
+    assert batch["pixel_values"][2].unique().tolist() == [2]
+    assert batch["pixel_values"][1, :, 0, 0].tolist() == [10, 20, 30]
     assert batch["labels"].dtype == torch.long
     assert batch["labels"].tolist() == [0, 1, 2]
 

@@ -35,6 +35,7 @@ class LogitsAsInput(torch.nn.Module):
 
 
 FAKE_ACCELERATOR = SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda tensors: tensors)
+UNCHANGED = lambda pixel_values: pixel_values  # noqa: E731 (the batches hold logits, not images)
 
 
 def batches_for(confusion, confidences, batch_size):
@@ -62,7 +63,7 @@ def batches_for(confusion, confidences, batch_size):
 def test_metrics_match_a_hand_computed_confusion_matrix():
     confidences = [2.0, 2.5, 3.0, 6.0, 4.0, 1.0, 1.5, 5.0, 2.0, 3.5]
     batches, logits, labels = batches_for(CONFUSION, confidences, batch_size=3)  # a short last batch
-    results, details = metrics.detailed_evaluation(LogitsAsInput(), batches, FAKE_ACCELERATOR, LABEL_NAMES)
+    results, details = metrics.detailed_evaluation(LogitsAsInput(), batches, UNCHANGED, FAKE_ACCELERATOR, LABEL_NAMES)
 
     assert details["confusion_matrix"] == {"labels": LABEL_NAMES, "matrix": CONFUSION.tolist()}
     # By hand: precision = diagonal / column sums, recall = diagonal / row sums.
@@ -92,11 +93,13 @@ def test_metrics_match_a_hand_computed_confusion_matrix():
         (4, "dog", "cat"),
     ]
     assert [m["score"] for m in details["mistakes"]] == pytest.approx([softmax_top(i) for i in (3, 7, 4)])
-    _, fewer = metrics.detailed_evaluation(LogitsAsInput(), batches, FAKE_ACCELERATOR, LABEL_NAMES, num_mistakes=2)
+    _, fewer = metrics.detailed_evaluation(
+        LogitsAsInput(), batches, UNCHANGED, FAKE_ACCELERATOR, LABEL_NAMES, num_mistakes=2
+    )
     assert [m["index"] for m in fewer["mistakes"]] == [3, 7]
 
     # The light evaluation used each epoch gives the same summary, with the keys it always had.
-    assert metrics.evaluate(LogitsAsInput(), batches, FAKE_ACCELERATOR, 3) == pytest.approx(results)
+    assert metrics.evaluate(LogitsAsInput(), batches, UNCHANGED, FAKE_ACCELERATOR, 3) == pytest.approx(results)
 
 
 def test_macro_average_leaves_out_a_class_absent_from_labels_and_predictions_and_top5_above_five_classes():
@@ -106,7 +109,7 @@ def test_macro_average_leaves_out_a_class_absent_from_labels_and_predictions_and
     confusion[4, 0] = 1  # class 4 occurs once and is always missed
     batches, _, _ = batches_for(confusion, [1.0] * int(confusion.sum()), batch_size=4)
     names = [f"c{i}" for i in range(7)]
-    results, details = metrics.detailed_evaluation(LogitsAsInput(), batches, FAKE_ACCELERATOR, names)
+    results, details = metrics.detailed_evaluation(LogitsAsInput(), batches, UNCHANGED, FAKE_ACCELERATOR, names)
     recall = [3 / 4, 2 / 4, 2 / 2, 1.0, 0.0]  # classes 0-4; 5 and 6 are left out
     assert results["eval_macro_recall"] == pytest.approx(sum(recall) / 5)
     assert details["per_class"]["c4"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
@@ -116,7 +119,7 @@ def test_macro_average_leaves_out_a_class_absent_from_labels_and_predictions_and
 
 def test_eval_results_json_names_classes_and_keeps_matrix_rows_on_one_line(tmp_path):
     batches, _, _ = batches_for(CONFUSION, [1.0 + i for i in range(10)], batch_size=4)
-    results, details = metrics.detailed_evaluation(LogitsAsInput(), batches, FAKE_ACCELERATOR, LABEL_NAMES)
+    results, details = metrics.detailed_evaluation(LogitsAsInput(), batches, UNCHANGED, FAKE_ACCELERATOR, LABEL_NAMES)
     results["eval_loss"] = math.nan  # a diverged run must still give valid JSON
     path = metrics.write_eval_results(tmp_path / "eval_results.json", results, details)
     text = path.read_text()

@@ -240,6 +240,32 @@ def test_mixed_precision_runs_on_cpu(train, tmp_path, colors_data, tiny_vit, pre
     assert math.isfinite(json.loads((out / "all_results.json").read_text())["train_loss"])
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_channels_last_puts_weights_and_batches_in_channels_last_memory(
+    train, tmp_path, colors_data, tiny_vit, monkeypatch, channels_last
+):
+    seen = []  # (input is channels_last, weight is channels_last) at every convolution while training
+    conv_forward = torch.nn.Conv2d.forward
+
+    def recording_forward(conv, pixel_values):
+        if conv.training:
+            seen.append(
+                tuple(
+                    t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+                    for t in (pixel_values, conv.weight)
+                )
+            )
+        return conv_forward(conv, pixel_values)
+
+    monkeypatch.setattr(torch.nn.Conv2d, "forward", recording_forward)
+    out = tmp_path / "out"
+    flags = ["--output_dir", out, "--max_train_steps", "2"] + (["--channels_last"] if channels_last else [])
+    train(data_flags(colors_data) + vit_flags(tiny_vit) + flags)
+    assert len(seen) == 2  # one patch-embedding convolution per step
+    assert set(seen) == {(channels_last, channels_last)}
+    assert math.isfinite(json.loads((out / "all_results.json").read_text())["train_loss"])
+
+
 def test_push_to_hub_offline_is_refused_before_anything_is_written(train, tmp_path, colors_data, tiny_vit):
     out = tmp_path / "out"
     with pytest.raises(UserError, match="offline"):
