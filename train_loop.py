@@ -177,10 +177,10 @@ def main(argv=None):
     def evaluate_now(epoch_position):
         # Logs one line, keeps the best model and the details the report needs; True when early stopping says stop.
         nonlocal eval_results, details, evaluated_at, best_state
+        epoch_images = (samples_seen - samples_before) * accelerator.num_processes
+        speed = runtime.throughput(epoch_images, time.perf_counter() - epoch_start, data_wait)  # training time only
         eval_results, details = metrics.detailed_evaluation(model, eval_dataloader, normalize, accelerator, label_names)
         evaluated_at = completed_steps
-        epoch_images = (samples_seen - samples_before) * accelerator.num_processes
-        speed = runtime.throughput(epoch_images, time.perf_counter() - epoch_start, data_wait)
         record = {"step": completed_steps, "epoch": round(epoch_position, 4), **eval_results, **speed}
         logger.info(f"{time.perf_counter() - start_time:.0f} s, {metrics.format_results(record)}")
         outputs.log_metrics(accelerator, metrics_log, record)

@@ -83,7 +83,8 @@ class DataArguments:
     stored_image_size: int | None = field(
         default=None,
         metadata={
-            "help": "Shortest edge, in pixels, --resize_once stores images at. Default: what the transforms need."
+            "help": "Shortest edge, in pixels, --resize_once stores images at (uncompressed, 3 bytes a pixel). "
+            "Default: what the transforms need."
         },
     )
     strict_data: bool = field(
