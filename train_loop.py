@@ -27,7 +27,7 @@ from transformers import get_scheduler
 
 from imgft import args as imgft_args
 from imgft import best, checkpoint, data, metrics, outputs, reports, runtime
-from imgft.errors import UserError, exit_on_user_error
+from imgft.errors import UserError, run_as_script
 from imgft.model import check_model_source, load_model, optimizer_param_groups
 
 logger = get_logger("imgft")
@@ -297,4 +297,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    exit_on_user_error(main)
+    run_as_script(main)

@@ -9,6 +9,7 @@ the cold run left). Timings are ratios against upstream measured in the same run
 
 import argparse
 import concurrent.futures
+import contextlib
 import json
 import os
 import platform
@@ -23,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMING_KEYS = ("train_images_per_second", "data_wait_fraction")
+PAIRS = ("camera", "digits")
 
 
 def write_camera_folder(root, train_per_class, validation_per_class, classes=4, size=(2000, 1500), seed=0):
@@ -56,7 +57,11 @@ def _write_camera_jpeg(path, label, size, seed):
 
 
 def run_process(command, env, log_path):
-    """(wall seconds, peak RSS in MiB of the process and its children), polling every 50 ms."""
+    """(wall seconds, peak memory in MiB of the process and its children), polling every 50 ms.
+
+    Memory is the proportional set size (PSS) where the system reports it: DataLoader workers share most
+    of their pages with the process that forked them, and adding up RSS would count those once per worker.
+    """
     import psutil
 
     start = time.perf_counter()
@@ -64,17 +69,21 @@ def run_process(command, env, log_path):
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     watched, peak = psutil.Process(process.pid), 0
     while process.poll() is None:
-        try:
-            rss = watched.memory_info().rss + sum(c.memory_info().rss for c in watched.children(recursive=True))
-            peak = max(peak, rss)
-        except psutil.Error:
-            pass
+        with contextlib.suppress(psutil.Error):  # a child may end between listing and reading it
+            peak = max(peak, sum(_memory(p) for p in [watched, *watched.children(recursive=True)]))
         time.sleep(0.05)
     seconds = time.perf_counter() - start
     if process.returncode != 0:
         with open(log_path) as log:
             raise RuntimeError(f"{' '.join(command)} failed:\n{log.read()[-3000:]}")
     return seconds, peak / 2**20
+
+
+def _memory(process):
+    try:
+        return process.memory_full_info().pss
+    except (AttributeError, OSError):  # no PSS on this system (or not allowed to read it): resident size
+        return process.memory_info().rss
 
 
 def read_epochs(metrics_file):
@@ -125,7 +134,7 @@ def run_pair(name, data_dir, work, image_size, epochs, batch_size, repeats, pipe
                 runs[pipeline][temperature].append(
                     {
                         "seconds": seconds,
-                        "peak_rss_mib": peak,
+                        "peak_memory_mib": peak,
                         "images_per_second_by_epoch": [r["train_images_per_second"] for r in epochs_seen],
                         "data_wait_fraction_by_epoch": [r["data_wait_fraction"] for r in epochs_seen],
                         "eval_accuracy": epochs_seen[-1]["eval_accuracy"],
@@ -218,7 +227,7 @@ def summarize(runs):
     return {
         temperature: {
             "seconds": median(temperature, "seconds"),
-            "peak_rss_mib": median(temperature, "peak_rss_mib"),
+            "peak_memory_mib": median(temperature, "peak_memory_mib"),
             "images_per_second_after_first_epoch": after_first_epoch(temperature, "images_per_second_by_epoch"),
             "data_wait_fraction_after_first_epoch": after_first_epoch(temperature, "data_wait_fraction_by_epoch"),
             "eval_accuracy": median(temperature, "eval_accuracy"),
@@ -266,6 +275,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=None, help="Runs per pipeline and cache state (default 3).")
     parser.add_argument("--output", default="bench_results.json", help="Where the JSON results go.")
     parser.add_argument("--workdir", default=None, help="Scratch folder (default: a temporary one).")
+    parser.add_argument("--pairs", nargs="+", choices=PAIRS, default=PAIRS, help="Which pairs to run (default: both).")
+    parser.add_argument("--skip_memory", action="store_true", help="Leave out the 1x/4x peak-memory runs.")
     args = parser.parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 3)
     per_class, val_per_class, camera_epochs, digits_epochs = (16, 4, 3, 2) if args.quick else (80, 20, 10, 3)
@@ -273,7 +284,7 @@ def main(argv=None):
     os.makedirs(work, exist_ok=True)
     print(f"Generating data in {work} ...", flush=True)
     camera = os.path.join(work, f"camera_{per_class}")
-    if not os.path.isdir(camera):
+    if "camera" in args.pairs and not os.path.isdir(camera):
         write_camera_folder(camera, per_class, val_per_class)
     from imgft.demo_data import write_digits_imagefolder
 
@@ -286,11 +297,14 @@ def main(argv=None):
         ("camera", camera, 64, camera_epochs, 4),
         ("digits", digits, 32, digits_epochs, 10),
     ):
+        if name not in args.pairs:
+            continue
         print(f"{name}: {epochs} epochs at {image_size} px", flush=True)
         results["pairs"][name] = measure_pair(name, data_dir, work, image_size, epochs, num_labels, repeats)
         _write(args.output, results)  # what is measured so far survives an interrupted benchmark
-    results["memory"] = memory_growth(digits, work)
-    _write(args.output, results)
+    if not args.skip_memory:
+        results["memory"] = memory_growth(digits, work)
+        _write(args.output, results)
     print(format_table(results))
     print(f"Wrote {args.output}")
     return results
@@ -302,7 +316,7 @@ def _write(path, results):
 
 
 def memory_growth(digits, work):
-    """imgft's peak RSS for one epoch on the digits, and on four times as many images."""
+    """imgft's peak memory for one epoch on the digits, and on four times as many images."""
     bigger = os.path.join(work, "digits_x4")
     if not os.path.isdir(bigger):
         for copy in range(4):
@@ -321,7 +335,7 @@ def memory_growth(digits, work):
         command = pipeline_command("imgft", data_dir, out_dir, 32, 1, 32)
         peaks[label] = run_process(command, env, f"{out_dir}.log")[1]
         shutil.rmtree(out_dir)
-    return {"peak_rss_mib": peaks, "ratio_4x_to_1x": peaks["4x"] / peaks["1x"]}
+    return {"peak_memory_mib": peaks, "ratio_4x_to_1x": peaks["4x"] / peaks["1x"]}
 
 
 def _machine():
@@ -339,7 +353,7 @@ def _machine():
 def format_table(results):
     lines = [
         "| pair | pipeline | cold s | warm s | images/s after epoch 1 | data wait after epoch 1 "
-        "| loader-only images/s | peak RSS MiB |",
+        "| loader-only images/s | peak memory MiB |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, pair in results["pairs"].items():
@@ -350,7 +364,7 @@ def format_table(results):
                 f"| {name} | {pipeline} | {cold['seconds']:.1f} | {warm['seconds']:.1f} | "
                 f"{warm['images_per_second_after_first_epoch']:.0f} | "
                 f"{warm['data_wait_fraction_after_first_epoch']:.0%} | "
-                f"{'' if loader_only is None else f'{loader_only:.0f}'} | {warm['peak_rss_mib']:.0f} |"
+                f"{'' if loader_only is None else f'{loader_only:.0f}'} | {warm['peak_memory_mib']:.0f} |"
             )
         for pipeline, speedup in pair["speedups"].items():
             model_only = pair["model_only_images_per_second_by_pipeline"][pipeline]
@@ -362,7 +376,7 @@ def format_table(results):
     memory = results.get("memory")
     if memory:
         lines.append(
-            f"\nPeak RSS, imgft, 1 epoch: {memory['peak_rss_mib']['1x']:.0f} MiB on the digits, "
-            f"{memory['peak_rss_mib']['4x']:.0f} MiB on 4x the images ({memory['ratio_4x_to_1x']:.2f}x)."
+            f"\nPeak memory (PSS), imgft, 1 epoch: {memory['peak_memory_mib']['1x']:.0f} MiB on the digits, "
+            f"{memory['peak_memory_mib']['4x']:.0f} MiB on 4x the images ({memory['ratio_4x_to_1x']:.2f}x)."
         )
     return "\n".join(lines)

@@ -154,14 +154,16 @@ def resize_once(split_dataset, image_column, stored_size, num_proc=None):
         batched=True,
         batch_size=32,
         features=features,
-        num_proc=_worth_processes(num_proc, len(undecoded)),
+        num_proc=worth_processes(num_proc, len(undecoded)),
         desc=f"Decoding images once, stored at {stored_size} px",
     )
 
 
-def _worth_processes(num_proc, rows):
-    # A pool costs about a second to start: only worth it with enough images per process.
-    return num_proc if num_proc and num_proc > 1 and rows > 64 * num_proc else None
+def worth_processes(num_proc, rows, rows_per_process=64):
+    """How many processes the decode pass gets: up to `num_proc`, but each must have `rows_per_process`
+    images, since a process costs about a second to start; None (this process alone) below two."""
+    processes = min(num_proc or 1, rows // rows_per_process)
+    return processes if processes > 1 else None
 
 
 def _inspect_batch(batch, image_column):
@@ -186,6 +188,6 @@ def inspect_images(split_dataset, image_column, num_proc=None):
         batched=True,
         batch_size=64,
         remove_columns=undecoded.column_names,
-        num_proc=_worth_processes(num_proc, len(undecoded)),
+        num_proc=worth_processes(num_proc, len(undecoded)),
         desc="Checking images",
     )

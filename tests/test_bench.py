@@ -24,7 +24,7 @@ def test_run_pair_times_both_pipelines_cold_and_warm(tmp_path):
     for pipeline in ("upstream", "imgft"):
         for temperature in ("cold", "warm"):
             (run,) = runs[pipeline][temperature]
-            assert run["seconds"] > 0 and run["peak_rss_mib"] > 50
+            assert run["seconds"] > 0 and run["peak_memory_mib"] > 50
             assert len(run["images_per_second_by_epoch"]) == 2
             assert all(0 <= share <= 1 for share in run["data_wait_fraction_by_epoch"])
             assert 0 <= run["eval_accuracy"] <= 1
@@ -46,7 +46,7 @@ def test_loader_only_rate_iterates_a_whole_epoch(tmp_path, pipeline):
 
 def test_table_reports_ratios_against_upstream_for_each_of_our_pipelines():
     def summary(seconds, rate, wait):
-        numbers = {"seconds": seconds, "peak_rss_mib": 900.0, "images_per_second_after_first_epoch": rate}
+        numbers = {"seconds": seconds, "peak_memory_mib": 900.0, "images_per_second_after_first_epoch": rate}
         numbers["data_wait_fraction_after_first_epoch"] = wait
         return {"cold": numbers, "warm": numbers}
 
@@ -61,7 +61,10 @@ def test_table_reports_ratios_against_upstream_for_each_of_our_pipelines():
         "end_to_end_vs_model_only": {"imgft": 0.83, bench.GPU_VARIANT: 0.9},
         "loader_only_images_per_second": {"upstream": 40.0, "imgft": 2000.0},
     }
-    results = {"pairs": {"camera": pair}, "memory": {"peak_rss_mib": {"1x": 1000, "4x": 1050}, "ratio_4x_to_1x": 1.05}}
+    results = {
+        "pairs": {"camera": pair},
+        "memory": {"peak_memory_mib": {"1x": 1000, "4x": 1050}, "ratio_4x_to_1x": 1.05},
+    }
     table = bench.format_table(results)
     assert "| camera | upstream | 75.0 | 75.0 | 40 | 95% | 40 | 900 |" in table
     assert f"| camera | {bench.GPU_VARIANT} | 8.0 | 8.0 | 900 | 30% |  | 900 |" in table  # no loader of its own

@@ -589,3 +589,13 @@ def test_relabel_refuses_unknown_classes():
     message = str(info.value)
     assert "classes not known to the model: fish" in message
     assert "the model knows: cat, dog" in message
+
+
+@pytest.mark.parametrize(
+    ("num_proc", "rows", "expected"),
+    [(16, 320, 5), (2, 320, 2), (2, 100, None), (16, 64, None), (None, 10_000, None), (4, 10_000, 4)],
+)
+def test_decode_pass_uses_as_many_processes_as_have_enough_images(num_proc, rows, expected):
+    from imgft.images import worth_processes
+
+    assert worth_processes(num_proc, rows) == expected
