@@ -21,6 +21,7 @@ import tempfile
 import time
 
 import numpy as np
+import psutil  # an accelerate dependency
 from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,25 +57,21 @@ def _write_camera_jpeg(path, label, size, seed):
     Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(path, quality=90)
 
 
-def run_process(command, env, log_path):
-    """(wall seconds, peak memory in MiB of the process and its children), polling every 50 ms.
+def run_process(command, env, log_path, poll_seconds=0.5):
+    """(wall seconds, peak memory in MiB of the process and its children, sampled every `poll_seconds`).
 
-    Memory is the process's resident size plus what each child holds alone (resident minus shared):
-    DataLoader workers share most of their pages with the process that forked them, and adding up
-    their resident sizes would count those once per worker. (Proportional set size would be exact, but
-    reading it walks the page tables: 25 ms a call here, which slowed the runs being measured.)
+    Memory is the proportional set size (PSS): DataLoader and preprocessing workers share most of their
+    pages with the process that forked them, and adding up resident sizes would count those once per
+    worker. Reading PSS walks the page tables (25 ms a process here), hence the slow sampling.
     """
-    import psutil
-
     start = time.perf_counter()
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     watched, peak = psutil.Process(process.pid), 0
     while process.poll() is None:
         with contextlib.suppress(psutil.Error):  # a child may end between listing and reading it
-            children = sum(_unshared(child.memory_info()) for child in watched.children(recursive=True))
-            peak = max(peak, watched.memory_info().rss + children)
-        time.sleep(0.05)
+            peak = max(peak, sum(_memory(p) for p in [watched, *watched.children(recursive=True)]))
+        time.sleep(poll_seconds)
     seconds = time.perf_counter() - start
     if process.returncode != 0:
         with open(log_path) as log:
@@ -82,8 +79,11 @@ def run_process(command, env, log_path):
     return seconds, peak / 2**20
 
 
-def _unshared(memory):
-    return memory.rss - getattr(memory, "shared", 0)  # no `shared` outside Linux: all of it
+def _memory(process):
+    try:
+        return process.memory_full_info().pss
+    except (AttributeError, psutil.AccessDenied):  # no PSS here (not Linux, or not ours to read)
+        return process.memory_info().rss
 
 
 def read_epochs(metrics_file):
@@ -146,9 +146,10 @@ def run_pair(name, data_dir, work, image_size, epochs, batch_size, repeats, pipe
     return runs
 
 
-def model_only_rate(image_size, batch_size, num_labels, mixed_precision="no", channels_last=False, steps=20):
+def model_only_rate(image_size, batch_size, num_labels, mixed_precision="no", channels_last=False, steps=15, windows=3):
     """Images/s of imgft's training step alone (normalise the uint8 batch, forward, backward, clip the gradient
-    norm to 1.0 as imgft does by default, AdamW) on a batch already on the device: the data path's ceiling."""
+    norm to 1.0 as imgft does by default, AdamW) on a batch already on the device: the data path's ceiling.
+    The median of `windows` timings of `steps` steps each, after 3 warm-up steps."""
     import torch
     from transformers import AutoConfig, AutoModelForImageClassification
 
@@ -164,20 +165,27 @@ def model_only_rate(image_size, batch_size, num_labels, mixed_precision="no", ch
     pixel_values = torch.randint(0, 256, (batch_size, 3, image_size, image_size), dtype=torch.uint8, device=device)
     labels = torch.randint(0, num_labels, (batch_size,), device=device)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=mixed_precision == "bf16")
-    for step in range(steps + 3):
-        if step == 3:  # warm-up steps excluded
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-        with autocast:
-            loss = model(pixel_values=normalize(pixel_values, [0.5] * 3, [0.5] * 3, memory_format), labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return steps * batch_size / (time.perf_counter() - start)
+
+    def train_steps(count):
+        for _ in range(count):
+            with autocast:
+                loss = model(
+                    pixel_values=normalize(pixel_values, [0.5] * 3, [0.5] * 3, memory_format), labels=labels
+                ).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    train_steps(3)  # warm-up: allocations, kernel selection
+    rates = []
+    for _ in range(windows):
+        start = time.perf_counter()
+        train_steps(steps)
+        rates.append(steps * batch_size / (time.perf_counter() - start))
+    return statistics.median(rates)
 
 
 def loader_only_rate(pipeline, data_dir, image_size, batch_size, cache_dir):
