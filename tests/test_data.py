@@ -592,10 +592,21 @@ def test_relabel_refuses_unknown_classes():
 
 
 @pytest.mark.parametrize(
-    ("num_proc", "rows", "expected"),
-    [(16, 320, 5), (2, 320, 2), (2, 100, None), (16, 64, None), (None, 10_000, None), (4, 10_000, 4)],
+    ("num_proc", "rows", "megabytes_each", "expected"),
+    [(16, 320, 0.7, 6), (2, 320, 0.7, 2), (16, 80, 0.2, None), (2, 1800, 0.0003, None), (None, 10_000, 1, None)],
 )
-def test_decode_pass_uses_as_many_processes_as_have_enough_images(num_proc, rows, expected):
+def test_decode_pass_gets_a_process_per_32_mb_of_files(tmp_path, num_proc, rows, megabytes_each, expected):
     from imgft.images import worth_processes
 
-    assert worth_processes(num_proc, rows) == expected
+    path = tmp_path / "image.jpg"
+    path.write_bytes(b"x" * int(megabytes_each * 2**20))
+    undecoded = datasets.Dataset.from_dict({"image": [{"bytes": None, "path": str(path)}] * rows})
+    assert worth_processes(num_proc, undecoded, "image") == expected
+
+
+def test_decode_pass_counts_the_bytes_of_images_stored_in_the_dataset():
+    from imgft.images import worth_processes
+
+    one_megabyte = {"bytes": b"x" * 2**20, "path": None}
+    assert worth_processes(4, datasets.Dataset.from_dict({"image": [one_megabyte] * 70}), "image") == 2
+    assert worth_processes(4, datasets.Dataset.from_dict({"image": [one_megabyte] * 60}), "image") is None
