@@ -4,7 +4,7 @@ import logging
 import math
 import os
 import random
-from functools import partial
+from functools import lru_cache, partial
 
 import datasets
 import numpy as np
@@ -349,19 +349,25 @@ def normalizer(image_processor, channels_last=False):
     """The function that turns a uint8 batch (on the device) into the model's float input: (x/255 - mean) / std
     with the image processor's statistics, in channels_last memory format when asked."""
     if getattr(image_processor, "do_normalize", True):
-        mean, std = list(image_processor.image_mean), list(image_processor.image_std)
+        mean, std = tuple(image_processor.image_mean), tuple(image_processor.image_std)
     else:
-        mean, std = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
+        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     return partial(normalize, mean=mean, std=std, memory_format=memory_format)
 
 
 def normalize(pixel_values, mean, std, memory_format=torch.contiguous_format):
     # uint8 crossed the DataLoader and the host-to-device copy: a quarter of float32's bytes.
+    mean_255, std_255 = _channel_statistics(tuple(mean), tuple(std), pixel_values.device)
+    return pixel_values.to(torch.float32, memory_format=memory_format).sub_(mean_255).div_(std_255)
+
+
+@lru_cache
+def _channel_statistics(mean, std, device):
+    # Made once per device: building them each step would copy from host memory to the GPU, and such a
+    # copy waits for all queued GPU work, so the CPU could no longer run ahead of the GPU.
     shape = (1, -1, 1, 1)
-    mean = torch.tensor(mean, device=pixel_values.device).view(shape) * 255
-    std = torch.tensor(std, device=pixel_values.device).view(shape) * 255
-    return pixel_values.to(torch.float32, memory_format=memory_format).sub_(mean).div_(std)
+    return torch.tensor(mean, device=device).view(shape) * 255, torch.tensor(std, device=device).view(shape) * 255
 
 
 ROW_COLUMN = "__imgft_row__"

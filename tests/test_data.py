@@ -405,6 +405,17 @@ def test_normalizer_channels_last_gives_the_same_numbers_in_channels_last_memory
     assert torch.equal(plain, channels_last)
 
 
+def test_normalizer_builds_its_device_statistics_once():
+    from imgft.data import _channel_statistics
+
+    normalize = normalizer(ViTImageProcessor(image_mean=[0.1, 0.2, 0.3], image_std=[0.4, 0.5, 0.6]))
+    _channel_statistics.cache_clear()
+    for _ in range(3):
+        normalize(torch.zeros((1, 3, 2, 2), dtype=torch.uint8))
+    info = _channel_statistics.cache_info()
+    assert (info.misses, info.hits) == (1, 2)  # no host-to-device copy after the first batch
+
+
 def test_eval_transform_with_clip_processor():
     processor = CLIPImageProcessor(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32})
     _, evaluation = build_transforms(processor, None, random_flip=False, crop_scale_min=1.0)
