@@ -44,13 +44,15 @@ def test_loader_only_rate_iterates_a_whole_epoch(tmp_path, pipeline):
     assert bench.loader_only_rate(pipeline, data_dir, 32, 4, str(tmp_path / "cache")) > 0
 
 
-def test_table_reports_ratios_against_upstream_for_each_of_our_pipelines():
+def measured_pair():
+    """A pair's results as measure_pair returns them, with round numbers."""
+
     def summary(seconds, rate, wait):
         numbers = {"seconds": seconds, "peak_memory_mib": 900.0, "images_per_second_after_first_epoch": rate}
         numbers["data_wait_fraction_after_first_epoch"] = wait
         return {"cold": numbers, "warm": numbers}
 
-    pair = {
+    return {
         "summary": {
             "upstream": summary(75.0, 40.0, 0.95),
             "imgft": summary(10.0, 500.0, 0.12),
@@ -61,6 +63,10 @@ def test_table_reports_ratios_against_upstream_for_each_of_our_pipelines():
         "end_to_end_vs_model_only": {"imgft": 0.83, bench.GPU_VARIANT: 0.9},
         "loader_only_images_per_second": {"upstream": 40.0, "imgft": 2000.0},
     }
+
+
+def test_table_reports_ratios_against_upstream_for_each_of_our_pipelines():
+    pair = measured_pair()
     results = {
         "pairs": {"camera": pair},
         "memory": {"peak_memory_mib": {"1x": 1000, "4x": 1050}, "ratio_4x_to_1x": 1.05},
@@ -85,3 +91,21 @@ def test_gpu_variant_runs_imgft_with_bf16_and_channels_last():
 
 def test_model_only_rate_times_real_training_steps():
     assert bench.model_only_rate(16, 4, 3, steps=2) > 0
+
+
+def test_pairs_and_skip_memory_choose_what_runs(tmp_path, monkeypatch):
+    measured = []
+
+    def measure_pair(name, *args):
+        measured.append(name)
+        return measured_pair()
+
+    monkeypatch.setattr(bench, "measure_pair", measure_pair)
+    monkeypatch.setattr(bench, "memory_growth", lambda *args: pytest.fail("--skip_memory was given"))
+    monkeypatch.setattr(bench, "write_camera_folder", lambda *args: pytest.fail("no camera pair was asked for"))
+    output = tmp_path / "results.json"
+    argv = ["--pairs", "digits", "--skip_memory", "--repeats", "1", "--output", str(output)]
+    bench.main([*argv, "--workdir", str(tmp_path / "work")])
+    assert measured == ["digits"]
+    written = json.loads(output.read_text())
+    assert list(written["pairs"]) == ["digits"] and "memory" not in written

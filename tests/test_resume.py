@@ -131,6 +131,18 @@ def test_sigkill_anywhere_then_resume_latest_is_bitwise_identical(references, tm
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 
+def test_resume_is_exact_with_every_speed_option_on(tmp_path):
+    # Resize-once (the default), workers, bf16 autocast and channels-last memory, killed at a random step.
+    fast = ["--num_workers", "2", "--mixed_precision", "bf16", "--channels_last"]
+    reference, out = tmp_path / "reference", tmp_path / "killed"
+    finish(reference, fast)
+    process = start(out, fast, "1")
+    assert kill_when(process, lambda: max(metrics_steps(out), default=0) >= 6 + random.Random(5).randint(0, 8))
+    assert list_checkpoints(out)
+    finish(out, fast)
+    assert_same_run(reference, out)
+
+
 def test_sigterm_saves_and_exits_then_resumes_exactly(references, tmp_path):
     out = tmp_path / "preempted"
     process = start(out, ["--num_workers", "0"], "term")
