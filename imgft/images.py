@@ -108,7 +108,7 @@ def inspect_file(path=None, data=None):
 
 
 def shrink_file(path=None, data=None, stored_size=None):
-    """(PNG bytes of the image as RGB, its shortest edge at most `stored_size`, or None; reason or "")."""
+    """(uncompressed PPM bytes of the image as RGB, its shortest edge at most `stored_size`, or None; reason or "")."""
     try:
         data = _read(path, data)
         if not data:
