@@ -1,6 +1,5 @@
-import gc
-
 from imgft.cli import main
+from imgft.errors import skip_final_collection
 
 main()
-gc.freeze()  # a faster exit, as in imgft.errors.run_as_script
+skip_final_collection()

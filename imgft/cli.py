@@ -117,6 +117,7 @@ def evaluate(argv):
             _write_report(report_dir, results, details, validation, original_validation, image_column)
     if accelerator.is_main_process:
         print(json.dumps(results))
+    accelerator.end_training()  # leaves the process group, on every process
 
 
 def _names_output_dir(argv):
