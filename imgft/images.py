@@ -91,31 +91,37 @@ DECODE_ERRORS = (
 )
 
 
+def decode_file(path=None, data=None, draft_size=None, rgb=False):
+    """(image, "") for a readable file (converted `to_rgb` with `rgb`), else (None, why it is unreadable).
+
+    `data` is the file's bytes when the dataset holds them; `draft_size` as in `open_image`.
+    """
+    try:
+        data = _read(path, data)
+        if not data:
+            return None, "empty file (0 bytes)"
+        image = open_image(data=data, draft_size=draft_size)
+        return (to_rgb(image) if rgb else image), ""
+    except DECODE_ERRORS as err:
+        return None, _reason(err)
+
+
 def inspect_file(path=None, data=None):
     """(reason or "", width, height, sha1 of the bytes) for one file; reason is "" for a readable image."""
     try:
         data = _read(path, data)
     except OSError as err:
         return _reason(err), 0, 0, ""
+    image, reason = decode_file(data=data)
     digest = hashlib.sha1(data).hexdigest()
-    if not data:
-        return "empty file (0 bytes)", 0, 0, digest
-    try:
-        image = open_image(data=data)
-    except DECODE_ERRORS as err:
-        return _reason(err), 0, 0, digest
-    return "", image.width, image.height, digest
+    return (reason, 0, 0, digest) if image is None else ("", image.width, image.height, digest)
 
 
 def shrink_file(path=None, data=None, stored_size=None):
     """(uncompressed PPM bytes of the image as RGB, its shortest edge at most `stored_size`, or None; reason or "")."""
-    try:
-        data = _read(path, data)
-        if not data:
-            return None, "empty file (0 bytes)"
-        image = to_rgb(open_image(data=data, draft_size=stored_size))
-    except DECODE_ERRORS as err:
-        return None, _reason(err)
+    image, reason = decode_file(path, data, draft_size=stored_size, rgb=True)
+    if image is None:
+        return None, reason
     shortest = min(image.size)
     if shortest > stored_size:
         scale = stored_size / shortest

@@ -16,23 +16,10 @@ import json
 import os
 import sys
 
-from PIL import Image
-
 from imgft.errors import UserError
 
 OUTPUT_SUFFIXES = (".jsonl", ".csv")
 PROGRESS_MIN_IMAGES = 100  # below this a run takes seconds and a progress bar is only noise
-# What PIL and imgft.images raise on a file that is not a decodable image.
-UNREADABLE_ERRORS = (
-    OSError,
-    ValueError,
-    SyntaxError,
-    EOFError,
-    Image.DecompressionBombError,
-    Image.DecompressionBombWarning,  # imgft.images.open_image makes this warning an error
-)
-
-
 FLAGS = ("--model_name_or_path", "--top_k", "--per_device_eval_batch_size", "--output", "--cache_dir")
 FLAGS += ("--model_revision", "--trust_remote_code")  # make_parser's flags, for "did you mean"
 GLOB_CHARACTERS = "*?["
@@ -138,11 +125,7 @@ def load_image(path):
     """(RGB image, "") or (None, why it cannot be read), decoded as training decodes it."""
     from imgft import images
 
-    try:
-        return images.to_rgb(images.open_image(path)), ""
-    except UNREADABLE_ERRORS as err:
-        # imgft.images words the reason (empty file, truncated, not an image, too large) as training's warnings do.
-        return None, images.inspect_file(path)[0] or f"cannot decode: {err}"
+    return images.decode_file(path, rgb=True)
 
 
 def predict_batch(model, pixel_values, top_k):
