@@ -22,7 +22,6 @@ from torchmetrics.classification import (
 
 from imgft.outputs import json_safe
 
-RESULTS_FILE = "eval_results.json"
 NUM_MISTAKES = 16
 # A list of numbers that json.dumps spread over lines: a raw newline never occurs inside a JSON string.
 NUMBER_LIST = re.compile(r"\[\n[-+\d.eE,\s]*\]")

@@ -5,7 +5,8 @@ import re
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-CARD_FILE = "README.md"
+from imgft.outputs import CARD_FILE
+
 TAGS = ["image-classification", "imgft"]
 # `owner/name` or `name`: what the Hub accepts as a repository id.
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")

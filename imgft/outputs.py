@@ -16,13 +16,19 @@ METRICS_LOG = "metrics.jsonl"
 CONFIG_FILE = "imgft_config.yaml"
 TRACKER_DIR = "imgft"  # accelerate's trackers write under output_dir/<project name>
 BEST_DIR = "best_model"  # the best evaluation's weights, with --load_best_model_at_end
+# The report (imgft.reports): also what `python -m imgft evaluate --output_dir` writes.
+EVAL_RESULTS_FILE = "eval_results.json"
+CONFUSION_MATRIX_FILE = "confusion_matrix.png"
+MISTAKES_FILE = "mistakes.png"
+TRAINING_CURVES_FILE = "training_curves.png"
+CARD_FILE = "README.md"  # the model card
 # Files a finished run writes beside its checkpoints; --overwrite_output_dir removes these and nothing else.
 RUN_FILES = (
-    "README.md",  # the model card
-    "eval_results.json",
-    "confusion_matrix.png",
-    "mistakes.png",
-    "training_curves.png",
+    CARD_FILE,
+    EVAL_RESULTS_FILE,
+    CONFUSION_MATRIX_FILE,
+    MISTAKES_FILE,
+    TRAINING_CURVES_FILE,
     RESULTS_FILE,
     METRICS_LOG,
     CONFIG_FILE,

@@ -3,11 +3,7 @@
 import os
 
 from imgft import images, metrics, model_card, plots
-
-CONFUSION_MATRIX_FILE = "confusion_matrix.png"
-MISTAKES_FILE = "mistakes.png"
-TRAINING_CURVES_FILE = "training_curves.png"
-REPORT_FILES = (metrics.RESULTS_FILE, CONFUSION_MATRIX_FILE, MISTAKES_FILE, TRAINING_CURVES_FILE, model_card.CARD_FILE)
+from imgft.outputs import CONFUSION_MATRIX_FILE, EVAL_RESULTS_FILE, MISTAKES_FILE, TRAINING_CURVES_FILE
 
 
 def write_evaluation_report(output_dir, results, details, split, image_column):
@@ -22,7 +18,7 @@ def write_evaluation_report(output_dir, results, details, split, image_column):
     mistake_images = [images.to_rgb(split[mistake["index"]][image_column]) for mistake in mistakes]
     confusion = details["confusion_matrix"]
     return [
-        metrics.write_eval_results(os.path.join(output_dir, metrics.RESULTS_FILE), results, details),
+        metrics.write_eval_results(os.path.join(output_dir, EVAL_RESULTS_FILE), results, details),
         plots.plot_confusion_matrix(
             confusion["matrix"], confusion["labels"], os.path.join(output_dir, CONFUSION_MATRIX_FILE)
         ),
