@@ -151,16 +151,13 @@ def model_only_rate(image_size, batch_size, num_labels, mixed_precision="no", ch
     norm to 1.0 as imgft does by default, AdamW) on a batch already on the device: the data path's ceiling.
     The median of `windows` timings of `steps` steps each, after 3 warm-up steps."""
     import torch
-    from transformers import AutoConfig, AutoModelForImageClassification
 
-    from imgft.args import DEMO_CONFIG_OVERRIDES
+    from imgft.bench_upstream import demo_resnet
     from imgft.data import normalize
-    from imgft.model import parse_config_overrides
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    config = AutoConfig.for_model("resnet", **parse_config_overrides(DEMO_CONFIG_OVERRIDES), num_labels=num_labels)
-    model = AutoModelForImageClassification.from_config(config).to(device, memory_format=memory_format)
+    model = demo_resnet(num_labels).to(device, memory_format=memory_format)
     optimizer = torch.optim.AdamW(model.parameters())
     pixel_values = torch.randint(0, 256, (batch_size, 3, image_size, image_size), dtype=torch.uint8, device=device)
     labels = torch.randint(0, num_labels, (batch_size,), device=device)

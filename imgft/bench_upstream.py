@@ -32,6 +32,12 @@ from imgft.args import DEMO_CONFIG_OVERRIDES
 from imgft.model import parse_config_overrides
 
 
+def demo_resnet(num_labels):
+    """The model of every benchmark run and of the model-only rate: imgft's demo ResNet, random weights."""
+    config = AutoConfig.for_model("resnet", **parse_config_overrides(DEMO_CONFIG_OVERRIDES), num_labels=num_labels)
+    return AutoModelForImageClassification.from_config(config)
+
+
 def build_dataloaders(train_dir, validation_dir, image_size, batch_size, cache_dir=None):
     """The upstream example's datasets, transforms and DataLoaders: (train, eval, label names)."""
     dataset = load_dataset(
@@ -82,8 +88,7 @@ def main():
         args.train_dir, args.validation_dir, args.image_size, args.per_device_train_batch_size
     )
 
-    config = AutoConfig.for_model("resnet", **parse_config_overrides(DEMO_CONFIG_OVERRIDES), num_labels=len(labels))
-    model = AutoModelForImageClassification.from_config(config)
+    model = demo_resnet(len(labels))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
     model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
         model, optimizer, train_dataloader, eval_dataloader
