@@ -205,7 +205,8 @@ def inspect_images(split_dataset, image_column, num_proc=None):
     """One row per image: its unreadable reason ("" if fine), path, size and content hash.
 
     One decode of every file, as a `datasets.map` whose result is cached under the dataset's
-    fingerprint: a second run on the same data, or `check-data` then training, reads the cache.
+    fingerprint: a second run on the same data reads the cache, and so does training after `check-data`
+    when --resize_once is off (with it on, training's check is the `resize_once` pass instead).
     """
     undecoded = split_dataset.cast_column(image_column, datasets.Image(decode=False))
     return undecoded.map(

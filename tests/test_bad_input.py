@@ -351,6 +351,25 @@ def check_data(argv, capsys):
     return stopped.value.code, captured.out, captured.err
 
 
+def test_check_data_decodes_each_image_once_when_labels_need_encoding(tmp_path, monkeypatch):
+    import datasets
+
+    from imgft import data_report
+    from imgft.args import DataArguments
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("string")})
+    rows = {"image": [encoded(Image.new("RGB", (8, 8), (i * 20, 0, 0)), "PNG") for i in range(12)]}
+    rows["label"] = ["cat", "dog"] * 6  # strings: encoding them as a ClassLabel changes the fingerprint
+    for split in ("train", "validation"):
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "data" / f"{split}.parquet"))
+    decoded = []
+    inspect_file = images.inspect_file
+    monkeypatch.setattr(images, "inspect_file", lambda *args: decoded.append(1) or inspect_file(*args))
+    lines, refusal = data_report.data_report(DataArguments(dataset_name=str(tmp_path / "data")), None, 42)
+    assert refusal is None and "Classes (2), train / validation:" in lines
+    assert len(decoded) == 24  # 12 train + 12 validation images, each decoded once
+
+
 def test_check_data_reports_counts_problems_duplicates_and_sizes(folder_with_bad_files, capsys):
     root = folder_with_bad_files
     (root / "validation" / "red" / "copy.png").write_bytes((root / "train" / "red" / "003.png").read_bytes())
