@@ -110,7 +110,8 @@ def pipeline_command(pipeline, data_dir, out_dir, image_size, epochs, batch_size
     common = ["--image_size", str(image_size), "--num_train_epochs", str(epochs)]
     common += ["--per_device_train_batch_size", str(batch_size)]
     if pipeline == "upstream":
-        return [sys.executable, "-m", "imgft.bench_upstream", *data, *common, "--metrics_file", f"{out_dir}/m.jsonl"]
+        upstream = [sys.executable, "-m", "imgft.bench_upstream", *data, *common]
+        return [*upstream, "--metrics_file", metrics_file(pipeline, out_dir)]
     variant = GPU_VARIANT_FLAGS if pipeline == GPU_VARIANT else ()
     return [sys.executable, "train_loop.py", *data, *common, "--output_dir", out_dir, "--random_flip", *variant]
 
