@@ -105,7 +105,7 @@ def main(argv=None):
     loader_options = {
         "collate_fn": data.collate_fn,  # stacks pixel_values into B x C x H x W (uint8) and labels into B
         "num_workers": workers,
-        "pin_memory": accelerator.device.type == "cuda",  # page-locked batches copy to the GPU faster
+        "pin_memory": accelerator.device.type == "cuda",  # a non_blocking copy from pageable memory waits for the GPU
         "persistent_workers": workers > 0,  # keep workers alive across epochs
     }
     train_dataloader = DataLoader(train_dataset, train_args.per_device_train_batch_size, shuffle=True, **loader_options)
@@ -113,7 +113,9 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- 5. Optimizer, schedule, prepare
     model = model.to(memory_format=torch.channels_last) if train_args.channels_last else model
-    optimizer = torch.optim.AdamW(optimizer_param_groups(model, train_args.weight_decay), lr=train_args.learning_rate)
+    # fused: the whole update in one kernel, which can also skip a step on the device (found_inf, in the loop).
+    param_groups = optimizer_param_groups(model, train_args.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups, lr=train_args.learning_rate, fused=True)
     # prepare() moves the model to the device and wraps it in DDP, wraps the optimizer for mixed precision
     # and accumulation, and shards each DataLoader: len(train_dataloader) is then this process's share.
     model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
@@ -124,9 +126,7 @@ def main(argv=None):
     num_epochs = math.ceil(max_train_steps / updates_per_epoch)
     # The schedule counts optimizer steps, so warmup and total mean the same on any number of processes.
     # It is stepped by hand below rather than prepared: a prepared scheduler steps once per process.
-    lr_scheduler = get_scheduler(
-        train_args.lr_scheduler_type, optimizer, train_args.num_warmup_steps, num_training_steps=max_train_steps
-    )
+    lr_scheduler = get_scheduler(train_args.lr_scheduler_type, optimizer, train_args.num_warmup_steps, max_train_steps)
     # save_state/load_state now cover the scheduler too, beside model, optimizer, scaler, sampler and RNGs.
     accelerator.register_for_checkpointing(lr_scheduler)
 
@@ -154,8 +154,12 @@ def main(argv=None):
     logger.info(runtime.run_summary(train_dataset, eval_dataset, label_names, accelerator, train_args, max_train_steps))
 
     def log_train_loss(epoch_position):
-        # Also called at checkpoints and epoch ends, so a checkpoint never holds a half-summed window.
-        nonlocal window_batches, train_loss_sum, train_loss_count
+        # Also called at checkpoints and epoch ends, so a checkpoint never holds a half-summed window. It reads the
+        # count of steps skipped for a NaN/inf loss too: --on_nonfinite_loss stop ends the run here.
+        nonlocal window_batches, train_loss_sum, train_loss_count, skipped_steps, steps_checked
+        skipped_steps = runtime.read_skipped_steps(skipped_on_device, skipped_steps, steps_checked, completed_steps,
+                                                   train_args.on_nonfinite_loss, output_dir)  # fmt: skip
+        steps_checked = completed_steps
         if window_batches:
             mean_loss = accelerator.reduce(window_loss, "mean").item() / window_batches
             train_loss_sum += mean_loss * window_batches
@@ -198,7 +202,8 @@ def main(argv=None):
     # Losses pile up on the device and are read once per log step: an .item() per step would stall the GPU.
     window_loss = torch.zeros((), device=accelerator.device)
     nonfinite_losses = torch.zeros((), dtype=torch.int64, device=accelerator.device)
-    window_batches = samples_seen = skipped_steps = 0
+    skipped_on_device = torch.zeros((), device=accelerator.device)
+    window_batches, samples_seen, skipped_steps, steps_checked = 0, 0, 0, completed_steps
     eval_results, details, evaluated_at, stop_early = {}, {}, None, False
     start_time = time.perf_counter()
     for epoch in range(state["epoch"], num_epochs):
@@ -218,21 +223,16 @@ def main(argv=None):
                 # backward() replaces loss.backward(): it scales the loss for fp16 and divides it by the
                 # accumulation steps, so the loss must not be divided again here.
                 accelerator.backward(loss)
-                nonfinite_losses += ~loss.detach().isfinite()  # counted on the device, read once per step
-                step_is_finite = True
+                nonfinite_losses += ~loss.detach().isfinite()
                 if accelerator.sync_gradients:
-                    step_is_finite = runtime.losses_were_finite(accelerator, nonfinite_losses)
-                    if not step_is_finite and train_args.on_nonfinite_loss == "stop":
-                        raise UserError(runtime.nonfinite_message(completed_steps + 1, epoch, output_dir))
-                    if step_is_finite and train_args.max_grad_norm > 0:
-                        # Unscales fp16 gradients first, then clips the all-reduced gradient.
+                    # A NaN/inf loss on any process sets found_inf: fused AdamW then skips the update on the device
+                    # (GradScaler's protocol). Counted there, read at log steps: a read per step stalls the GPU.
+                    optimizer.optimizer.found_inf = runtime.any_nonfinite(accelerator, nonfinite_losses)
+                    skipped_on_device += optimizer.optimizer.found_inf
+                    if train_args.max_grad_norm > 0:  # unscales fp16 gradients, then clips the all-reduced ones
                         accelerator.clip_grad_norm_(model.parameters(), train_args.max_grad_norm)
-                if step_is_finite:  # --on_nonfinite_loss skip: no update from a NaN/inf loss
-                    optimizer.step()
+                optimizer.step()
                 optimizer.zero_grad()
-            if not step_is_finite:
-                skipped_steps += 1
-                logger.warning(f"Skipped step {completed_steps + 1}: non-finite loss")
             window_loss += loss.detach().nan_to_num(0.0, 0.0, 0.0)
             window_batches += 1
             samples_seen += len(batch["labels"])

@@ -177,7 +177,10 @@ class TrainArguments:
     num_warmup_steps: int = field(default=0, metadata={"help": "Optimizer steps of linear warmup."})
     on_nonfinite_loss: Literal["stop", "skip"] = field(
         default="stop",
-        metadata={"help": "On a NaN/inf loss: stop the run (naming the step and last checkpoint) or skip that step."},
+        metadata={
+            "help": "A NaN/inf loss never updates the weights (its step is skipped on the device). stop: end the run "
+            "at the next log step or checkpoint, naming the step(s) and the last checkpoint; skip: log and go on."
+        },
     )
     max_grad_norm: float = field(
         default=1.0,

@@ -8,6 +8,8 @@ import time
 
 import torch
 
+from imgft.errors import UserError
+
 QUIET_LOGGERS = ("httpx", "datasets", "accelerate.checkpointing", "accelerate.accelerator")
 
 
@@ -100,25 +102,38 @@ def preemption_check(accelerator):
     return signal_on_any_process
 
 
-def losses_were_finite(accelerator, nonfinite_losses):
-    """Whether every loss since the last optimizer step, on every process, was finite; resets the count.
-
-    The one host sync per optimizer step that imgft makes: a step on a NaN/inf loss must never happen.
-    """
+def any_nonfinite(accelerator, nonfinite_losses):
+    """1.0 if a loss since the last optimizer step was NaN/inf on any process, else 0.0, on the device; resets the
+    count. Fused AdamW takes it as `found_inf` and skips the step without the CPU waiting for the GPU."""
     total = accelerator.reduce(nonfinite_losses, "sum") if accelerator.num_processes > 1 else nonfinite_losses
-    finite = total.item() == 0
+    found_inf = (total > 0).float()
     nonfinite_losses.zero_()
-    return finite
+    return found_inf
 
 
-def nonfinite_message(step, epoch, output_dir):
+def read_skipped_steps(
+    skipped_on_device, skipped_before, steps_checked, completed_steps, on_nonfinite_loss, output_dir
+):
+    """How many steps were skipped for a NaN/inf loss so far. New ones since step `steps_checked` stop the run
+    (--on_nonfinite_loss stop: a UserError naming them and the last checkpoint) or are logged (skip)."""
+    skipped = int(skipped_on_device.item())
+    if skipped > skipped_before:
+        first, count = steps_checked + 1, skipped - skipped_before
+        where = f"step {completed_steps}" if first == completed_steps else f"{count} of steps {first}-{completed_steps}"
+        if on_nonfinite_loss == "stop":
+            raise UserError(nonfinite_message(where, output_dir))
+        log_once(logging.WARNING, f"Skipped {where}: non-finite loss, no update made")
+    return skipped
+
+
+def nonfinite_message(where, output_dir):
     from imgft.checkpoint import list_checkpoints
 
     checkpoints = list_checkpoints(output_dir)
     last = f"the last checkpoint is {checkpoints[-1]}" if checkpoints else "there is no checkpoint yet"
     return (
-        f"non-finite loss (NaN or inf) at step {step}, epoch {epoch + 1}: stopped rather than train on it; {last}. "
-        "Lower --learning_rate or check the data, or pass --on_nonfinite_loss skip to skip such steps"
+        f"non-finite loss (NaN or inf) at {where}: no update was made from it, and the run stopped; {last}. "
+        "Lower --learning_rate or check the data, or pass --on_nonfinite_loss skip to go on without such steps"
     )
 
 
