@@ -2,6 +2,8 @@
 
     python .ci/gpu-profile.py syncs OUT_DIR              # every place the loop makes the CPU wait for the GPU
     python .ci/gpu-profile.py profile NAME DATA_DIR OUT_DIR [train_loop flags]
+    python .ci/gpu-profile.py steps DATA_DIR [train_loop flags]   # per epoch: first-batch wait, median step
+    python .ci/gpu-profile.py model OUT_DIR                      # the benchmark's model-only step, profiled
 
 `syncs` trains the digits demo for a few steps with torch.cuda.set_sync_debug_mode("warn") and lists each
 source line that synchronised. `profile` trains on an imagefolder (the benchmark's camera data) under
@@ -12,7 +14,9 @@ gzipped Chrome trace, and per step: wall time, time the GPU was busy, and the wa
 import gzip
 import json
 import os
+import statistics
 import sys
+import time
 import warnings
 
 import torch
@@ -44,9 +48,7 @@ def syncs(out_dir):
 def profile(name, data_dir, out_dir, extra_flags):
     from torch.profiler import ProfilerActivity, schedule
 
-    argv = ["--train_dir", f"{data_dir}/train", "--validation_dir", f"{data_dir}/validation", "--image_size", "64"]
-    argv += ["--num_train_epochs", "8", "--per_device_train_batch_size", "32", "--random_flip"]
-    argv += ["--output_dir", f"/tmp/imgft-profile-{name}", *extra_flags]
+    argv = camera_flags(data_dir, f"/tmp/imgft-profile-{name}") + extra_flags
     original_timed = runtime.timed
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     profiler = torch.profiler.profile(activities=activities, schedule=schedule(wait=15, warmup=5, active=40, repeat=1))
@@ -70,6 +72,85 @@ def profile(name, data_dir, out_dir, extra_flags):
     report = [table, per_step_gpu_busy(trace)]
     print("\n".join(report))
     with open(os.path.join(out_dir, f"profile-{name}.txt"), "w") as file:
+        file.write("\n".join(report) + "\n")
+
+
+def camera_flags(data_dir, output_dir):
+    argv = ["--train_dir", f"{data_dir}/train", "--validation_dir", f"{data_dir}/validation", "--image_size", "64"]
+    return argv + [
+        "--num_train_epochs",
+        "8",
+        "--per_device_train_batch_size",
+        "32",
+        "--random_flip",
+        "--output_dir",
+        output_dir,
+    ]
+
+
+def steps(data_dir, extra_flags):
+    """Without a profiler: per epoch, the wait for its first batch and the median time between later batches."""
+    epochs = []
+    original_timed = runtime.timed
+
+    def stamped(batches, wait):
+        start, stamps = time.perf_counter(), []
+        epochs.append((start, stamps))
+        for batch in original_timed(batches, wait):
+            stamps.append(time.perf_counter())
+            yield batch
+
+    runtime.timed = stamped
+    train_loop.main(camera_flags(data_dir, f"/tmp/imgft-steps-{len(extra_flags)}") + extra_flags)
+    for number, (start, stamps) in enumerate(epochs, start=1):
+        gaps = [later - earlier for earlier, later in zip(stamps, stamps[1:], strict=False)]
+        print(
+            f"epoch {number}: first batch after {(stamps[0] - start) * 1e3:.1f} ms, median step "
+            f"{statistics.median(gaps) * 1e3:.2f} ms, min {min(gaps) * 1e3:.2f} ms ({' '.join(extra_flags)})"
+        )
+
+
+def model_only(out_dir):
+    """The benchmark's model-only step (imgft's step on a batch already on the GPU): unprofiled, then profiled."""
+    from torch.profiler import ProfilerActivity
+
+    from imgft.bench_upstream import demo_resnet
+    from imgft.data import normalize
+
+    model = demo_resnet(4).cuda()
+    optimizer = torch.optim.AdamW(model.parameters(), fused=True)
+    pixel_values = torch.randint(0, 256, (32, 3, 64, 64), dtype=torch.uint8, device="cuda")
+    labels = torch.randint(0, 4, (32,), device="cuda")
+
+    def step():
+        loss = model(pixel_values=normalize(pixel_values, [0.5] * 3, [0.5] * 3), labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(30):
+            step()
+        torch.cuda.synchronize()
+        print(f"model-only, unprofiled: {(time.perf_counter() - start) / 30 * 1e3:.2f} ms a step")
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+        for _ in range(40):
+            with torch.profiler.record_function("ProfilerStep#model"):
+                step()
+        torch.cuda.synchronize()
+    trace_path = os.path.join(out_dir, "profile-model-only.json")
+    profiler.export_chrome_trace(trace_path)
+    with open(trace_path) as file:
+        trace = json.load(file)
+    os.remove(trace_path)
+    report = [profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=20), per_step_gpu_busy(trace)]
+    print("\n".join(report))
+    with open(os.path.join(out_dir, "profile-model-only.txt"), "w") as file:
         file.write("\n".join(report) + "\n")
 
 
@@ -109,5 +190,9 @@ def per_step_gpu_busy(trace):
 if __name__ == "__main__":
     if sys.argv[1] == "syncs":
         syncs(sys.argv[2])
+    elif sys.argv[1] == "steps":
+        steps(sys.argv[2], sys.argv[3:])
+    elif sys.argv[1] == "model":
+        model_only(sys.argv[2])
     else:
         profile(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:])
