@@ -119,10 +119,10 @@ def read_skipped_steps(
     skipped = int(skipped_on_device.item())
     if skipped > skipped_before:
         first, count = steps_checked + 1, skipped - skipped_before
-        where = f"step {completed_steps}" if first == completed_steps else f"{count} of steps {first}-{completed_steps}"
+        steps = f"step {completed_steps}" if first == completed_steps else f"{count} of steps {first}-{completed_steps}"
         if on_nonfinite_loss == "stop":
-            raise UserError(nonfinite_message(where, output_dir))
-        log_once(logging.WARNING, f"Skipped {where}: non-finite loss, no update made")
+            raise UserError(nonfinite_message(("at " if first == completed_steps else "in ") + steps, output_dir))
+        log_once(logging.WARNING, f"Skipped {steps}: non-finite loss, no update made")
     return skipped
 
 
@@ -132,7 +132,7 @@ def nonfinite_message(where, output_dir):
     checkpoints = list_checkpoints(output_dir)
     last = f"the last checkpoint is {checkpoints[-1]}" if checkpoints else "there is no checkpoint yet"
     return (
-        f"non-finite loss (NaN or inf) at {where}: no update was made from it, and the run stopped; {last}. "
+        f"non-finite loss (NaN or inf) {where}: no update was made from it, and the run stopped; {last}. "
         "Lower --learning_rate or check the data, or pass --on_nonfinite_loss skip to go on without such steps"
     )
 

@@ -327,6 +327,17 @@ def test_nonfinite_loss_stops_naming_the_step_and_checkpoint(train, tmp_path, co
     assert not (out / "step_2").exists()  # nothing trained on the NaN is ever saved
 
 
+def test_nonfinite_loss_stops_at_the_next_log_step_naming_the_span(train, tmp_path, colors_data, tiny_vit):
+    out = tmp_path / "out"
+    flags = data_flags(colors_data) + vit_flags(tiny_vit) + ["--output_dir", out, "--per_device_train_batch_size", "8"]
+    # No GPU read per step: the NaN steps (2, 3, 4) are skipped on the device and seen at the step-4 log.
+    with pytest.raises(UserError) as stopped:
+        train(flags + ["--learning_rate", "1e30", "--max_train_steps", "6", "--logging_steps", "4"])
+    assert "non-finite loss (NaN or inf) in 3 of steps 1-4" in str(stopped.value)
+    assert "there is no checkpoint yet" in str(stopped.value)
+    assert not (out / "model.safetensors").exists() and not (out / "all_results.json").exists()
+
+
 def test_nonfinite_loss_can_skip_steps_instead(train, tmp_path, colors_data, tiny_vit, caplog):
     out = tmp_path / "out"
     train(
