@@ -61,17 +61,22 @@ def profile(name, data_dir, out_dir, extra_flags):
     runtime.timed = profiled
     with profiler:
         train_loop.main(argv)
-    table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
-    trace_path = os.path.join(out_dir, f"profile-{name}.json")
+    write_report(profiler, out_dir, f"profile-{name}", keep_trace=True)
+
+
+def write_report(profiler, out_dir, name, keep_trace):
+    """NAME.txt (and printed): the profiler's table and per-step GPU busy time; NAME.json.gz: the Chrome trace."""
+    trace_path = os.path.join(out_dir, f"{name}.json")
     profiler.export_chrome_trace(trace_path)
     with open(trace_path) as file:
         trace = json.load(file)
-    with open(trace_path, "rb") as file, gzip.open(trace_path + ".gz", "wb") as packed:
-        packed.write(file.read())
+    if keep_trace:
+        with open(trace_path, "rb") as file, gzip.open(trace_path + ".gz", "wb") as packed:
+            packed.write(file.read())
     os.remove(trace_path)
-    report = [table, per_step_gpu_busy(trace)]
+    report = [profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=30), per_step_gpu_busy(trace)]
     print("\n".join(report))
-    with open(os.path.join(out_dir, f"profile-{name}.txt"), "w") as file:
+    with open(os.path.join(out_dir, f"{name}.txt"), "w") as file:
         file.write("\n".join(report) + "\n")
 
 
@@ -114,44 +119,19 @@ def model_only(out_dir):
     """The benchmark's model-only step (imgft's step on a batch already on the GPU): unprofiled, then profiled."""
     from torch.profiler import ProfilerActivity
 
-    from imgft.bench_upstream import demo_resnet
-    from imgft.data import normalize
+    from imgft.bench import model_only_rate, model_only_step
 
-    model = demo_resnet(4).cuda()
-    optimizer = torch.optim.AdamW(model.parameters(), fused=True)
-    pixel_values = torch.randint(0, 256, (32, 3, 64, 64), dtype=torch.uint8, device="cuda")
-    labels = torch.randint(0, 4, (32,), device="cuda")
-
-    def step():
-        loss = model(pixel_values=normalize(pixel_values, [0.5] * 3, [0.5] * 3), labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad()
-
+    print(f"model-only, unprofiled: {32 / model_only_rate(64, 32, 4, steps=30) * 1e3:.2f} ms a step (median of 3)")
+    step = model_only_step(64, 32, 4)
     for _ in range(5):
         step()
     torch.cuda.synchronize()
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(30):
-            step()
-        torch.cuda.synchronize()
-        print(f"model-only, unprofiled: {(time.perf_counter() - start) / 30 * 1e3:.2f} ms a step")
     with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
         for _ in range(40):
             with torch.profiler.record_function("ProfilerStep#model"):
                 step()
         torch.cuda.synchronize()
-    trace_path = os.path.join(out_dir, "profile-model-only.json")
-    profiler.export_chrome_trace(trace_path)
-    with open(trace_path) as file:
-        trace = json.load(file)
-    os.remove(trace_path)
-    report = [profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=20), per_step_gpu_busy(trace)]
-    print("\n".join(report))
-    with open(os.path.join(out_dir, "profile-model-only.txt"), "w") as file:
-        file.write("\n".join(report) + "\n")
+    write_report(profiler, out_dir, "profile-model-only", keep_trace=False)
 
 
 def per_step_gpu_busy(trace):

@@ -147,10 +147,9 @@ def run_pair(name, data_dir, work, image_size, epochs, batch_size, repeats, pipe
     return runs
 
 
-def model_only_rate(image_size, batch_size, num_labels, mixed_precision="no", channels_last=False, steps=15, windows=3):
-    """Images/s of imgft's training step alone (normalise the uint8 batch, forward, backward, clip the gradient
-    norm to 1.0 as imgft does by default, fused AdamW) on a batch already on the device: the data path's ceiling.
-    The median of `windows` timings of `steps` steps each, after 3 warm-up steps."""
+def model_only_step(image_size, batch_size, num_labels, mixed_precision="no", channels_last=False):
+    """imgft's training step alone (normalise the uint8 batch, forward, backward, clip the gradient norm to 1.0
+    as imgft does by default, fused AdamW) on a batch already on the device: a function making one step."""
     import torch
 
     from imgft.bench_upstream import demo_resnet
@@ -164,17 +163,28 @@ def model_only_rate(image_size, batch_size, num_labels, mixed_precision="no", ch
     labels = torch.randint(0, num_labels, (batch_size,), device=device)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=mixed_precision == "bf16")
 
+    def train_step():
+        with autocast:
+            loss = model(pixel_values=normalize(pixel_values, [0.5] * 3, [0.5] * 3, memory_format), labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return train_step
+
+
+def model_only_rate(image_size, batch_size, num_labels, mixed_precision="no", channels_last=False, steps=15, windows=3):
+    """Images/s of `model_only_step`: the data path's ceiling. The median of `windows` timings of `steps`
+    steps each, after 3 warm-up steps."""
+    import torch
+
+    train_step = model_only_step(image_size, batch_size, num_labels, mixed_precision, channels_last)
+
     def train_steps(count):
         for _ in range(count):
-            with autocast:
-                loss = model(
-                    pixel_values=normalize(pixel_values, [0.5] * 3, [0.5] * 3, memory_format), labels=labels
-                ).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad()
-        if device.type == "cuda":
+            train_step()
+        if torch.cuda.is_available():  # the step's device: wait for the queued kernels before reading the clock
             torch.cuda.synchronize()
 
     train_steps(3)  # warm-up: allocations, kernel selection

@@ -420,10 +420,14 @@ def with_image_transform(split_dataset, image_transform, image_column, label_col
 
 
 def collate_fn(examples):
-    """Stack H x W x 3 uint8 images into a B x 3 x H x W uint8 batch (channels-last in memory) and labels into B."""
+    """Stack H x W x 3 uint8 images into a B x 3 x H x W uint8 batch (`stack_images`) and labels into B."""
     return {
-        "pixel_values": torch.from_numpy(np.stack([example["pixel_values"] for example in examples])).permute(
-            0, 3, 1, 2
-        ),
+        "pixel_values": stack_images([example["pixel_values"] for example in examples]),
         "labels": torch.tensor([example["labels"] for example in examples], dtype=torch.long),
     }
+
+
+def stack_images(arrays):
+    """H x W x 3 uint8 arrays (what the transforms give) -> one B x 3 x H x W uint8 tensor, channels-last in
+    memory: the permute is a view, so the stack is the only copy."""
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)

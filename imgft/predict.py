@@ -149,8 +149,7 @@ def to_record(path, ranked, id2label):
 def predict_files(model, transform, normalize, files, batch_size, top_k, progress):
     """Yield one record per readable file, in order, decoding only one batch of images at a time;
     unreadable files are named through the progress bar (on stderr, without breaking the bar)."""
-    import numpy as np
-    import torch
+    from imgft.data import stack_images
 
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     id2label = {int(key): value for key, value in model.config.id2label.items()}
@@ -164,7 +163,7 @@ def predict_files(model, transform, normalize, files, batch_size, top_k, progres
             readable.append(path)
             pixel_values.append(transform(image))
         if readable:
-            uint8_batch = torch.from_numpy(np.stack(pixel_values)).permute(0, 3, 1, 2).to(device)
+            uint8_batch = stack_images(pixel_values).to(device)
             batch = normalize(uint8_batch).to(dtype)
             for path, ranked in zip(readable, predict_batch(model, batch, top_k), strict=True):
                 yield to_record(path, ranked, id2label)
