@@ -26,9 +26,10 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from imgft import args as imgft_args
-from imgft import best, checkpoint, data, metrics, outputs, reports, runtime
+from imgft import best, checkpoint, data, metrics, outputs, runtime, transforms
 from imgft.errors import UserError, run_as_script
 from imgft.model import check_model_source, load_model, optimizer_param_groups
+from imgft.report import reports
 
 logger = get_logger("imgft")
 
@@ -82,28 +83,28 @@ def main(argv=None):
     # ---------------------------------------------------------------- 4. Transforms and DataLoaders
     # One decode of every image: unreadable files are set aside (each named), and with --resize_once the
     # rest are stored shrunk to what the transforms need, in a cached file that later epochs and runs reuse.
-    stored_size = data.stored_image_size(image_processor, model_args.image_size, data_args)
+    stored_size = transforms.stored_image_size(image_processor, model_args.image_size, data_args)
     with accelerator.main_process_first():
         dataset, unreadable_images = data.drop_unreadable(
             dataset, image_column, label_column, label_names, data_args, stored_size
         )
     # Sizes and normalisation come from the image processor; transforms run lazily, per batch (set_transform).
     # They give uint8 images (a quarter of float32's bytes to move); `normalize` makes floats on the device.
-    train_transform, eval_transform = data.build_transforms(
+    train_transform, eval_transform = transforms.build_transforms(
         image_processor, model_args.image_size, data_args.random_flip, data_args.crop_scale_min
     )
-    normalize = data.normalizer(image_processor, train_args.channels_last)
+    normalize = transforms.normalizer(image_processor, train_args.channels_last)
     train_dataset = data.subsample(dataset["train"], data_args.max_train_samples, train_args.seed)
     eval_rows = data.subsample(dataset["validation"], data_args.max_eval_samples, train_args.seed)
     # Augmentation is seeded per image by (seed, epoch, row), workers reading the epoch from shared memory.
-    augmentation_epoch = data.shared_epoch()
-    train_dataset = data.with_image_transform(
+    augmentation_epoch = transforms.shared_epoch()
+    train_dataset = transforms.with_image_transform(
         train_dataset, train_transform, image_column, label_column, seed=train_args.seed, epoch=augmentation_epoch
     )
-    eval_dataset = data.with_image_transform(eval_rows, eval_transform, image_column, label_column)
+    eval_dataset = transforms.with_image_transform(eval_rows, eval_transform, image_column, label_column)
     workers = runtime.dataloader_workers(data_args.num_workers, accelerator.device, accelerator.num_processes)
     loader_options = {
-        "collate_fn": data.collate_fn,  # stacks pixel_values into B x C x H x W (uint8) and labels into B
+        "collate_fn": transforms.collate_fn,  # stacks pixel_values into B x C x H x W (uint8) and labels into B
         "num_workers": workers,
         "pin_memory": accelerator.device.type == "cuda",  # a non_blocking copy from pageable memory waits for the GPU
         "persistent_workers": workers > 0,  # keep workers alive across epochs

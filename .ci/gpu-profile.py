@@ -119,7 +119,7 @@ def model_only(out_dir):
     """The benchmark's model-only step (imgft's step on a batch already on the GPU): unprofiled, then profiled."""
     from torch.profiler import ProfilerActivity
 
-    from imgft.bench import model_only_rate, model_only_step
+    from benchmarks.bench import model_only_rate, model_only_step
 
     print(f"model-only, unprofiled: {32 / model_only_rate(64, 32, 4, steps=30) * 1e3:.2f} ms a step (median of 3)")
     step = model_only_step(64, 32, 4)

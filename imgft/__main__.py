@@ -1,4 +1,4 @@
-from imgft.cli import main
+from imgft.commands.cli import main
 from imgft.errors import skip_final_collection
 
 main()

@@ -1,19 +1,15 @@
-"""Steps 2 and 4: load the dataset with its labels, and the transforms and collate_fn that turn it into batches."""
+"""Step 2: the dataset and its labels: Hub name or imagefolders, the validation split, label names, and the
+one decode pass that sets unreadable images aside (and stores the rest shrunk). No transforms: see transforms.py."""
 
 import logging
-import math
 import os
-import random
-from functools import lru_cache, partial
 
 import datasets
 import numpy as np
-import torch
 from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
-from torchvision.transforms.v2 import functional as F
 
 from imgft import images
-from imgft.demo_data import ensure_digits_imagefolder
+from imgft.commands.demo_data import ensure_digits_imagefolder
 from imgft.errors import UserError
 from imgft.runtime import hub_offline, log_once
 
@@ -72,18 +68,6 @@ def drop_unreadable(dataset, image_column, label_column, label_names, data_args,
     if problems:  # a class may have lost all its training images
         _check_class_counts(kept, label_column, label_names)
     return kept, len(problems)
-
-
-def stored_image_size(image_processor, image_size, data_args):
-    """The shortest edge --resize_once stores images at (None when it is off): --stored_image_size, else
-    enough for the transforms: the eval resize, and the crop size with the usual 0.875 centre-crop margin."""
-    if not data_args.resize_once:
-        return None
-    if data_args.stored_image_size:
-        return data_args.stored_image_size
-    resize, crop = image_sizes(image_processor, image_size)
-    largest_resize = max(resize) if isinstance(resize, tuple) else resize
-    return max(largest_resize, math.ceil(max(crop) / 0.875))
 
 
 def demo_dir_for(data_args):
@@ -260,174 +244,3 @@ def subsample(split_dataset, max_samples, seed):
     if max_samples is None or max_samples >= len(split_dataset):
         return split_dataset
     return split_dataset.shuffle(seed=seed).select(range(max_samples))
-
-
-def _size_value(size, key):
-    return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
-
-
-def image_sizes(image_processor, image_size):
-    """(resize, crop) sizes for evaluation, read from the image processor or forced square by `image_size`.
-
-    Processors give either `shortest_edge` (with an optional `crop_size` or ConvNeXt's `crop_pct`)
-    or `height` + `width`; torchvision's Resize takes an int for the shortest edge or an (h, w) pair.
-    """
-    if image_size:
-        return image_size, (image_size, image_size)
-    size = image_processor.size
-    shortest_edge = _size_value(size, "shortest_edge")
-    if shortest_edge:
-        crop_size = getattr(image_processor, "crop_size", None)
-        if crop_size and getattr(image_processor, "do_center_crop", True):
-            return shortest_edge, (
-                _size_value(crop_size, "height"),
-                _size_value(crop_size, "width"),
-            )
-        crop_pct = getattr(image_processor, "crop_pct", None)
-        if crop_pct and shortest_edge < 384:
-            return int(shortest_edge / crop_pct), (shortest_edge, shortest_edge)
-        return shortest_edge, (shortest_edge, shortest_edge)
-    height, width = _size_value(size, "height"), _size_value(size, "width")
-    return (height, width), (height, width)
-
-
-def build_transforms(image_processor, image_size, random_flip, crop_scale_min):
-    """(train, evaluation): PIL image -> H x W x 3 uint8 array at the model's input size.
-
-    Training: random resized crop (+ optional flip), its randomness drawn from the `rng` it is given.
-    Evaluation: resize + centre crop. Both stay uint8: `normalizer` makes floats later, on the device.
-    """
-    resize, crop = image_sizes(image_processor, image_size)
-    train = partial(random_resized_crop, size=list(crop), scale=(crop_scale_min, 1.0), flip=random_flip)
-    evaluation = partial(
-        resize_center_crop, resize=list(resize) if isinstance(resize, tuple) else resize, crop=list(crop)
-    )
-    return train, evaluation
-
-
-def crop_box(width, height, scale, ratio, rng):
-    """(top, left, height, width) of a random crop: torchvision's RandomResizedCrop.get_params, drawing
-    from `rng` (a seeded random.Random) instead of torch's global generator."""
-    area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * rng.uniform(*scale)
-        aspect_ratio = math.exp(rng.uniform(*log_ratio))
-        crop_width = round(math.sqrt(target_area * aspect_ratio))
-        crop_height = round(math.sqrt(target_area / aspect_ratio))
-        if 0 < crop_width <= width and 0 < crop_height <= height:
-            return rng.randint(0, height - crop_height), rng.randint(0, width - crop_width), crop_height, crop_width
-    # Fallback, as torchvision's: the centre crop with the ratio closest to the image's.
-    if width / height < min(ratio):
-        crop_width, crop_height = width, round(width / min(ratio))
-    elif width / height > max(ratio):
-        crop_width, crop_height = round(height * max(ratio)), height
-    else:
-        crop_width, crop_height = width, height
-    return (height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width
-
-
-def random_resized_crop(image, rng=random, size=(224, 224), scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip=False):
-    """A random crop resized to `size` (and a coin-flip mirror with `flip`), as an H x W x 3 uint8 array.
-
-    Torchvision's functional ops on the PIL image, with the parameters drawn here: the transform objects
-    (v2.RandomResizedCrop, PILToTensor, Normalize) cost 3-4x more per small image, measured, and draw
-    from torch's global generator where we need our own seeded `rng`.
-    """
-    top, left, height, width = crop_box(image.width, image.height, scale, ratio, rng)
-    image = F.resized_crop(image, top, left, height, width, size, antialias=True)
-    if flip and rng.random() < 0.5:
-        image = F.horizontal_flip(image)
-    return np.asarray(image)
-
-
-def resize_center_crop(image, resize, crop):
-    return np.asarray(F.center_crop(F.resize(image, resize, antialias=True), crop))
-
-
-def normalizer(image_processor, channels_last=False):
-    """The function that turns a uint8 batch (on the device) into the model's float input: (x/255 - mean) / std
-    with the image processor's statistics, in channels_last memory format when asked."""
-    if getattr(image_processor, "do_normalize", True):
-        mean, std = tuple(image_processor.image_mean), tuple(image_processor.image_std)
-    else:
-        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    return partial(normalize, mean=mean, std=std, memory_format=memory_format)
-
-
-def normalize(pixel_values, mean, std, memory_format=torch.contiguous_format):
-    # uint8 crossed the DataLoader and the host-to-device copy: a quarter of float32's bytes.
-    mean_255, std_255 = _channel_statistics(tuple(mean), tuple(std), pixel_values.device)
-    return pixel_values.to(torch.float32, memory_format=memory_format).sub_(mean_255).div_(std_255)
-
-
-@lru_cache
-def _channel_statistics(mean, std, device):
-    # Made once per device: building them each step would copy from host memory to the GPU, and such a
-    # copy waits for all queued GPU work, so the CPU could no longer run ahead of the GPU.
-    shape = (1, -1, 1, 1)
-    return torch.tensor(mean, device=device).view(shape) * 255, torch.tensor(std, device=device).view(shape) * 255
-
-
-ROW_COLUMN = "__imgft_row__"
-
-
-def shared_epoch():
-    """An epoch counter in shared memory: DataLoader workers, even persistent ones, read the current value."""
-    return torch.zeros((), dtype=torch.int64).share_memory_()
-
-
-def sample_seed(seed, epoch, row):
-    """A sample's augmentation seed: the same for (seed, epoch, row) whichever worker or iterator draws it."""
-    return ((seed * 1_000_003 + epoch) * 1_000_000_007 + row) & 0x7FFF_FFFF_FFFF_FFFF
-
-
-def apply_transform(batch, image_transform, image_column, label_column, seed=None, epoch=None):
-    """Applied lazily by `set_transform` to each fetched batch of rows, so images are decoded on demand."""
-    rgb_images = [images.to_rgb(image) for image in batch[image_column]]
-    if seed is None:
-        pixel_values = [image_transform(image) for image in rgb_images]
-    else:
-        epoch_now = int(epoch)
-        pixel_values = [
-            image_transform(image, random.Random(sample_seed(seed, epoch_now, row)))
-            for image, row in zip(rgb_images, batch[ROW_COLUMN], strict=True)
-        ]
-    return {"pixel_values": pixel_values, "labels": batch[label_column]}
-
-
-def with_image_transform(split_dataset, image_transform, image_column, label_column, seed=None, epoch=None):
-    """The dataset with `image_transform` applied on access; only the image and label columns are read.
-
-    With `seed` (and the shared `epoch` counter), each image's random augmentation is drawn from a
-    generator seeded by (seed, epoch, row): the same on any number of workers and after a resume.
-    """
-    columns = [image_column, label_column]
-    if seed is not None:
-        split_dataset = split_dataset.add_column(ROW_COLUMN, list(range(len(split_dataset))))
-        columns.append(ROW_COLUMN)
-    # partial of a module-level function, not a closure, so DataLoader workers can pickle it under spawn too.
-    transform = partial(
-        apply_transform,
-        image_transform=image_transform,
-        image_column=image_column,
-        label_column=label_column,
-        seed=seed,
-        epoch=epoch,
-    )
-    return split_dataset.with_transform(transform, columns=columns)
-
-
-def collate_fn(examples):
-    """Stack H x W x 3 uint8 images into a B x 3 x H x W uint8 batch (`stack_images`) and labels into B."""
-    return {
-        "pixel_values": stack_images([example["pixel_values"] for example in examples]),
-        "labels": torch.tensor([example["labels"] for example in examples], dtype=torch.long),
-    }
-
-
-def stack_images(arrays):
-    """H x W x 3 uint8 arrays (what the transforms give) -> one B x 3 x H x W uint8 tensor, channels-last in
-    memory: the permute is a view, so the stack is the only copy."""
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)

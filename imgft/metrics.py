@@ -93,7 +93,7 @@ def evaluate(model, dataloader, normalize, accelerator, num_labels):
     """`eval_accuracy` (+ `eval_top5_accuracy`), `eval_macro_precision`/`_recall`/`_f1`, `eval_loss`,
     `eval_samples`; identical on every process. Leaves the model in eval mode.
 
-    `normalize` turns a batch's uint8 pixel_values into the model's input (`data.normalizer`)."""
+    `normalize` turns a batch's uint8 pixel_values into the model's input (`transforms.normalizer`)."""
     metrics = make_metrics(num_labels).to(accelerator.device)
     loss_sum, samples, _ = _run(model, dataloader, normalize, accelerator, metrics)
     return _summary(metrics.compute(), loss_sum, samples)

@@ -16,7 +16,7 @@ METRICS_LOG = "metrics.jsonl"
 CONFIG_FILE = "imgft_config.yaml"
 TRACKER_DIR = "imgft"  # accelerate's trackers write under output_dir/<project name>
 BEST_DIR = "best_model"  # the best evaluation's weights, with --load_best_model_at_end
-# The report (imgft.reports): also what `python -m imgft evaluate --output_dir` writes.
+# The report (imgft.report.reports): also what `python -m imgft evaluate --output_dir` writes.
 EVAL_RESULTS_FILE = "eval_results.json"
 CONFUSION_MATRIX_FILE = "confusion_matrix.png"
 MISTAKES_FILE = "mistakes.png"

@@ -164,7 +164,7 @@ def test_exif_orientation_is_honoured():
 def test_tiny_and_extreme_aspect_ratio_images_give_full_size_tensors(tiny_vit):
     from transformers import AutoImageProcessor
 
-    from imgft.data import build_transforms
+    from imgft.transforms import build_transforms
 
     train_transform, eval_transform = build_transforms(AutoImageProcessor.from_pretrained(tiny_vit), None, True, 0.08)
     for size in ((1, 1), (1, 500), (500, 1)):
@@ -360,7 +360,7 @@ def test_nonfinite_loss_can_skip_steps_instead(train, tmp_path, colors_data, tin
 
 
 def check_data(argv, capsys):
-    from imgft.cli import main
+    from imgft.commands.cli import main
 
     with pytest.raises(SystemExit) as stopped:
         main(["check-data", *[str(a) for a in argv]])
@@ -373,8 +373,8 @@ def check_data(argv, capsys):
 def test_check_data_decodes_each_image_once_when_labels_need_encoding(tmp_path, monkeypatch):
     import datasets
 
-    from imgft import data_report
     from imgft.args import DataArguments
+    from imgft.commands import check_data
 
     features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("string")})
     rows = {"image": [encoded(Image.new("RGB", (8, 8), (i * 20, 0, 0)), "PNG") for i in range(12)]}
@@ -384,7 +384,7 @@ def test_check_data_decodes_each_image_once_when_labels_need_encoding(tmp_path, 
     decoded = []
     inspect_file = images.inspect_file
     monkeypatch.setattr(images, "inspect_file", lambda *args: decoded.append(1) or inspect_file(*args))
-    lines, refusal = data_report.data_report(DataArguments(dataset_name=str(tmp_path / "data")), None, 42)
+    lines, refusal = check_data.data_report(DataArguments(dataset_name=str(tmp_path / "data")), None, 42)
     assert refusal is None and "Classes (2), train / validation:" in lines
     assert len(decoded) == 24  # 12 train + 12 validation images, each decoded once
 

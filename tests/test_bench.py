@@ -6,7 +6,7 @@ import os
 import pytest
 from PIL import Image
 
-from imgft import bench
+from benchmarks import bench
 
 
 def test_camera_folder_is_photo_sized_jpegs(tmp_path):

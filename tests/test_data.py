@@ -13,22 +13,24 @@ from transformers import CLIPImageProcessor, ConvNextImageProcessor, ViTImagePro
 
 from imgft.args import DataArguments
 from imgft.data import (
-    build_transforms,
-    collate_fn,
-    crop_box,
     drop_unreadable,
     encode_labels,
     find_columns,
-    image_sizes,
     load_labeled_dataset,
     load_raw_datasets,
-    normalizer,
     relabel,
-    stored_image_size,
     subsample,
-    with_image_transform,
 )
 from imgft.errors import UserError
+from imgft.transforms import (
+    build_transforms,
+    collate_fn,
+    crop_box,
+    image_sizes,
+    normalizer,
+    stored_image_size,
+    with_image_transform,
+)
 
 
 def small_images(n, size=8, seed=0):
@@ -406,7 +408,7 @@ def test_normalizer_channels_last_gives_the_same_numbers_in_channels_last_memory
 
 
 def test_normalizer_builds_its_device_statistics_once():
-    from imgft.data import _channel_statistics
+    from imgft.transforms import _channel_statistics
 
     normalize = normalizer(ViTImageProcessor(image_mean=[0.1, 0.2, 0.3], image_std=[0.4, 0.5, 0.6]))
     _channel_statistics.cache_clear()

@@ -13,7 +13,7 @@ import torch
 from conftest import reset_accelerate, run_command, write_color_imagefolder
 from PIL import Image
 
-from imgft import predict
+from imgft.commands import predict
 
 COLOR_NAMES = ["red", "green", "blue", "yellow", "purple"]
 
@@ -112,7 +112,7 @@ def test_matches_the_transformers_pipeline_and_does_not_depend_on_batching(model
 
 
 def test_predictions_agree_with_the_evaluate_confusion_matrix(model_dir, colors_data, tmp_path, capsys):
-    from imgft import cli
+    from imgft.commands import cli
 
     reset_accelerate()
     try:

@@ -14,7 +14,8 @@ from huggingface_hub import ModelCard
 from PIL import Image
 from test_predict import save_opinionated_vit
 
-from imgft import metrics, model_card, plots
+from imgft import metrics
+from imgft.report import model_card, plots
 
 # 10 samples, 3 classes. Rows: true class, columns: predicted class.
 CONFUSION = np.array(
@@ -286,7 +287,7 @@ def confident_colors_model(tmp_path_factory):
 
 
 def run_evaluate(argv, capsys):
-    from imgft import cli
+    from imgft.commands import cli
 
     reset_accelerate()
     try:

@@ -149,7 +149,7 @@ def to_record(path, ranked, id2label):
 def predict_files(model, transform, normalize, files, batch_size, top_k, progress):
     """Yield one record per readable file, in order, decoding only one batch of images at a time;
     unreadable files are named through the progress bar (on stderr, without breaking the bar)."""
-    from imgft.data import stack_images
+    from imgft.transforms import stack_images
 
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     id2label = {int(key): value for key, value in model.config.id2label.items()}
@@ -212,8 +212,8 @@ def main(argv):
     from tqdm.auto import tqdm
 
     from imgft.args import ModelArguments
-    from imgft.data import build_transforms, normalizer
     from imgft.model import load_saved_classifier
+    from imgft.transforms import build_transforms, normalizer
 
     files, problems = find_images(args.paths)
     for pattern, reason in problems:

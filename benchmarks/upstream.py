@@ -4,7 +4,7 @@ Same as upstream: the imagefolder loader over `train_dir/**`, torchvision (v1) P
 sample through `with_transform`, so every epoch decodes every full-size file, and a DataLoader with no
 workers. The model, optimizer and loop match imgft's so that only the data path differs.
 
-    python -m imgft.bench_upstream --train_dir D/train --validation_dir D/validation --image_size 64 \
+    python -m benchmarks.upstream --train_dir D/train --validation_dir D/validation --image_size 64 \
         --num_train_epochs 10 --per_device_train_batch_size 32 --metrics_file out.jsonl
 """
 

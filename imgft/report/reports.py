@@ -2,8 +2,9 @@
 
 import os
 
-from imgft import images, metrics, model_card, plots
+from imgft import images, metrics
 from imgft.outputs import CONFUSION_MATRIX_FILE, EVAL_RESULTS_FILE, MISTAKES_FILE, TRAINING_CURVES_FILE
+from imgft.report import model_card, plots
 
 
 def write_evaluation_report(output_dir, results, details, split, image_column):

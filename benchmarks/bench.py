@@ -3,7 +3,7 @@
 Two pairs, on data the benchmark makes itself:
 - camera: 320 train + 80 validation noisy 2000x1500 JPEGs in 4 classes, a small ResNet at 64 px, 10 epochs;
 - digits: the demo's 32 px PNGs, 3 epochs.
-Upstream (`imgft/bench_upstream.py`) and imgft alternate, cold (empty datasets cache) then warm (the cache
+Upstream (`benchmarks/upstream.py`) and imgft alternate, cold (empty datasets cache) then warm (the cache
 the cold run left). Timings are ratios against upstream measured in the same run, never absolute claims.
 """
 
@@ -110,7 +110,7 @@ def pipeline_command(pipeline, data_dir, out_dir, image_size, epochs, batch_size
     common = ["--image_size", str(image_size), "--num_train_epochs", str(epochs)]
     common += ["--per_device_train_batch_size", str(batch_size)]
     if pipeline == "upstream":
-        upstream = [sys.executable, "-m", "imgft.bench_upstream", *data, *common]
+        upstream = [sys.executable, "-m", "benchmarks.upstream", *data, *common]
         return [*upstream, "--metrics_file", metrics_file(pipeline, out_dir)]
     variant = GPU_VARIANT_FLAGS if pipeline == GPU_VARIANT else ()
     return [sys.executable, "train_loop.py", *data, *common, "--output_dir", out_dir, "--random_flip", *variant]
@@ -152,8 +152,8 @@ def model_only_step(image_size, batch_size, num_labels, mixed_precision="no", ch
     as imgft does by default, fused AdamW) on a batch already on the device: a function making one step."""
     import torch
 
-    from imgft.bench_upstream import demo_resnet
-    from imgft.data import normalize
+    from benchmarks.upstream import demo_resnet
+    from imgft.transforms import normalize
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -199,7 +199,7 @@ def model_only_rate(image_size, batch_size, num_labels, mixed_precision="no", ch
 def loader_only_rate(pipeline, data_dir, image_size, batch_size, cache_dir):
     """Images/s of one epoch of the training DataLoader with no model (after a warm-up epoch fills caches)."""
     if pipeline == "upstream":
-        from imgft.bench_upstream import build_dataloaders
+        from benchmarks.upstream import build_dataloaders
 
         loader = build_dataloaders(f"{data_dir}/train", f"{data_dir}/validation", image_size, batch_size, cache_dir)[0]
     else:
@@ -217,19 +217,19 @@ def imgft_train_loader(data_dir, image_size, batch_size, cache_dir):
     from torch.utils.data import DataLoader
     from transformers import ViTImageProcessor
 
-    from imgft import data
+    from imgft import data, transforms
     from imgft.args import DataArguments
 
     data_args = DataArguments(train_dir=f"{data_dir}/train", validation_dir=f"{data_dir}/validation", random_flip=True)
     dataset, image_column, label_column, names = data.load_labeled_dataset(data_args, cache_dir, 42)
     processor = ViTImageProcessor(size={"height": image_size, "width": image_size})
-    stored_size = data.stored_image_size(processor, image_size, data_args)
+    stored_size = transforms.stored_image_size(processor, image_size, data_args)
     dataset, _ = data.drop_unreadable(dataset, image_column, label_column, names, data_args, stored_size)
-    train_transform, _ = data.build_transforms(processor, image_size, True, data_args.crop_scale_min)
-    train = data.with_image_transform(
-        dataset["train"], train_transform, image_column, label_column, seed=42, epoch=data.shared_epoch()
+    train_transform, _ = transforms.build_transforms(processor, image_size, True, data_args.crop_scale_min)
+    train = transforms.with_image_transform(
+        dataset["train"], train_transform, image_column, label_column, seed=42, epoch=transforms.shared_epoch()
     )
-    return DataLoader(train, batch_size, shuffle=True, collate_fn=data.collate_fn)  # no workers, as on a CPU run
+    return DataLoader(train, batch_size, shuffle=True, collate_fn=transforms.collate_fn)  # no workers, as on a CPU run
 
 
 def summarize(runs):
@@ -302,7 +302,7 @@ def main(argv=None):
     camera = os.path.join(work, f"camera_{per_class}")
     if "camera" in args.pairs and not os.path.isdir(camera):
         write_camera_folder(camera, per_class, val_per_class)
-    from imgft.demo_data import write_digits_imagefolder
+    from imgft.commands.demo_data import write_digits_imagefolder
 
     digits = os.path.join(work, "digits")
     if not os.path.isdir(digits):

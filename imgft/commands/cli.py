@@ -35,13 +35,13 @@ def main(argv=None):
     elif command == "evaluate":
         exit_on_user_error(evaluate, rest)
     elif command == "predict":
-        from imgft.predict import main as predict
+        from imgft.commands.predict import main as predict
 
         exit_on_user_error(predict, rest)
     elif command == "check-data":
         exit_on_user_error(check_data, rest)
     elif command == "bench":
-        from imgft.bench import main as bench_main
+        from benchmarks.bench import main as bench_main
 
         bench_main(rest)
     elif command == "flags":
@@ -51,7 +51,7 @@ def main(argv=None):
 
 
 def demo_data(argv):
-    from imgft.demo_data import write_digits_imagefolder
+    from imgft.commands.demo_data import write_digits_imagefolder
 
     if len(argv) != 1 or argv[0].startswith("-"):
         raise UserError("usage: python -m imgft demo-data DIR")
@@ -72,7 +72,7 @@ def evaluate(argv):
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
 
-    from imgft import data, metrics, runtime
+    from imgft import data, metrics, runtime, transforms
     from imgft.args import parse_args
     from imgft.model import load_saved_classifier
 
@@ -93,22 +93,22 @@ def evaluate(argv):
             dataset["validation"] = original_validation.add_column(SOURCE_ROW, list(range(len(original_validation))))
         # The same single decode as training (unreadable files left out, images stored shrunk), so the
         # numbers match those of the training run's own evaluation.
-        stored_size = data.stored_image_size(image_processor, model_args.image_size, data_args)
+        stored_size = transforms.stored_image_size(image_processor, model_args.image_size, data_args)
         dataset, _ = data.drop_unreadable(dataset, image_column, label_column, label_names, data_args, stored_size)
         # Score against the model's own class ids, matched to the data's classes by name.
         validation = data.relabel(dataset["validation"], label_column, label_names, model.config.label2id)
     validation = data.subsample(validation, data_args.max_eval_samples, train_args.seed)
-    _, eval_transform = data.build_transforms(image_processor, model_args.image_size, False, 1.0)
+    _, eval_transform = transforms.build_transforms(image_processor, model_args.image_size, False, 1.0)
     dataloader = DataLoader(
-        data.with_image_transform(validation, eval_transform, image_column, label_column),
+        transforms.with_image_transform(validation, eval_transform, image_column, label_column),
         batch_size=train_args.per_device_eval_batch_size,
-        collate_fn=data.collate_fn,
+        collate_fn=transforms.collate_fn,
         num_workers=runtime.dataloader_workers(data_args.num_workers, accelerator.device, accelerator.num_processes),
         pin_memory=accelerator.device.type == "cuda",
     )
     model_label_names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     model, dataloader = accelerator.prepare(model, dataloader)
-    normalize = data.normalizer(image_processor)
+    normalize = transforms.normalizer(image_processor)
     if report_dir is None:
         results = metrics.evaluate(model, dataloader, normalize, accelerator, len(model_label_names))
     else:
@@ -136,7 +136,7 @@ def _names_output_dir(argv):
 def _write_report(report_dir, results, details, validation, original_validation, image_column):
     import datasets
 
-    from imgft import reports
+    from imgft.report import reports
 
     mistakes = details["mistakes"]
     if mistakes and SOURCE_ROW in validation.column_names:
@@ -155,7 +155,7 @@ def check_data(argv):
 
     from imgft import runtime
     from imgft.args import parse_args
-    from imgft.data_report import data_report
+    from imgft.commands.check_data import data_report
 
     data_args, model_args, train_args = parse_args(argv)
     PartialState()  # accelerate's logging, used by the data functions, needs it
