@@ -112,11 +112,11 @@ def test_matches_the_transformers_pipeline_and_does_not_depend_on_batching(model
 
 
 def test_predictions_agree_with_the_evaluate_confusion_matrix(model_dir, colors_data, tmp_path, capsys):
-    from imgft.commands import cli
+    from imgft.commands import evaluate
 
     reset_accelerate()
     try:
-        cli.evaluate(
+        evaluate.main(
             ["--model_name_or_path", str(model_dir), "--train_dir", str(colors_data / "train"),
              "--validation_dir", str(colors_data / "validation"), "--output_dir", str(tmp_path)]
         )  # fmt: skip

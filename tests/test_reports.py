@@ -287,11 +287,11 @@ def confident_colors_model(tmp_path_factory):
 
 
 def run_evaluate(argv, capsys):
-    from imgft.commands import cli
+    from imgft.commands import evaluate
 
     reset_accelerate()
     try:
-        cli.evaluate([str(a) for a in argv])
+        evaluate.main([str(a) for a in argv])
     finally:
         reset_accelerate()
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -84,3 +84,20 @@ def _duplicate_lines(train, validation):
     return [f"Duplicates across train and validation (same bytes): {len(pairs)}"] + [
         f"  {validation_path} = {train_path}" for validation_path, train_path in pairs
     ]
+
+
+def main(argv):
+    """Report on the data as training would see it; a UserError (exit 2) where training would refuse it."""
+    from accelerate import PartialState
+
+    from imgft import runtime
+    from imgft.args import parse_args
+
+    data_args, model_args, train_args = parse_args(argv)
+    PartialState()  # accelerate's logging, used by the data functions, needs it
+    runtime.setup_logging()
+    lines, refusal = data_report(data_args, model_args.cache_dir, train_args.seed)
+    print("\n".join(lines))
+    if refusal:
+        raise UserError(f"training would refuse this data: {refusal}")
+    print("Training would accept this data.")
