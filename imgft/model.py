@@ -1,18 +1,25 @@
-"""Step 3: the config, model and image processor, and the optimizer's parameter groups."""
+"""Step 3: the config, model and image processor, each checked before any work, and the optimizer's parameter
+groups."""
 
 import ast
+import copy
+import inspect
 import logging
+import math
 import os
 
 import torch
 from huggingface_hub import try_to_load_from_cache
+from PIL import Image
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
     AutoModelForImageClassification,
     ViTImageProcessor,
 )
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING
 
+from imgft import preprocessing
 from imgft.args import DEMO_CONFIG_OVERRIDES
 from imgft.errors import UserError
 from imgft.runtime import hub_offline, log_once
@@ -24,6 +31,11 @@ FROM_SCRATCH_NOTE = (
     "Training a {model_type} model from scratch (random weights, no download). To fine-tune a pretrained one "
     "instead, pass e.g. --model_name_or_path google/vit-base-patch16-224-in21k --ignore_mismatched_sizes"
 )
+# Inputs some image classifiers need beside pixel_values, which the training loop does not give.
+INPUTS_NOT_GIVEN = {
+    "input_ids": "a text prompt (input_ids)",
+    "spatial_shapes": "its processor's patch sequences with their spatial_shapes and pixel_attention_mask",
+}
 NORM_TYPES = (
     torch.nn.modules.batchnorm._NormBase,
     torch.nn.LayerNorm,
@@ -104,16 +116,14 @@ def check_model_source(model_args):
 
 
 def load_model(model_args, label_names):
-    """Return (model, image_processor), with the class names written into the config.
+    """Return (model, image_processor), with the class names written into the config, each checked before any
+    work: the architecture can be trained by imgft's loop, and one blank image made as training makes them runs
+    through the model to one logit per class and a loss.
 
     A pretrained checkpoint keeps its backbone; with `ignore_mismatched_sizes` its head is replaced
-    by a new one sized for `label_names`.
+    by a new one sized for `label_names`. `image_size` reaches the model: from scratch through the config, from a
+    checkpoint by resampling its position tables (`at_input_size`).
     """
-    # num_labels follows from id2label; passing both makes transformers warn on every checkpoint load.
-    label_maps = {
-        "id2label": dict(enumerate(label_names)),
-        "label2id": {name: i for i, name in enumerate(label_names)},
-    }
     hub = {
         "cache_dir": model_args.cache_dir,
         "revision": model_args.model_revision,
@@ -122,46 +132,279 @@ def load_model(model_args, label_names):
     overrides = parse_config_overrides(model_args.config_overrides)
     path = model_args.model_name_or_path
     if path is None:
-        try:
-            config = AutoConfig.for_model(model_args.model_type, **label_maps)
-        except ValueError:
-            raise UserError(f"--model_type '{model_args.model_type}' is not a transformers model type") from None
-        _apply_overrides(config, overrides)
-        model = AutoModelForImageClassification.from_config(config)
-        if model_args.image_processor_name:
-            image_processor = _load_processor(model_args.image_processor_name, hub)
-        else:
-            size = model_args.image_size or SCRATCH_IMAGE_SIZE
-            # Only size and normalisation matter to our transforms; saved with the model so pipeline() works.
-            image_processor = ViTImageProcessor(
-                size={"height": size, "width": size},
-                image_mean=[0.5] * 3,
-                image_std=[0.5] * 3,
-            )
-        log_once(logging.INFO, FROM_SCRATCH_NOTE.format(model_type=model_args.model_type))
-        return model, image_processor
+        model, image_processor = _model_from_scratch(model_args, label_names, overrides, hub)
+    else:
+        model, image_processor = _model_from_checkpoint(model_args, label_names, overrides, hub)
+    check_model_runs(model, image_processor, label_names)
+    return model, image_processor
+
+
+def _model_from_scratch(model_args, label_names, overrides, hub):
     try:
-        config = AutoConfig.from_pretrained(path, finetuning_task="image-classification", **label_maps, **hub)
+        config = AutoConfig.for_model(model_args.model_type)
+    except ValueError:
+        raise UserError(f"--model_type '{model_args.model_type}' is not a transformers model type") from None
+    check_trainable(config)
+    _apply_overrides(config, overrides)
+    if model_args.image_processor_name:
+        image_processor = _load_processor(model_args.image_processor_name, hub)
+        if model_args.image_size:
+            image_processor = preprocessing.with_image_size(image_processor, model_args.image_size)
+    else:
+        size = _scratch_image_size(model_args.image_size, overrides)
+        # Only size and normalisation matter to our transforms; saved with the model so pipeline() works.
+        image_processor = ViTImageProcessor(
+            size={"height": size, "width": size},
+            image_mean=[0.5] * 3,
+            image_std=[0.5] * 3,
+        )
+    input_size = preprocessing.input_size(image_processor, preprocessing.plan_for(image_processor))
+    set_input_size(config, input_size)
+    set_labels(config, label_names)
+    model_class = classification_class(config)
+    # Not AutoModelForImageClassification.from_config, which fails on a new config whose type has several classes
+    # (DeiT, LeViT, Perceiver: it looks for config.architectures, which is None).
+    model = _built(lambda: model_class._from_config(config), config)
+    log_once(logging.INFO, FROM_SCRATCH_NOTE.format(model_type=model_args.model_type))
+    return model, image_processor
+
+
+def _scratch_image_size(image_size, overrides):
+    """--image_size, else an `image_size` set in --config_overrides, else 32: the one size of processor and config."""
+    override = overrides.get("image_size")
+    if isinstance(override, (list, tuple)) and len(set(override)) == 1:
+        override = override[0]
+    if override is not None and not isinstance(override, int):
+        raise UserError(f"--config_overrides image_size={override}: give one number (the model's input is square)")
+    if image_size and override and image_size != override:
+        raise UserError(f"--image_size {image_size} and --config_overrides image_size={override} disagree")
+    return image_size or override or SCRATCH_IMAGE_SIZE
+
+
+def _model_from_checkpoint(model_args, label_names, overrides, hub):
+    path = model_args.model_name_or_path
+    try:
+        config = AutoConfig.from_pretrained(path, finetuning_task="image-classification", **hub)
     except OSError as err:
         raise _load_error("model", path, err) from None
+    check_trainable(config)
+    check_head(config, label_names, path, model_args.ignore_mismatched_sizes)
     if model_args.config_overrides != DEMO_CONFIG_OVERRIDES:
         _apply_overrides(config, overrides)
-    try:
-        model = AutoModelForImageClassification.from_pretrained(
-            path,
-            config=config,
-            ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
-            **hub,
-        )
-    except (RuntimeError, ValueError) as err:
-        if "size mismatch" in str(err) or "ignore_mismatched_sizes" in str(err):
-            raise UserError(
-                f"'{path}' has a classifier head for a different number of classes than the {len(label_names)} "
-                "in your data; pass --ignore_mismatched_sizes to replace the head"
-            ) from None
-        raise
+    set_labels(config, label_names)
     image_processor = _load_processor(model_args.image_processor_name or path, hub)
+    if model_args.image_size:
+        image_processor = preprocessing.with_image_size(image_processor, model_args.image_size)
+        if getattr(config, "pretrained_cfg", None):  # timm: the processor is saved in, and read from, config.json
+            config.pretrained_cfg = {**config.pretrained_cfg, "input_size": [3, *[model_args.image_size] * 2]}
+    model = _built(
+        lambda: AutoModelForImageClassification.from_pretrained(
+            path, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, **hub
+        ),
+        config,
+    )
+    if model_args.image_size:
+        model = at_input_size(model, (model_args.image_size, model_args.image_size))
     return model, image_processor
+
+
+def _built(make, config):
+    """make(), a model-building call, with a missing dependency (natten, timm, ...) said in one line."""
+    try:
+        return make()
+    except ImportError as err:
+        reason = str(err).strip().splitlines()[0]
+        raise UserError(f"{config.model_type} cannot be built here: {reason}") from None
+
+
+def classification_class(config):
+    """The image-classification class for `config`: the one its `architectures` names, else the type's first."""
+    if type(config) not in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING:
+        raise UserError(f"{config.model_type} has no image-classification model in transformers")
+    classes = MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING[type(config)]
+    if not isinstance(classes, (list, tuple)):
+        return classes
+    named = [cls for cls in classes if cls.__name__ in (config.architectures or [])]
+    return (named or list(classes))[0]
+
+
+def check_trainable(config):
+    """Refuse, before anything is built, an architecture that imgft's loop cannot fine-tune: the loop gives the model
+    `pixel_values` and `labels` and reads `loss` and `logits`. Remote code (--trust_remote_code) is checked by
+    `check_model_runs` only."""
+    if "AutoModelForImageClassification" in (getattr(config, "auto_map", None) or {}):
+        return
+    model_class = classification_class(config)
+    name = config.model_type
+    parameters = inspect.signature(model_class.forward).parameters
+    prefix = f"{name} ({model_class.__name__}) cannot be fine-tuned as an image classifier by imgft"
+    if "pixel_values" not in parameters:
+        first = next(name for name in parameters if name != "self")
+        raise UserError(f"{prefix}: it reads {first}, not the pixel_values that imgft gives it")
+    if "labels" not in parameters:
+        raise UserError(f"{prefix}: its forward takes no labels, so it gives no loss to train on")
+    for needed, what in INPUTS_NOT_GIVEN.items():
+        if needed in parameters:
+            raise UserError(f"{prefix}: it also needs {what}, which imgft does not give")
+
+
+def check_head(config, label_names, path, ignore_mismatched_sizes):
+    """Before any weights load: refuse a checkpoint head sized for another class count unless it is to be replaced,
+    and warn when a head of the right size was trained for other class names, which it keeps by position."""
+    if not any("ForImageClassification" in name for name in (config.architectures or [])):
+        return  # a backbone checkpoint (ViTModel, ...): its head is new anyway
+    theirs = [config.id2label[i] for i in range(config.num_labels)]
+    if len(theirs) != len(label_names):
+        if not ignore_mismatched_sizes:
+            raise UserError(
+                f"'{path}' has a classifier head for {len(theirs)} classes, not the {len(label_names)} "
+                "in your data; pass --ignore_mismatched_sizes to replace the head"
+            )
+        return
+    if theirs != list(label_names):
+        logging.getLogger("imgft").warning(
+            f"'{path}' has a classifier head for {len(theirs)} classes named {_listed(theirs)}; your classes are "
+            f"{_listed(label_names)}: the head is kept and its classes are given your names in that order"
+        )
+
+
+def _listed(names, limit=10):
+    shown = ", ".join(str(name) for name in names[:limit])
+    return f"[{shown}{', ...' if len(names) > limit else ''}]"
+
+
+def set_labels(config, label_names):
+    """Write the class names, and the class count into every field the architecture reads it from: most derive
+    num_labels from id2label, but some (PVT) keep a num_labels field of their own."""
+    config.id2label = dict(enumerate(label_names))
+    config.label2id = {name: i for i, name in enumerate(label_names)}
+    if config.num_labels != len(label_names):
+        config.num_labels = len(label_names)
+
+
+def _configs(config):
+    """The config and its vision sub-config (CLIP, SigLIP, ...), where the image size lives."""
+    return [part for part in (config, getattr(config, "vision_config", None)) if part is not None]
+
+
+def set_input_size(config, size):
+    """Write the (height, width) input size into every `image_size` field of the config, as the int or the pair it
+    holds."""
+    height, width = size
+    for part in _configs(config):
+        current = getattr(part, "image_size", None)
+        if isinstance(current, (list, tuple)):
+            part.image_size = [height, width]
+        elif current is not None:
+            if height != width:
+                raise UserError(f"{config.model_type} takes square images; its processor gives {height}x{width} px")
+            part.image_size = height
+
+
+def at_input_size(model, size):
+    """`model` ready for `size` inputs: as it is when it runs at that size, else rebuilt with its absolute position
+    tables resampled bicubically to the new patch grid (what `interpolate_pos_encoding` does at each forward, done
+    once, so the saved model and pipeline() take that size too); UserError when neither works."""
+    config = model.config
+    height, width = size
+    sizes = [getattr(part, "image_size", None) for part in _configs(config)]
+    if all(current in (None, height, [height, width], (height, width)) for current in sizes):
+        return model
+    try:
+        _forward_blank(model, size, labels=False)
+        set_input_size(config, size)
+        return model
+    except (RuntimeError, ValueError):
+        pass  # fixed-size position tables: resample them below
+    new_config = copy.deepcopy(config)
+    set_input_size(new_config, size)
+    resized = type(model)._from_config(new_config)
+    old_state, new_state = model.state_dict(), resized.state_dict()
+    for key, new in new_state.items():
+        old = old_state[key]
+        if old.shape == new.shape:
+            new_state[key] = old
+        elif not old.is_floating_point():
+            continue  # an index buffer (relative positions), which the new model computed for its size
+        else:
+            table = _resampled(old, new.shape)
+            if table is None:
+                raise UserError(
+                    f"--image_size {height}: {config.model_type}'s {key} {tuple(old.shape)} cannot be resampled to "
+                    f"{tuple(new.shape)}; leave --image_size out to train at the checkpoint's size"
+                )
+            new_state[key] = table
+    resized.load_state_dict(new_state)
+    resized.train(model.training)
+    return resized
+
+
+def _resampled(table, shape):
+    """A position table resampled to `shape`: along the one axis whose length differs, a few leading tokens (class,
+    distillation, ...) kept, then a square grid resized bicubically; None when the lengths are not of that form."""
+    differing = [axis for axis, (a, b) in enumerate(zip(table.shape, shape, strict=True)) if a != b]
+    if len(table.shape) != len(shape) or len(differing) != 1:
+        return None
+    axis = differing[0]
+    old_length, new_length = table.shape[axis], shape[axis]
+    for extra in range(9):
+        old_side, new_side = math.isqrt(old_length - extra), math.isqrt(max(new_length - extra, 0))
+        if old_side > 0 and new_side > 0 and old_side**2 == old_length - extra and new_side**2 == new_length - extra:
+            break
+    else:
+        return None
+    tokens = table.movedim(axis, 0)
+    rest = tokens.shape[1:]
+    flat = tokens.reshape(old_length, -1).float()
+    grid = flat[extra:].reshape(old_side, old_side, -1).permute(2, 0, 1).unsqueeze(0)
+    grid = torch.nn.functional.interpolate(grid, size=(new_side, new_side), mode="bicubic", align_corners=False)
+    grid = grid[0].permute(1, 2, 0).reshape(new_side * new_side, -1)
+    resampled = torch.cat([flat[:extra], grid]).reshape(new_length, *rest).to(table.dtype)
+    return resampled.movedim(0, axis).contiguous()
+
+
+def _forward_blank(model, size, labels=True, pixel_values=None):
+    """One forward pass of a mid-grey batch of one (or `pixel_values`), in eval mode and without gradients."""
+    parameter = next(model.parameters())
+    if pixel_values is None:
+        pixel_values = torch.zeros((1, 3, *size))
+    inputs = {"pixel_values": pixel_values.to(parameter.device, parameter.dtype)}
+    if labels:
+        inputs["labels"] = torch.zeros(1, dtype=torch.long, device=parameter.device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(**inputs)
+    finally:
+        model.train(was_training)
+
+
+def check_model_runs(model, image_processor, label_names):
+    """Run one blank image, made as training and evaluation make them, through the model with a label: it must run,
+    give one logit per class and give a loss. Refuses in one line what would otherwise fail in the first step."""
+    plan = preprocessing.plan_for(image_processor)
+    size = preprocessing.input_size(image_processor, plan)
+    blank = Image.new("RGB", (size[1], size[0]), (128, 128, 128))
+    if plan.kind == "processor":
+        array = preprocessing.run_processor(blank, image_processor)
+    else:
+        array = preprocessing.geometry(blank, image_processor, plan)
+    name = f"{model.config.model_type} ({type(model).__name__})"
+    try:
+        output = _forward_blank(model, size, pixel_values=preprocessing.model_input(array, plan).unsqueeze(0))
+    except (RuntimeError, ValueError, TypeError, AttributeError, IndexError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(
+            f"{name} cannot run on the {size[0]}x{size[1]} images from {type(image_processor).__name__}: {reason}"
+        ) from None
+    logits, loss = getattr(output, "logits", None), getattr(output, "loss", None)
+    if logits is None or loss is None:
+        raise UserError(f"{name} cannot be fine-tuned as an image classifier by imgft: it gives no logits and loss")
+    if logits.shape[-1] != len(label_names):
+        raise UserError(
+            f"{name}'s classifier head gives {logits.shape[-1]} outputs for your {len(label_names)} classes"
+        )
 
 
 def load_saved_classifier(model_args):

@@ -1,7 +1,8 @@
-"""Step 4: what turns a stored image into a batch: the input sizes read from the image processor, the
-seeded training augmentation and the evaluation resize + crop (uint8, applied lazily with set_transform),
-collate_fn, and `normalizer`, which makes the model's float input on the device."""
+"""Step 4: what turns a stored image into a batch: the seeded training augmentation and the evaluation transform
+(what the image processor gives, see preprocessing.py), both applied lazily with set_transform, collate_fn, and
+`normalizer`, which makes the model's float input on the device."""
 
+import logging
 import math
 import random
 from functools import lru_cache, partial
@@ -10,62 +11,48 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as F
 
-from imgft import images
+from imgft import images, preprocessing
+from imgft.runtime import log_once
 
 
 def stored_image_size(image_processor, image_size, data_args):
     """The shortest edge --resize_once stores images at (None when it is off): --stored_image_size, else
-    enough for the transforms: the eval resize, and the crop size with the usual 0.875 centre-crop margin."""
+    enough for the model's input size with the usual 0.875 centre-crop margin."""
     if not data_args.resize_once:
         return None
     if data_args.stored_image_size:
         return data_args.stored_image_size
-    resize, crop = image_sizes(image_processor, image_size)
-    largest_resize = max(resize) if isinstance(resize, tuple) else resize
-    return max(largest_resize, math.ceil(max(crop) / 0.875))
-
-
-def _size_value(size, key):
-    return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
-
-
-def image_sizes(image_processor, image_size):
-    """(resize, crop) sizes for evaluation, read from the image processor or forced square by `image_size`.
-
-    Processors give either `shortest_edge` (with an optional `crop_size` or ConvNeXt's `crop_pct`)
-    or `height` + `width`; torchvision's Resize takes an int for the shortest edge or an (h, w) pair.
-    """
-    if image_size:
-        return image_size, (image_size, image_size)
-    size = image_processor.size
-    shortest_edge = _size_value(size, "shortest_edge")
-    if shortest_edge:
-        crop_size = getattr(image_processor, "crop_size", None)
-        if crop_size and getattr(image_processor, "do_center_crop", True):
-            return shortest_edge, (
-                _size_value(crop_size, "height"),
-                _size_value(crop_size, "width"),
-            )
-        crop_pct = getattr(image_processor, "crop_pct", None)
-        if crop_pct and shortest_edge < 384:
-            return int(shortest_edge / crop_pct), (shortest_edge, shortest_edge)
-        return shortest_edge, (shortest_edge, shortest_edge)
-    height, width = _size_value(size, "height"), _size_value(size, "width")
-    return (height, width), (height, width)
+    processor = preprocessing.with_image_size(image_processor, image_size) if image_size else image_processor
+    return math.ceil(max(preprocessing.input_size(processor, preprocessing.plan_for(processor))) / 0.875)
 
 
 def build_transforms(image_processor, image_size, random_flip, crop_scale_min):
-    """(train, evaluation): PIL image -> H x W x 3 uint8 array at the model's input size.
+    """(train, evaluation): RGB PIL image -> H x W x 3 array at the model's input size.
 
-    Training: random resized crop (+ optional flip), its randomness drawn from the `rng` it is given.
-    Evaluation: resize + centre crop. Both stay uint8: `normalizer` makes floats later, on the device.
+    Evaluation gives what the image processor gives (`preprocessing`): uint8 from the fast path, for `normalizer` to
+    make floats on the device, or, for a processor imgft does not reproduce, the processor's own float output (said
+    once in the log). Training: a random resized crop (+ optional flip) at the same size, with the processor's filter,
+    its randomness drawn from the `rng` it is given; always uint8. `image_size` makes the input square (see
+    `preprocessing.with_image_size`).
     """
-    resize, crop = image_sizes(image_processor, image_size)
-    train = partial(random_resized_crop, size=list(crop), scale=(crop_scale_min, 1.0), flip=random_flip)
-    evaluation = partial(
-        resize_center_crop, resize=list(resize) if isinstance(resize, tuple) else resize, crop=list(crop)
+    processor = preprocessing.with_image_size(image_processor, image_size) if image_size else image_processor
+    plan = preprocessing.plan_for(processor)
+    size = preprocessing.input_size(processor, plan)
+    train = partial(
+        random_resized_crop,
+        size=list(size),
+        scale=(crop_scale_min, 1.0),
+        flip=random_flip,
+        interpolation=preprocessing.interpolation(processor),
+        flip_channels=plan.flip_channels,
     )
-    return train, evaluation
+    if plan.kind == "processor":
+        log_once(
+            logging.INFO,
+            f"Evaluation and prediction run {type(processor).__name__} itself, image by image: {plan.reason}",
+        )
+        return train, partial(preprocessing.run_processor, processor=processor)
+    return train, partial(preprocessing.geometry, processor=processor, plan=plan)
 
 
 def crop_box(width, height, scale, ratio, rng):
@@ -90,47 +77,54 @@ def crop_box(width, height, scale, ratio, rng):
     return (height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width
 
 
-def random_resized_crop(image, rng=random, size=(224, 224), scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip=False):
-    """A random crop resized to `size` (and a coin-flip mirror with `flip`), as an H x W x 3 uint8 array.
+def random_resized_crop(
+    image,
+    rng=random,
+    size=(224, 224),
+    scale=(0.08, 1.0),
+    ratio=(3 / 4, 4 / 3),
+    flip=False,
+    interpolation=F.InterpolationMode.BILINEAR,
+    flip_channels=False,
+):
+    """A random crop resized to `size` (and a coin-flip mirror with `flip`), as an H x W x 3 uint8 array, in BGR
+    order with `flip_channels` (for models that read BGR, as their processor feeds them).
 
     Torchvision's functional ops on the PIL image, with the parameters drawn here: the transform objects
     (v2.RandomResizedCrop, PILToTensor, Normalize) cost 3-4x more per small image, measured, and draw
     from torch's global generator where we need our own seeded `rng`.
     """
     top, left, height, width = crop_box(image.width, image.height, scale, ratio, rng)
-    image = F.resized_crop(image, top, left, height, width, size, antialias=True)
+    image = F.resized_crop(image, top, left, height, width, size, interpolation=interpolation, antialias=True)
     if flip and rng.random() < 0.5:
         image = F.horizontal_flip(image)
-    return np.asarray(image)
-
-
-def resize_center_crop(image, resize, crop):
-    return np.asarray(F.center_crop(F.resize(image, resize, antialias=True), crop))
+    pixels = np.asarray(image)
+    return np.ascontiguousarray(pixels[..., ::-1]) if flip_channels else pixels
 
 
 def normalizer(image_processor, channels_last=False):
-    """The function that turns a uint8 batch (on the device) into the model's float input: (x/255 - mean) / std
-    with the image processor's statistics, in channels_last memory format when asked."""
-    if getattr(image_processor, "do_normalize", True):
-        mean, std = tuple(image_processor.image_mean), tuple(image_processor.image_std)
-    else:
-        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    """The function that turns a batch (on the device) into the model's float input, in channels_last memory format
+    when asked: uint8 pixels through the processor's rescale and normalisation, folded into (x - shift) / scale
+    (`preprocessing.plan_for`); float batches, which the processor itself made, as they are."""
+    plan = preprocessing.plan_for(image_processor)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    return partial(normalize, mean=mean, std=std, memory_format=memory_format)
+    return partial(normalize, shift=plan.shift, scale=plan.scale, memory_format=memory_format)
 
 
-def normalize(pixel_values, mean, std, memory_format=torch.contiguous_format):
+def normalize(pixel_values, shift, scale, memory_format=torch.contiguous_format):
     # uint8 crossed the DataLoader and the host-to-device copy: a quarter of float32's bytes.
-    mean_255, std_255 = _channel_statistics(tuple(mean), tuple(std), pixel_values.device)
-    return pixel_values.to(torch.float32, memory_format=memory_format).sub_(mean_255).div_(std_255)
+    if pixel_values.dtype != torch.uint8:
+        return pixel_values.to(torch.float32, memory_format=memory_format)
+    shift, scale = _channel_statistics(tuple(shift), tuple(scale), pixel_values.device)
+    return pixel_values.to(torch.float32, memory_format=memory_format).sub_(shift).div_(scale)
 
 
 @lru_cache
-def _channel_statistics(mean, std, device):
+def _channel_statistics(shift, scale, device):
     # Made once per device: building them each step would copy from host memory to the GPU, and such a
     # copy waits for all queued GPU work, so the CPU could no longer run ahead of the GPU.
     shape = (1, -1, 1, 1)
-    return torch.tensor(mean, device=device).view(shape) * 255, torch.tensor(std, device=device).view(shape) * 255
+    return torch.tensor(shift, device=device).view(shape), torch.tensor(scale, device=device).view(shape)
 
 
 ROW_COLUMN = "__imgft_row__"
@@ -183,7 +177,7 @@ def with_image_transform(split_dataset, image_transform, image_column, label_col
 
 
 def collate_fn(examples):
-    """Stack H x W x 3 uint8 images into a B x 3 x H x W uint8 batch (`stack_images`) and labels into B."""
+    """Stack H x W x 3 images into a B x 3 x H x W batch (`stack_images`) and labels into B."""
     return {
         "pixel_values": stack_images([example["pixel_values"] for example in examples]),
         "labels": torch.tensor([example["labels"] for example in examples], dtype=torch.long),
@@ -191,6 +185,6 @@ def collate_fn(examples):
 
 
 def stack_images(arrays):
-    """H x W x 3 uint8 arrays (what the transforms give) -> one B x 3 x H x W uint8 tensor, channels-last in
-    memory: the permute is a view, so the stack is the only copy."""
+    """H x W x 3 arrays (what the transforms give: uint8, or float from a processor run as is) -> one B x 3 x H x W
+    tensor, channels-last in memory: the permute is a view, so the stack is the only copy."""
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
