@@ -274,12 +274,17 @@ def _listed(names, limit=10):
 
 
 def set_labels(config, label_names):
-    """Write the class names, and the class count into every field the architecture reads it from: most derive
-    num_labels from id2label, but some (PVT) keep a num_labels field of their own."""
+    """Write the class names, and the class count, into every field the architecture reads them from: most derive
+    num_labels from id2label, but some (PVT) keep a num_labels field of their own, and timm's config saves the
+    label_names and num_classes it was loaded with."""
     config.id2label = dict(enumerate(label_names))
     config.label2id = {name: i for i, name in enumerate(label_names)}
     if config.num_labels != len(label_names):
         config.num_labels = len(label_names)
+    if hasattr(config, "label_names"):
+        config.label_names = list(label_names)
+    if hasattr(config, "num_classes"):
+        config.num_classes = len(label_names)
 
 
 def _configs(config):

@@ -204,7 +204,7 @@ def run_processor(image, processor):
 
 def model_input(array, plan):
     """One transform output as the model sees it, 3 x H x W float32: the affine map for uint8, as is for floats."""
-    tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+    tensor = torch.from_numpy(np.array(array)).permute(2, 0, 1)  # a copy: PIL's arrays are read-only
     if tensor.dtype != torch.uint8:
         return tensor.float()
     shift, scale = torch.tensor(plan.shift).view(3, 1, 1), torch.tensor(plan.scale).view(3, 1, 1)

@@ -198,10 +198,21 @@ def tiny_config(model_type, label_names, image_size=None):
     return config
 
 
-def save_tiny_checkpoint(path, model_type, label_names):
-    """A random-weight classifier of `model_type` with a head for `label_names`, saved with its processor."""
+def save_tiny_checkpoint(path, model_type, label_names, weights=True):
+    """A random-weight classifier of `model_type` with a head for `label_names`, saved with its processor; with
+    `weights` False, the config, the default processor and an empty weights file: enough for refusals that come
+    before loading, and for one that comes when the model is built (a library it needs is missing)."""
+    from safetensors.torch import save_file
+
     from imgft.model import classification_class
 
+    if not weights:
+        config = tiny_config(model_type, label_names)
+        config.architectures = [classification_class(config).__name__]
+        config.save_pretrained(path)
+        processor_class(model_type)().save_pretrained(path)
+        save_file({}, f"{path}/model.safetensors", metadata={"format": "pt"})
+        return path
     processor = None if model_type == "timm_wrapper" else small_processor(model_type)
     size = tuple(TIMM_DATA_CONFIG["input_size"][1:]) if processor is None else input_size(processor)
     config = tiny_config(model_type, label_names, size)

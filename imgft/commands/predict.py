@@ -3,9 +3,10 @@
     python -m imgft predict --model_name_or_path output/mine photos/ 'more/**/*.jpg' cat.png
 
 One JSON line per image on stdout, {"path", "label", "score", "top_k": [{"label", "score"}, ...]}, or
-a .jsonl / .csv file with --output. Images get the model's own evaluation transforms, the ones
-training evaluated with. Unreadable files and inputs that match nothing are named on stderr and
-skipped; the exit code is 0 as long as some image was labelled, and 2 when none could be.
+a .jsonl / .csv file with --output. Images get what the model's image processor gives them (the
+evaluation transform training used, see imgft/preprocessing.py), so the answers are pipeline()'s.
+Unreadable files and inputs that match nothing are named on stderr and skipped; the exit code is 0 as
+long as some image was labelled, and 2 when none could be.
 """
 
 import argparse
@@ -20,8 +21,8 @@ from imgft.errors import UserError
 
 OUTPUT_SUFFIXES = (".jsonl", ".csv")
 PROGRESS_MIN_IMAGES = 100  # below this a run takes seconds and a progress bar is only noise
-FLAGS = ("--model_name_or_path", "--top_k", "--per_device_eval_batch_size", "--output", "--cache_dir")
-FLAGS += ("--model_revision", "--trust_remote_code")  # make_parser's flags, for "did you mean"
+FLAGS = ("--model_name_or_path", "--image_processor_name", "--top_k", "--per_device_eval_batch_size", "--output")
+FLAGS += ("--cache_dir", "--model_revision", "--trust_remote_code")  # make_parser's flags, for "did you mean"
 GLOB_CHARACTERS = "*?["
 
 
@@ -36,6 +37,11 @@ def make_parser():
     parser.add_argument("paths", nargs="*", metavar="PATH", help="image files, folders (searched recursively), globs")
     parser.add_argument(
         "--model_name_or_path", metavar="DIR_OR_HUB_ID", help="a trained model folder or a Hub id (required)"
+    )
+    parser.add_argument(
+        "--image_processor_name",
+        metavar="DIR_OR_HUB_ID",
+        help="load the image processor from here instead of --model_name_or_path (as training's flag)",
     )
     parser.add_argument(
         "--top_k", type=int, metavar="K", default=5, help="classes listed per image (at most the class count)"
@@ -163,8 +169,7 @@ def predict_files(model, transform, normalize, files, batch_size, top_k, progres
             readable.append(path)
             pixel_values.append(transform(image))
         if readable:
-            uint8_batch = stack_images(pixel_values).to(device)
-            batch = normalize(uint8_batch).to(dtype)
+            batch = normalize(stack_images(pixel_values).to(device)).to(dtype)
             for path, ranked in zip(readable, predict_batch(model, batch, top_k), strict=True):
                 yield to_record(path, ranked, id2label)
         progress.update(len(files[start : start + batch_size]))
@@ -222,6 +227,7 @@ def main(argv):
         raise UserError(f"no images found in {', '.join(args.paths)}")
     model_args = ModelArguments(
         model_name_or_path=args.model_name_or_path,
+        image_processor_name=args.image_processor_name,
         cache_dir=args.cache_dir,
         model_revision=args.model_revision,
         trust_remote_code=args.trust_remote_code,
