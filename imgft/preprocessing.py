@@ -86,21 +86,20 @@ def _family_steps(processor):
         return getattr(transformers, name), getattr(transformers, f"{name}Pil")
 
     crop = bool(getattr(processor, "do_center_crop", False))
-    affine = _rescale_normalize(processor)
+    pads = family in (TorchvisionBackend, PilBackend) + pair("PoolFormerImageProcessor")
+    if pads and getattr(processor, "do_pad", False):
+        return f"{cls.__name__} pads its images (do_pad)"
     if family in (TorchvisionBackend, PilBackend) + pair("BeitImageProcessor") + pair("MobileNetV2ImageProcessor"):
-        if getattr(processor, "do_pad", False):
-            return f"{cls.__name__} pads its images (do_pad)"
-        return ("methods", {}, False, crop, False, *affine)
+        return ("methods", {}, False, crop, False, *_rescale_normalize(processor))
     if family in pair("ConvNextImageProcessor") + pair("PoolFormerImageProcessor"):
-        if getattr(processor, "do_pad", False):
-            return f"{cls.__name__} pads its images (do_pad)"
-        return ("methods", {"crop_pct": processor.crop_pct}, False, crop, False, *affine)
+        return ("methods", {"crop_pct": processor.crop_pct}, False, crop, False, *_rescale_normalize(processor))
     if family in pair("TextNetImageProcessor"):
-        return ("methods", {"size_divisor": processor.size_divisor}, False, crop, False, *affine)
+        resize_kwargs = {"size_divisor": processor.size_divisor}
+        return ("methods", resize_kwargs, False, crop, False, *_rescale_normalize(processor))
     if family in pair("SegformerImageProcessor"):
-        return ("methods", {}, False, False, False, *affine)  # Segformer never crops
+        return ("methods", {}, False, False, False, *_rescale_normalize(processor))  # Segformer never crops
     if family in pair("PerceiverImageProcessor"):
-        return ("methods", {}, crop, False, False, *affine)  # Perceiver crops first, then resizes
+        return ("methods", {}, crop, False, False, *_rescale_normalize(processor))  # it crops first, then resizes
     if family in pair("EfficientNetImageProcessor"):
         return ("methods", {}, False, crop, False, *_efficientnet_affine(processor))
     if family in pair("MobileViTImageProcessor"):
@@ -160,10 +159,11 @@ def _timm_steps(processor):
 
 def _processor_plan(processor, reason):
     """Evaluation runs the processor itself; training crops are normalised as its attributes say (0-1 without them)."""
-    if all(hasattr(processor, name) for name in ("do_rescale", "rescale_factor", "do_normalize")):
-        shift, scale = _rescale_normalize(processor)
-    else:
-        shift, scale = (0.0,) * 3, (255.0,) * 3
+    do_rescale = getattr(processor, "do_rescale", True)
+    rescale = (getattr(processor, "rescale_factor", None) or 1 / 255) if do_rescale else None
+    mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
+    divisions = [(mean, std)] if getattr(processor, "do_normalize", False) and mean and std else []
+    shift, scale = _affine(rescale, 0.0, divisions, 3)
     return Plan("processor", {}, False, False, False, shift, scale, reason)
 
 
@@ -191,12 +191,18 @@ def geometry(image, processor, plan):
 
 
 def run_processor(image, processor):
-    """The processor itself on one image: its 3 x H x W float pixel_values as an H x W x 3 float32 array."""
-    pixel_values = processor(images=[image], return_tensors="pt")["pixel_values"]
-    if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
-        shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+    """The processor itself on one image: its 3 x H x W float pixel_values as an H x W x 3 float32 array; UserError
+    when it gives anything else for one plain RGB image (tiles, patch sequences, video frames, an error)."""
+    name = type(processor).__name__
+    try:
+        pixel_values = processor(images=[image], return_tensors="pt")["pixel_values"]
+    except Exception as err:  # any processor's own code, on a plain RGB image: whatever it raises, it cannot serve
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{name} cannot process a plain RGB image: {reason}") from None
+    shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+    if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4 or shape[:2] != (1, 3):
         raise UserError(
-            f"{type(processor).__name__} gives pixel_values of shape {shape}, not a 3-channel image: "
+            f"{name} gives pixel_values of shape {shape} for one image, not one 3-channel image: "
             "an image classifier fine-tuned by imgft needs one"
         )
     return pixel_values[0].float().permute(1, 2, 0).numpy()
@@ -216,11 +222,11 @@ def _largest_difference(processor, plan):
     largest = 0.0
     for seed, size in enumerate(PROBE_SIZES):
         image = _probe(size, seed)
+        theirs = torch.from_numpy(run_processor(image, processor)).permute(2, 0, 1)
         try:
-            theirs = torch.from_numpy(run_processor(image, processor)).permute(2, 0, 1)
             ours = model_input(geometry(image, processor, plan), plan)
-        except (UserError, ValueError, TypeError, RuntimeError) as err:
-            raise UserError(f"{type(processor).__name__} cannot process a plain RGB image: {err}") from None
+        except (ValueError, TypeError, RuntimeError):
+            return math.inf  # its own resize or crop fails where its pipeline does not: it is run as it is
         if ours.shape != theirs.shape:
             return math.inf
         largest = max(largest, (ours - theirs).abs().max().item())
@@ -232,10 +238,7 @@ def input_size(processor, plan):
     shapes = set()
     for seed, size in enumerate(PROBE_SIZES[:2]):
         image = _probe(size, seed)
-        try:
-            array = run_processor(image, processor) if plan.kind == "processor" else geometry(image, processor, plan)
-        except (ValueError, TypeError, RuntimeError) as err:
-            raise UserError(f"{type(processor).__name__} cannot process a plain RGB image: {err}") from None
+        array = run_processor(image, processor) if plan.kind == "processor" else geometry(image, processor, plan)
         shapes.add(array.shape[:2])
     if len(shapes) > 1:
         raise UserError(
@@ -253,21 +256,34 @@ def _scaled(size, factor):
 
 def with_image_size(image_processor, image_size):
     """A copy of `image_processor` that gives image_size x image_size images, its resize-to-crop ratio kept (a 256 ->
-    224 processor becomes 37 -> 32 for 32); UserError when its output cannot be made square that way."""
-    height, width = input_size(image_processor, plan_for(image_processor))
+    224 processor becomes 37 -> 32 for 32); a non-square output becomes square (its crop, else its resize); UserError
+    when the processor cannot be made to give that size this way."""
+    plan = plan_for(image_processor)
+    height, width = input_size(image_processor, plan)
     if (height, width) == (image_size, image_size):
         return image_processor
     name = type(image_processor).__name__
-    if height != width or _is_timm(image_processor) or not hasattr(image_processor, "size"):
-        raise UserError(f"--image_size {image_size}: imgft cannot make {name} ({height}x{width} px) give square images")
-    resized = copy.deepcopy(image_processor)
-    factor = image_size / height
-    for attribute in ("size", "crop_size"):
-        value = getattr(resized, attribute, None)
-        if value:
-            setattr(resized, attribute, type(value)(**_scaled(value, factor)))
+    refusal = f"--image_size {image_size}: imgft cannot make {name} ({height}x{width} px) give square images"
+    if _is_timm(image_processor):
+        resized = type(image_processor)(
+            pretrained_cfg={**image_processor.data_config, "input_size": (3, image_size, image_size)}
+        )
+    elif not getattr(image_processor, "size", None):
+        raise UserError(refusal)
+    else:
+        resized = copy.deepcopy(image_processor)
+        factor = image_size / min(height, width)
+        square = {"height": image_size, "width": image_size}
+        for attribute in ("size", "crop_size"):
+            value = getattr(resized, attribute, None)
+            if value:
+                setattr(resized, attribute, type(value)(**_scaled(value, factor)))
+        if height != width and getattr(resized, "do_center_crop", False) and getattr(resized, "crop_size", None):
+            resized.crop_size = type(resized.crop_size)(**square)
+        elif height != width and getattr(resized.size, "height", None):
+            resized.size = type(resized.size)(**square)
     if input_size(resized, plan_for(resized)) != (image_size, image_size):
-        raise UserError(f"--image_size {image_size}: imgft cannot make {name} ({height}x{width} px) give square images")
+        raise UserError(refusal)
     return resized
 
 

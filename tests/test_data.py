@@ -22,11 +22,11 @@ from imgft.data import (
     subsample,
 )
 from imgft.errors import UserError
+from imgft.preprocessing import input_size, plan_for, with_image_size
 from imgft.transforms import (
     build_transforms,
     collate_fn,
     crop_box,
-    image_sizes,
     normalizer,
     stored_image_size,
     with_image_transform,
@@ -333,27 +333,31 @@ def test_stored_image_size_covers_what_the_transforms_need():
     assert stored_image_size(vit, None, DataArguments(resize_once=False)) is None
 
 
-# --- image_sizes ----------------------------------------------------------------------------------------------------
+# --- input sizes ---------------------------------------------------------------------------------------------------
 
 
-def test_image_sizes_height_width():
+def model_input_size(processor):
+    return input_size(processor, plan_for(processor))
+
+
+def test_input_size_height_width():
     processor = ViTImageProcessor(size={"height": 24, "width": 32})
-    assert image_sizes(processor, None) == ((24, 32), (24, 32))
+    assert model_input_size(processor) == (24, 32)
 
 
-def test_image_sizes_shortest_edge_with_crop_pct():
+def test_input_size_shortest_edge_with_crop_pct():
     processor = ConvNextImageProcessor(size={"shortest_edge": 224}, crop_pct=0.875)
-    assert image_sizes(processor, None) == (256, (224, 224))
+    assert model_input_size(processor) == (224, 224)
 
 
-def test_image_sizes_shortest_edge_with_crop_size():
+def test_input_size_shortest_edge_with_crop_size():
     processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
-    assert image_sizes(processor, None) == (224, (224, 224))
+    assert model_input_size(processor) == (224, 224)
 
 
-def test_image_sizes_shortest_edge_with_other_crop_size():
+def test_input_size_shortest_edge_with_other_crop_size():
     processor = CLIPImageProcessor(size={"shortest_edge": 160}, crop_size={"height": 128, "width": 144})
-    assert image_sizes(processor, None) == (160, (128, 144))
+    assert model_input_size(processor) == (128, 144)
 
 
 @pytest.mark.parametrize(
@@ -362,11 +366,12 @@ def test_image_sizes_shortest_edge_with_other_crop_size():
         ViTImageProcessor(size={"height": 24, "width": 32}),
         ConvNextImageProcessor(size={"shortest_edge": 224}, crop_pct=0.875),
         CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}),
+        CLIPImageProcessor(size={"shortest_edge": 160}, crop_size={"height": 128, "width": 144}),
     ],
-    ids=["vit", "convnext", "clip"],
+    ids=["vit", "convnext", "clip", "clip-oblong-crop"],
 )
 def test_image_size_override_forces_a_square(processor):
-    assert image_sizes(processor, 48) == (48, (48, 48))
+    assert model_input_size(with_image_size(processor, 48)) == (48, 48)
 
 
 # --- build_transforms, normalizer ----------------------------------------------------------------------------------
