@@ -188,9 +188,9 @@ def _model_from_checkpoint(model_args, label_names, overrides, hub):
     except OSError as err:
         raise _load_error("model", path, err) from None
     check_trainable(config)
-    check_head(config, label_names, path, model_args.ignore_mismatched_sizes)
     if model_args.config_overrides != DEMO_CONFIG_OVERRIDES:
         _apply_overrides(config, overrides)
+    check_head(config, label_names, path, model_args.ignore_mismatched_sizes)
     set_labels(config, label_names)
     image_processor = _load_processor(model_args.image_processor_name or path, hub)
     if model_args.image_size:
@@ -386,8 +386,8 @@ def _forward_blank(model, size, labels=True, pixel_values=None):
 
 
 def check_model_runs(model, image_processor, label_names):
-    """Run one blank image, made as training and evaluation make them, through the model with a label: it must run,
-    give one logit per class and give a loss. Refuses in one line what would otherwise fail in the first step."""
+    """Run one blank image, made as training and evaluation make them, through the model: it must run and give one
+    logit per class, then with a label it must give a loss. Refuses in one line what would fail in the first step."""
     plan = preprocessing.plan_for(image_processor)
     size = preprocessing.input_size(image_processor, plan)
     blank = Image.new("RGB", (size[1], size[0]), (128, 128, 128))
@@ -395,21 +395,26 @@ def check_model_runs(model, image_processor, label_names):
         array = preprocessing.run_processor(blank, image_processor)
     else:
         array = preprocessing.geometry(blank, image_processor, plan)
+    pixel_values = preprocessing.model_input(array, plan).unsqueeze(0)
     name = f"{model.config.model_type} ({type(model).__name__})"
-    try:
-        output = _forward_blank(model, size, pixel_values=preprocessing.model_input(array, plan).unsqueeze(0))
-    except (RuntimeError, ValueError, TypeError, AttributeError, IndexError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(
-            f"{name} cannot run on the {size[0]}x{size[1]} images from {type(image_processor).__name__}: {reason}"
-        ) from None
-    logits, loss = getattr(output, "logits", None), getattr(output, "loss", None)
-    if logits is None or loss is None:
-        raise UserError(f"{name} cannot be fine-tuned as an image classifier by imgft: it gives no logits and loss")
+    source = f"the {size[0]}x{size[1]} images from {type(image_processor).__name__}"
+    logits = getattr(_checked_forward(model, pixel_values, False, f"{name} cannot run on {source}"), "logits", None)
+    if logits is None:
+        raise UserError(f"{name} cannot be fine-tuned as an image classifier by imgft: it gives no logits")
     if logits.shape[-1] != len(label_names):
         raise UserError(
             f"{name}'s classifier head gives {logits.shape[-1]} outputs for your {len(label_names)} classes"
         )
+    if getattr(_checked_forward(model, pixel_values, True, f"{name} cannot compute a loss"), "loss", None) is None:
+        raise UserError(f"{name} cannot be fine-tuned as an image classifier by imgft: it gives no loss for labels")
+
+
+def _checked_forward(model, pixel_values, labels, failure):
+    try:
+        return _forward_blank(model, None, labels=labels, pixel_values=pixel_values)
+    except (RuntimeError, ValueError, TypeError, AttributeError, IndexError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{failure}: {reason}") from None
 
 
 def load_saved_classifier(model_args):

@@ -81,3 +81,33 @@ def test_architecture_trains_with_a_new_head_and_predicts_as_pipeline_does(model
     assert json.loads((output_dir / "all_results.json").read_text())["train_steps"] == 2
     files = sorted((colors / "validation").rglob("*.png"))
     assert_predict_matches_pipeline(output_dir, files, capsys)
+
+
+def test_a_timm_checkpoint_trains_evaluates_and_predicts_with_no_extra_flags(train, colors, tmp_path, capsys):
+    # Issue 13: TimmWrapperImageProcessor has no size or image_mean; its settings are timm's data config in
+    # config.json. Training failed, evaluate needed --image_processor_name, predict could not be given one.
+    from conftest import reset_accelerate
+
+    from imgft.commands import evaluate
+
+    checkpoint = save_tiny_checkpoint(tmp_path / "checkpoint", "timm_wrapper", ["cat", "dog", "bird"])
+    output_dir = tmp_path / "out"
+    fine_tune(train, colors, checkpoint, output_dir)
+    assert not (output_dir / "preprocessor_config.json").exists()  # timm keeps its data config in config.json
+    saved = json.loads((output_dir / "config.json").read_text())
+    assert saved["pretrained_cfg"]["input_size"] == [3, 32, 32] and saved["label_names"] == sorted(CLASSES)
+    capsys.readouterr()
+    reset_accelerate()
+    try:
+        evaluate.main(
+            ["--model_name_or_path", str(output_dir), "--train_dir", str(colors / "train"),
+             "--validation_dir", str(colors / "validation")]
+        )  # fmt: skip
+    finally:
+        reset_accelerate()
+    results = json.loads(capsys.readouterr().out.splitlines()[-1])
+    trained = json.loads((output_dir / "all_results.json").read_text())
+    assert results["eval_samples"] == 4
+    assert results["eval_accuracy"] == trained["eval_accuracy"]
+    assert results["eval_loss"] == pytest.approx(trained["eval_loss"], abs=1e-5)
+    assert_predict_matches_pipeline(output_dir, sorted((colors / "validation").rglob("*.png")), capsys)

@@ -200,3 +200,22 @@ def test_flag_suggestions_know_every_flag():
     parser = predict.make_parser()
     flags = {option for action in parser._actions for option in action.option_strings} - {"-h", "--help"}
     assert flags == set(predict.FLAGS)
+
+
+def test_image_processor_name_loads_the_processor_from_elsewhere(model_dir, colors_data, tmp_path, capsys):
+    from transformers import AutoImageProcessor, ViTForImageClassification, pipeline
+
+    from imgft.errors import UserError
+
+    bare = tmp_path / "weights_only"
+    ViTForImageClassification.from_pretrained(model_dir).save_pretrained(bare)  # no preprocessor_config.json
+    files = sorted((colors_data / "validation").rglob("*.png"))[::5]
+    with pytest.raises(UserError, match="cannot load the image processor of"):
+        predict.main(["--model_name_or_path", str(bare), *map(str, files)])
+    records, _ = run_predict(["--model_name_or_path", bare, "--image_processor_name", model_dir, *files], capsys)
+    classifier = pipeline(
+        "image-classification", model=str(bare), image_processor=AutoImageProcessor.from_pretrained(model_dir)
+    )
+    for record, expected in zip(records, classifier([str(f) for f in files], top_k=5), strict=True):
+        assert [item["label"] for item in record["top_k"]] == [item["label"] for item in expected]
+        assert [item["score"] for item in record["top_k"]] == pytest.approx([e["score"] for e in expected], abs=1e-5)
