@@ -36,6 +36,8 @@ INPUTS_NOT_GIVEN = {
     "input_ids": "a text prompt (input_ids)",
     "spatial_shapes": "its processor's patch sequences with their spatial_shapes and pixel_attention_mask",
 }
+# What a model's forward raises on inputs it cannot take (shapes, sizes, missing inputs).
+FORWARD_ERRORS = (RuntimeError, ValueError, TypeError, AttributeError, IndexError)
 NORM_TYPES = (
     torch.nn.modules.batchnorm._NormBase,
     torch.nn.LayerNorm,
@@ -159,6 +161,10 @@ def _model_from_scratch(model_args, label_names, overrides, hub):
             image_std=[0.5] * 3,
         )
     input_size = preprocessing.input_size(image_processor, preprocessing.plan_for(image_processor))
+    override = overrides.get("image_size")
+    if override is not None and _as_pair(override) != tuple(input_size):
+        height, width = input_size
+        raise UserError(f"--config_overrides image_size={override}: the image processor gives {height}x{width} px")
     set_input_size(config, input_size)
     set_labels(config, label_names)
     model_class = classification_class(config)
@@ -167,6 +173,10 @@ def _model_from_scratch(model_args, label_names, overrides, hub):
     model = _built(lambda: model_class._from_config(config), config)
     log_once(logging.INFO, FROM_SCRATCH_NOTE.format(model_type=model_args.model_type))
     return model, image_processor
+
+
+def _as_pair(size):
+    return tuple(size) if isinstance(size, (list, tuple)) else (size, size)
 
 
 def _scratch_image_size(image_size, overrides):
@@ -197,14 +207,22 @@ def _model_from_checkpoint(model_args, label_names, overrides, hub):
         image_processor = preprocessing.with_image_size(image_processor, model_args.image_size)
         if getattr(config, "pretrained_cfg", None):  # timm: the processor is saved in, and read from, config.json
             config.pretrained_cfg = {**config.pretrained_cfg, "input_size": [3, *[model_args.image_size] * 2]}
-    model = _built(
-        lambda: AutoModelForImageClassification.from_pretrained(
-            path, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, **hub
-        ),
-        config,
-    )
-    if model_args.image_size:
-        model = at_input_size(model, (model_args.image_size, model_args.image_size))
+    try:
+        model = _built(
+            lambda: AutoModelForImageClassification.from_pretrained(
+                path, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, **hub
+            ),
+            config,
+        )
+    except (RuntimeError, ValueError) as err:  # a head check_head could not see: no `architectures` in the config
+        if "size mismatch" in str(err) or "ignore_mismatched_sizes" in str(err):
+            raise UserError(
+                f"'{path}' has a classifier head for a different number of classes than the {len(label_names)} "
+                "in your data; pass --ignore_mismatched_sizes to replace the head"
+            ) from None
+        raise
+    # The processor's size, from --image_size or --image_processor_name, may not be the checkpoint's.
+    model = at_input_size(model, preprocessing.input_size(image_processor, preprocessing.plan_for(image_processor)))
     return model, image_processor
 
 
@@ -307,9 +325,10 @@ def set_input_size(config, size):
 
 
 def at_input_size(model, size):
-    """`model` ready for `size` inputs: as it is when it runs at that size, else rebuilt with its absolute position
-    tables resampled bicubically to the new patch grid (what `interpolate_pos_encoding` does at each forward, done
-    once, so the saved model and pipeline() take that size too); UserError when neither works."""
+    """`model` ready for (height, width) `size` inputs: as it is when its config says that size or it runs at it,
+    else rebuilt for that size with its absolute position tables resampled bicubically to the new patch grid. Done
+    once here, rather than by `interpolate_pos_encoding` at each forward, which the training loop would have to pass
+    and pipeline() never does: the saved model takes the new size as it is. UserError when neither works."""
     config = model.config
     height, width = size
     sizes = [getattr(part, "image_size", None) for part in _configs(config)]
@@ -317,9 +336,8 @@ def at_input_size(model, size):
         return model
     try:
         _forward_blank(model, size, labels=False)
-        set_input_size(config, size)
-        return model
-    except (RuntimeError, ValueError):
+        return model  # size-agnostic (a CNN): its config's image_size is not used
+    except FORWARD_ERRORS:
         pass  # fixed-size position tables: resample them below
     new_config = copy.deepcopy(config)
     set_input_size(new_config, size)
@@ -412,7 +430,7 @@ def check_model_runs(model, image_processor, label_names):
 def _checked_forward(model, pixel_values, labels, failure):
     try:
         return _forward_blank(model, None, labels=labels, pixel_values=pixel_values)
-    except (RuntimeError, ValueError, TypeError, AttributeError, IndexError) as err:
+    except FORWARD_ERRORS as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{failure}: {reason}") from None
 

@@ -205,6 +205,7 @@ def test_flag_suggestions_know_every_flag():
 def test_image_processor_name_loads_the_processor_from_elsewhere(model_dir, colors_data, tmp_path, capsys):
     from transformers import AutoImageProcessor, ViTForImageClassification, pipeline
 
+    from imgft.commands import evaluate
     from imgft.errors import UserError
 
     bare = tmp_path / "weights_only"
@@ -219,3 +220,10 @@ def test_image_processor_name_loads_the_processor_from_elsewhere(model_dir, colo
     for record, expected in zip(records, classifier([str(f) for f in files], top_k=5), strict=True):
         assert [item["label"] for item in record["top_k"]] == [item["label"] for item in expected]
         assert [item["score"] for item in record["top_k"]] == pytest.approx([e["score"] for e in expected], abs=1e-5)
+    data = ["--train_dir", str(colors_data / "train"), "--validation_dir", str(colors_data / "validation")]
+    reset_accelerate()
+    try:
+        evaluate.main(["--model_name_or_path", str(bare), "--image_processor_name", str(model_dir), *data])
+    finally:
+        reset_accelerate()
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["eval_samples"] == 25
