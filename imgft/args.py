@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import difflib
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -324,8 +325,9 @@ def _parse(parser, tokens, source):
 
 
 def parse_args(argv):
-    """Parse `[CONFIG.yaml] [--flag value ...]`; flags override the file. Returns (data, model, train) args."""
-    argv = list(argv)
+    """Parse `[CONFIG.yaml] [--flag value ...]` (default: the command line); flags override the file.
+    Returns (data, model, train) args."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     config_tokens = []
     config_path = None
     if argv and argv[0].endswith(CONFIG_SUFFIXES):
@@ -402,10 +404,12 @@ def _is_whole_number(text):
     return text.isascii() and text.isdecimal()
 
 
-def checkpointing_every(train_args):
-    """Checkpoint interval in optimizer steps, or None (with 'epoch' handled by the caller)."""
+def checkpoint_interval(train_args):
+    """--checkpointing_steps, read once: None (no checkpoints), a number of optimizer steps, or "epoch"."""
     steps = train_args.checkpointing_steps
-    return int(steps) if steps and _is_whole_number(steps) else None
+    if steps is None or steps == "epoch":
+        return steps
+    return int(steps)
 
 
 def flags_markdown():

@@ -33,7 +33,7 @@ def preprocessing_processes(data_args):
     return data_args.num_workers or os.cpu_count()
 
 
-def drop_unreadable(dataset, image_column, label_column, label_names, data_args, stored_size=None):
+def decode_once_dropping_unreadable(dataset, image_column, label_column, label_names, data_args, stored_size=None):
     """(dataset without unreadable images, how many were left out): each is named in a warning, or with
     --strict_data the data is refused. With `stored_size`, the same single decode of every image also
     stores it shrunk (`images.resize_once`); without, it only checks (`images.inspect_images`).

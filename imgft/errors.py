@@ -19,9 +19,11 @@ def exit_on_user_error(main, argv=None):
 
 
 def run_as_script(main):
-    """`exit_on_user_error(main)` for a script's `__main__`, then a faster exit (`skip_final_collection`)."""
-    exit_on_user_error(main)
+    """`exit_on_user_error(main)` for a script's `__main__`, then a faster exit (`skip_final_collection`)
+    with main's return value as the exit code."""
+    exit_code = exit_on_user_error(main)
     skip_final_collection()
+    sys.exit(exit_code or 0)
 
 
 def skip_final_collection():

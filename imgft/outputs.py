@@ -1,5 +1,6 @@
 """What a run leaves in output_dir: the model, results, metrics log and config; and guarding that folder."""
 
+import contextlib
 import json
 import math
 import os
@@ -7,7 +8,14 @@ import shutil
 
 import yaml
 
-from imgft.checkpoint import CHECKPOINT_NAME, STAGING_PREFIX, compare_runs, list_checkpoints
+from imgft.checkpoint import (
+    CHECKPOINT_NAME,
+    STAGING_PREFIX,
+    compare_runs,
+    list_checkpoints,
+    read_state,
+    save_failed_message,
+)
 from imgft.errors import UserError
 from imgft.runtime import hub_offline
 
@@ -88,38 +96,62 @@ def clear_previous_run(output_dir):
             shutil.rmtree(path)
 
 
-def start_run_files(output_dir, train_args, resume_path, state, config):
-    """On the main process, before the first step: clear or trim what an earlier run left, save the config."""
+def start_run_files(output_dir, train_args, resume_path, config):
+    """On the main process, before the first step: clear or trim what an earlier run left, save the config.
+
+    A resumed run rewrites whatever the interrupted one logged after its checkpoint; resumed from another
+    folder's checkpoint, it starts from that run's metrics log, so the curves keep their history.
+    """
     if train_args.overwrite_output_dir and resume_path is None:
         clear_previous_run(output_dir)
     os.makedirs(output_dir, exist_ok=True)
-    # A resumed run rewrites whatever the interrupted one logged after its checkpoint.
-    _truncate_lines(os.path.join(output_dir, METRICS_LOG), state["metrics_log_lines"])
+    metrics_log = os.path.join(output_dir, METRICS_LOG)
+    if resume_path is None:
+        _keep_first_lines(metrics_log, metrics_log, 0)
+    else:
+        logged_lines = read_state(resume_path)["metrics_log_lines"]
+        source_log = os.path.join(os.path.dirname(os.path.abspath(resume_path)), METRICS_LOG)
+        _keep_first_lines(source_log, metrics_log, logged_lines)
     with open(os.path.join(output_dir, CONFIG_FILE), "w", encoding="utf-8") as file:
         yaml.safe_dump(config, file, sort_keys=False, allow_unicode=True)
 
 
-def _truncate_lines(path, keep):
-    if not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8") as file:
-        lines = file.readlines()[:keep]
-    with open(path, "w", encoding="utf-8") as file:
-        file.writelines(lines)
+def _keep_first_lines(source, destination, keep):
+    """Write the first `keep` lines of `source` (if it exists) to `destination`."""
+    lines = []
+    if os.path.exists(source):
+        with open(source, encoding="utf-8") as file:
+            lines = file.readlines()[:keep]
+    if lines or os.path.exists(destination):
+        with open(destination, "w", encoding="utf-8") as file:
+            file.writelines(lines)
 
 
-def log_metrics(accelerator, metrics_log, record):
-    """One line in metrics.jsonl (main process) and the same numbers to the trackers, if any."""
+@contextlib.contextmanager
+def saving_final_files(output_dir):
+    """Around the final save: a full disk (or any OS error) becomes one line naming the folder and the
+    problem. all_results.json, which marks a run as finished, is written last, so such a run is resumable."""
+    try:
+        yield
+    except OSError as err:
+        raise UserError(save_failed_message("the final model and results", output_dir, err)) from None
+
+
+def append_metrics_line(accelerator, output_dir, record):
+    """One line in output_dir/metrics.jsonl, written by the main process."""
     if accelerator.is_main_process:
-        with open(metrics_log, "a", encoding="utf-8") as file:
+        with open(os.path.join(output_dir, METRICS_LOG), "a", encoding="utf-8") as file:
             file.write(json.dumps(record) + "\n")
-    # eval_accuracy -> eval/accuracy, train_images_per_second -> train/images_per_second, loss -> train/loss
-    scalars = {
+
+
+def tracker_scalars(record):
+    """A metrics.jsonl record as tracker scalars: eval_accuracy -> eval/accuracy, loss -> train/loss,
+    train_images_per_second -> train/images_per_second."""
+    return {
         key.replace("eval_", "eval/", 1) if key.startswith("eval_") else "train/" + key.removeprefix("train_"): value
         for key, value in record.items()
         if key not in ("step", "epoch")
     }
-    accelerator.log(scalars, step=record["step"])
 
 
 def tracker_config(config):
@@ -133,9 +165,12 @@ def json_safe(values):
 
 
 def write_json(path, value):
-    with open(path, "w", encoding="utf-8") as file:
+    """Write `value` as JSON, whole or not at all: a kill or a full disk mid-write leaves no half file."""
+    staging_path = path + ".tmp"
+    with open(staging_path, "w", encoding="utf-8") as file:
         json.dump(json_safe(value), file, indent=2, ensure_ascii=False)
         file.write("\n")
+    os.replace(staging_path, path)
 
 
 def hub_token(explicit_token):

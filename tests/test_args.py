@@ -10,7 +10,7 @@ from imgft.args import (
     DataArguments,
     ModelArguments,
     TrainArguments,
-    checkpointing_every,
+    checkpoint_interval,
     parse_args,
     to_dict,
 )
@@ -223,14 +223,14 @@ def test_negative_scientific_learning_rate_gets_the_range_message(tmp_path):
 def test_checkpointing_steps_accepted(value):
     _, _, train = parse_args(["--checkpointing_steps", value])
     assert train.checkpointing_steps == value
-    assert checkpointing_every(train) == (None if value == "epoch" else 5)
+    assert checkpoint_interval(train) == ("epoch" if value == "epoch" else 5)
 
 
 def test_checkpointing_steps_int_from_yaml(tmp_path):
     path = write_config(tmp_path, "checkpointing_steps: 5\n")
     _, _, train = parse_args([path])
     assert train.checkpointing_steps == "5"
-    assert checkpointing_every(train) == 5
+    assert checkpoint_interval(train) == 5
 
 
 def test_checkpointing_steps_superscript_digit_is_a_user_error():

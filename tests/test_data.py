@@ -13,7 +13,7 @@ from transformers import CLIPImageProcessor, ConvNextImageProcessor, ViTImagePro
 
 from imgft.args import DataArguments
 from imgft.data import (
-    drop_unreadable,
+    decode_once_dropping_unreadable,
     encode_labels,
     find_columns,
     load_labeled_dataset,
@@ -310,13 +310,15 @@ def test_resize_once_stores_shrunk_images_and_sets_unreadable_ones_aside(tmp_pat
     (tmp_path / "train" / "red" / "broken.png").write_bytes(b"not a png")
     data_args = DataArguments(train_dir=str(tmp_path / "train"), train_val_split=0.34)
     dataset, image_column, label_column, names = load_labeled_dataset(data_args, None, 0)
-    kept, unreadable = drop_unreadable(dataset, image_column, label_column, names, data_args, stored_size=20)
+    kept, unreadable = decode_once_dropping_unreadable(
+        dataset, image_column, label_column, names, data_args, stored_size=20
+    )
     assert unreadable == 1
     assert len(kept["train"]) + len(kept["validation"]) == 6
     assert {image.size for image in kept["train"][image_column]} == {(20, 20)}
     assert kept["train"].column_names == dataset["train"].column_names  # the verdict columns are gone
     # The same pass without resizing only checks: the images stay as they were.
-    checked, unreadable = drop_unreadable(dataset, image_column, label_column, names, data_args)
+    checked, unreadable = decode_once_dropping_unreadable(dataset, image_column, label_column, names, data_args)
     assert unreadable == 1
     assert {image.size for image in checked["train"][image_column]} == {(60, 60)}
 

@@ -31,12 +31,25 @@ LABEL_NAMES = ["cat", "dog", "fox"]
 class LogitsAsInput(torch.nn.Module):
     """A stand-in model whose 'pixel_values' are already the logits, so the test fixes every prediction."""
 
+    def __init__(self, label_names):
+        super().__init__()
+        self.config = SimpleNamespace(id2label=dict(enumerate(label_names)))
+
     def forward(self, pixel_values):
         return SimpleNamespace(logits=pixel_values)
 
 
-FAKE_ACCELERATOR = SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda tensors: tensors)
+FAKE_ACCELERATOR = SimpleNamespace(
+    device=torch.device("cpu"), gather_for_metrics=lambda tensors: tensors, unwrap_model=lambda model: model
+)
 UNCHANGED = lambda pixel_values: pixel_values  # noqa: E731 (the batches hold logits, not images)
+
+
+def detailed_evaluation(batches, label_names):
+    """train_loop.evaluate, the loop training and `evaluate` share, over batches of ready-made logits."""
+    import train_loop
+
+    return train_loop.evaluate(LogitsAsInput(label_names), batches, UNCHANGED, FAKE_ACCELERATOR)
 
 
 def batches_for(confusion, confidences, batch_size):
@@ -64,7 +77,7 @@ def batches_for(confusion, confidences, batch_size):
 def test_metrics_match_a_hand_computed_confusion_matrix():
     confidences = [2.0, 2.5, 3.0, 6.0, 4.0, 1.0, 1.5, 5.0, 2.0, 3.5]
     batches, logits, labels = batches_for(CONFUSION, confidences, batch_size=3)  # a short last batch
-    results, details = metrics.detailed_evaluation(LogitsAsInput(), batches, UNCHANGED, FAKE_ACCELERATOR, LABEL_NAMES)
+    results, details = detailed_evaluation(batches, LABEL_NAMES)
 
     assert details["confusion_matrix"] == {"labels": LABEL_NAMES, "matrix": CONFUSION.tolist()}
     # By hand: precision = diagonal / column sums, recall = diagonal / row sums.
@@ -94,13 +107,11 @@ def test_metrics_match_a_hand_computed_confusion_matrix():
         (4, "dog", "cat"),
     ]
     assert [m["score"] for m in details["mistakes"]] == pytest.approx([softmax_top(i) for i in (3, 7, 4)])
-    _, fewer = metrics.detailed_evaluation(
-        LogitsAsInput(), batches, UNCHANGED, FAKE_ACCELERATOR, LABEL_NAMES, num_mistakes=2
-    )
+    tally = metrics.start_tally(LABEL_NAMES, "cpu")
+    for batch in batches:
+        metrics.add_batch(tally, batch["pixel_values"], batch["labels"])
+    _, fewer = metrics.finish_tally(tally, LABEL_NAMES, num_mistakes=2)
     assert [m["index"] for m in fewer["mistakes"]] == [3, 7]
-
-    # The light evaluation used each epoch gives the same summary, with the keys it always had.
-    assert metrics.evaluate(LogitsAsInput(), batches, UNCHANGED, FAKE_ACCELERATOR, 3) == pytest.approx(results)
 
 
 def test_macro_average_leaves_out_a_class_absent_from_labels_and_predictions_and_top5_above_five_classes():
@@ -110,7 +121,7 @@ def test_macro_average_leaves_out_a_class_absent_from_labels_and_predictions_and
     confusion[4, 0] = 1  # class 4 occurs once and is always missed
     batches, _, _ = batches_for(confusion, [1.0] * int(confusion.sum()), batch_size=4)
     names = [f"c{i}" for i in range(7)]
-    results, details = metrics.detailed_evaluation(LogitsAsInput(), batches, UNCHANGED, FAKE_ACCELERATOR, names)
+    results, details = detailed_evaluation(batches, names)
     recall = [3 / 4, 2 / 4, 2 / 2, 1.0, 0.0]  # classes 0-4; 5 and 6 are left out
     assert results["eval_macro_recall"] == pytest.approx(sum(recall) / 5)
     assert details["per_class"]["c4"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
@@ -120,7 +131,7 @@ def test_macro_average_leaves_out_a_class_absent_from_labels_and_predictions_and
 
 def test_eval_results_json_names_classes_and_keeps_matrix_rows_on_one_line(tmp_path):
     batches, _, _ = batches_for(CONFUSION, [1.0 + i for i in range(10)], batch_size=4)
-    results, details = metrics.detailed_evaluation(LogitsAsInput(), batches, UNCHANGED, FAKE_ACCELERATOR, LABEL_NAMES)
+    results, details = detailed_evaluation(batches, LABEL_NAMES)
     results["eval_loss"] = math.nan  # a diverged run must still give valid JSON
     path = metrics.write_eval_results(tmp_path / "eval_results.json", results, details)
     text = path.read_text()

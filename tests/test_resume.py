@@ -182,3 +182,41 @@ def test_second_sigint_stops_at_once(tmp_path):
     output = log_path.read_text()
     assert "Second interrupt" in output
     assert "Traceback" not in output
+
+
+# --- Killed in the last seconds of a run: after its last checkpoint, or while it saves the final model.
+
+
+def test_killed_after_the_last_epoch_checkpoint_resumes_to_the_same_run(references, tmp_path):
+    # The final evaluation, the model save and the report take a few seconds after epoch_2 is written:
+    # a preemption lands there. The resume used to crash with a NameError.
+    out = tmp_path / "killed"
+    extra = ["--num_workers", "0", "--checkpointing_steps", "epoch"]
+    process = start(out, extra, "1")
+    assert kill_when(process, lambda: (out / "epoch_2").exists())
+    assert not (out / "all_results.json").exists(), "the kill should land before the run finished"
+    finish(out, extra)
+    assert_same_run(references["0"], out)
+
+
+def test_killed_during_the_final_save_resumes_to_the_same_run(references, tmp_path):
+    out = tmp_path / "killed"
+    extra = ["--num_workers", "0"]
+    process = start(out, extra, "1")
+    assert kill_when(process, lambda: (out / "model.safetensors").exists())
+    assert not (out / "all_results.json").exists(), "the kill should land before the run finished"
+    finish(out, extra)
+    assert_same_run(references["0"], out)
+
+
+def test_a_checkpoint_at_the_last_step_resumes_without_an_extra_step(tmp_path):
+    # 7 of an epoch's 13 steps: the resumed run used to train an 8th step and end with other weights.
+    extra = ["--num_workers", "0", "--max_train_steps", "7", "--checkpointing_steps", "7"]
+    reference, out = tmp_path / "reference", tmp_path / "killed"
+    finish(reference, extra)
+    process = start(out, extra, "1")
+    assert kill_when(process, lambda: (out / "step_7").exists())
+    assert not (out / "all_results.json").exists(), "the kill should land before the run finished"
+    finish(out, extra)
+    assert json.loads((out / "all_results.json").read_text())["train_steps"] == 7
+    assert_same_run(reference, out)

@@ -18,14 +18,14 @@ def data_report(data_args, cache_dir, seed):
         dataset, label_names = data.encode_labels(dataset, label_column)
     except UserError as err:
         refusal = str(err)
-    # Inspected after the labels are encoded (which changes the fingerprint), so that drop_unreadable's
+    # Inspected after the labels are encoded (which changes the fingerprint), so that decode_once_dropping_unreadable's
     # own inspection below is this one, read back from the datasets cache rather than a second decode.
     num_proc = data.preprocessing_processes(data_args)
     inspected = {split: images.inspect_images(part, image_column, num_proc) for split, part in dataset.items()}
     lines = [f"Images: {len(dataset['train'])} train, {len(dataset['validation'])} validation"]
     if label_names is not None:
         try:
-            kept, _ = data.drop_unreadable(dataset, image_column, label_column, label_names, data_args)
+            kept, _ = data.decode_once_dropping_unreadable(dataset, image_column, label_column, label_names, data_args)
             lines += _class_lines(kept, label_column, label_names)
         except UserError as err:
             refusal = str(err)

@@ -20,7 +20,8 @@ def main(argv):
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
 
-    from imgft import data, metrics, runtime, transforms
+    import train_loop
+    from imgft import data, runtime, transforms
     from imgft.args import parse_args
     from imgft.model import load_saved_classifier
 
@@ -42,7 +43,9 @@ def main(argv):
         # The same single decode as training (unreadable files left out, images stored shrunk), so the
         # numbers match those of the training run's own evaluation.
         stored_size = transforms.stored_image_size(image_processor, model_args.image_size, data_args)
-        dataset, _ = data.drop_unreadable(dataset, image_column, label_column, label_names, data_args, stored_size)
+        dataset, _ = data.decode_once_dropping_unreadable(
+            dataset, image_column, label_column, label_names, data_args, stored_size
+        )
         # Score against the model's own class ids, matched to the data's classes by name.
         validation = data.relabel(dataset["validation"], label_column, label_names, model.config.label2id)
     validation = data.subsample(validation, data_args.max_eval_samples, train_args.seed)
@@ -54,15 +57,12 @@ def main(argv):
         num_workers=runtime.dataloader_workers(data_args.num_workers, accelerator.device, accelerator.num_processes),
         pin_memory=accelerator.device.type == "cuda",
     )
-    model_label_names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     model, dataloader = accelerator.prepare(model, dataloader)
     normalize = transforms.normalizer(image_processor)
-    if report_dir is None:
-        results = metrics.evaluate(model, dataloader, normalize, accelerator, len(model_label_names))
-    else:
-        results, details = metrics.detailed_evaluation(model, dataloader, normalize, accelerator, model_label_names)
-        if accelerator.is_main_process:
-            _write_report(report_dir, results, details, validation, original_validation, image_column)
+    # The loop training evaluates with, so both give the same numbers for the same model and data.
+    results, details = train_loop.evaluate(model, dataloader, normalize, accelerator)
+    if report_dir is not None and accelerator.is_main_process:
+        _write_report(report_dir, results, details, validation, original_validation, image_column)
     if accelerator.is_main_process:
         print(json.dumps(results))
     accelerator.end_training()  # leaves the process group, on every process
