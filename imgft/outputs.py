@@ -8,6 +8,7 @@ import shutil
 
 import yaml
 
+from imgft.args import ABSOLUTE_PATHS_KEY, absolute_paths
 from imgft.checkpoint import (
     CHECKPOINT_NAME,
     STAGING_PREFIX,
@@ -57,7 +58,7 @@ def check_output_dir(output_dir, resume_requested, overwrite, config):
     finished = os.path.exists(os.path.join(output_dir, RESULTS_FILE))
     if finished and resume_requested:
         saved_config_path = os.path.join(output_dir, CONFIG_FILE)
-        saved = _read_yaml(saved_config_path) if os.path.exists(saved_config_path) else {}
+        saved = _read_run_config(saved_config_path) if os.path.exists(saved_config_path) else {}
         unsafe, _ = compare_runs({"config": saved}, {"config": config})
         if unsafe:
             raise UserError(
@@ -67,7 +68,8 @@ def check_output_dir(output_dir, resume_requested, overwrite, config):
         return True
     if finished:
         raise UserError(
-            f"{output_dir} holds a finished run; pass --overwrite_output_dir to replace it, or another --output_dir"
+            f"{output_dir} holds a finished run; to run it again, pass a new --output_dir "
+            "(or --overwrite_output_dir to replace it)"
         )
     if not resume_requested and list_checkpoints(output_dir):
         raise UserError(
@@ -77,9 +79,11 @@ def check_output_dir(output_dir, resume_requested, overwrite, config):
     return False
 
 
-def _read_yaml(path):
+def _read_run_config(path):
+    """A saved run config as `args.to_dict` gave it: without the absolute paths written beside it."""
     with open(path, encoding="utf-8") as file:
-        return yaml.safe_load(file) or {}
+        config = yaml.safe_load(file) or {}
+    return {key: value for key, value in config.items() if key != ABSOLUTE_PATHS_KEY}
 
 
 def clear_previous_run(output_dir):
@@ -112,8 +116,18 @@ def start_run_files(output_dir, train_args, resume_path, config):
         logged_lines = read_state(resume_path)["metrics_log_lines"]
         source_log = os.path.join(os.path.dirname(os.path.abspath(resume_path)), METRICS_LOG)
         _keep_first_lines(source_log, metrics_log, logged_lines)
-    with open(os.path.join(output_dir, CONFIG_FILE), "w", encoding="utf-8") as file:
+    write_run_config(os.path.join(output_dir, CONFIG_FILE), config)
+
+
+def write_run_config(path, config):
+    """The run's config, which reruns it, with the absolute paths its relative ones meant, so that it also
+    reruns from another directory (args.parse_args reads them; `config` itself, a resume's identity, is kept)."""
+    with open(path, "w", encoding="utf-8") as file:
         yaml.safe_dump(config, file, sort_keys=False, allow_unicode=True)
+        recorded = absolute_paths(config)
+        if recorded:
+            file.write("# The absolute paths that the relative ones above meant, for a rerun from another directory\n")
+            yaml.safe_dump({ABSOLUTE_PATHS_KEY: recorded}, file, sort_keys=False, allow_unicode=True)
 
 
 def _keep_first_lines(source, destination, keep):

@@ -200,3 +200,13 @@ def test_flag_suggestions_know_every_flag():
     parser = predict.make_parser()
     flags = {option for action in parser._actions for option in action.option_strings} - {"-h", "--help"}
     assert flags == set(predict.FLAGS)
+
+
+def test_an_existing_file_with_glob_characters_in_its_name_is_taken_as_it_is(tmp_path):
+    image = tmp_path / "img [1].png"
+    Image.new("RGB", (8, 8)).save(image)
+    (tmp_path / "folder [a]").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "folder [a]" / "x.png")
+    files, problems = predict.find_images([str(image), str(tmp_path / "folder [a]"), str(tmp_path / "*.jpg")])
+    assert files == [str(image), str(tmp_path / "folder [a]" / "x.png")]
+    assert problems == [(str(tmp_path / "*.jpg"), "matches no image file")]  # a real glob still globs

@@ -184,7 +184,9 @@ def test_confusion_matrix_picture_annotates_few_classes_and_stays_legible_with_a
     axes = many.axes[0]
     assert not axes.texts  # 10,000 numbers would be noise
     assert len(axes.get_yticklabels()) == n and axes.get_yticklabels()[0].get_fontsize() >= 6
-    assert axes.get_yticklabels()[0].get_text().endswith("…")  # long names shortened
+    shown = [label.get_text() for label in axes.get_yticklabels()]
+    assert all("…" in name and len(name) <= plots.MAX_LABEL_CHARS for name in shown)  # long names shortened
+    assert len(set(shown)) == n and shown[7].startswith("n00000007")  # ... to names still told apart
     width, height = many.get_size_inches() * many.dpi
     # Each row gets at least twice the tick label's height in pixels, so labels never overlap.
     assert height / n >= 2 * axes.get_yticklabels()[0].get_fontsize() * many.dpi / 72 * 0.9

@@ -1,5 +1,7 @@
 """`python -m imgft COMMAND`: the tools around train_loop.py.
 
+Each command's --help says more.
+
 demo-data DIR                 write the digits demo as an imagefolder
 evaluate [CONFIG] [flags]     evaluate a saved model on the validation split (same data flags as training);
                               with --output_dir, also write eval_results.json and pictures of the errors
@@ -12,7 +14,7 @@ flags                         print the flags table
 
 import sys
 
-from imgft.errors import UserError, exit_on_user_error
+from imgft.errors import exit_on_user_error
 
 COMMANDS = ("demo-data", "evaluate", "predict", "check-data", "bench", "flags")
 
@@ -26,7 +28,14 @@ def main(argv=None):
             sys.exit(2)
         sys.exit(0 if argv else 2)
     command, rest = argv[0], argv[1:]
-    if command == "demo-data":
+    if command in ("evaluate", "check-data") and any(token in ("-h", "--help") for token in rest):
+        # Their arguments are training's, parsed by imgft.args: the help lists the ones they read.
+        from imgft import args
+
+        print(args.help_text(args.EVALUATE_COMMAND if command == "evaluate" else args.CHECK_DATA_COMMAND), end="")
+    elif command == "demo-data":
+        from imgft.commands.demo_data import main as demo_data
+
         exit_on_user_error(demo_data, rest)
     elif command == "evaluate":
         from imgft.commands.evaluate import main as evaluate
@@ -48,15 +57,3 @@ def main(argv=None):
         from imgft.args import flags_markdown
 
         print(flags_markdown(), end="")
-
-
-def demo_data(argv):
-    from imgft.commands.demo_data import write_digits_imagefolder
-
-    if len(argv) != 1 or argv[0].startswith("-"):
-        raise UserError("usage: python -m imgft demo-data DIR")
-    try:
-        path = write_digits_imagefolder(argv[0])
-    except FileExistsError:
-        raise UserError(f"{argv[0]} already exists; choose a new folder") from None
-    print(f"Wrote the digits demo (train/ and validation/, 10 classes) to {path}")

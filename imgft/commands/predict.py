@@ -99,20 +99,21 @@ def find_images(inputs):
     """(image files in input order without repeats, [(input, why it gave nothing)]).
 
     A file named outright is always tried, whatever its extension; files found in folders or by a glob
-    must have an image extension (any case).
+    must have an image extension (any case). A path that exists is taken as it is, even with glob
+    characters in its name (`img [1].png`).
     """
     files, problems = [], []
     for pattern in inputs:
-        if any(char in pattern for char in GLOB_CHARACTERS):
+        if os.path.isdir(pattern):
+            found, reason = images_in_folder(pattern), "holds no image files"
+        elif os.path.isfile(pattern):
+            found, reason = [pattern], ""
+        elif any(char in pattern for char in GLOB_CHARACTERS):
             matches = sorted(glob.glob(pattern, recursive=True))
             found = [m for m in matches if os.path.isfile(m) and is_image_name(os.path.basename(m))]
             for folder in (m for m in matches if os.path.isdir(m)):
                 found += images_in_folder(folder)
             reason = "matches no image file"
-        elif os.path.isdir(pattern):
-            found, reason = images_in_folder(pattern), "holds no image files"
-        elif os.path.isfile(pattern):
-            found, reason = [pattern], ""
         else:
             found, reason = [], "no such file or folder"
         files += found
