@@ -161,9 +161,7 @@ def main(argv=None):
         # purge_step has TensorBoard drop what an interrupted run logged after the step we start from.
         tensorboard_options = {"tensorboard": {"purge_step": state.completed_steps + 1}}
         accelerator.init_trackers(outputs.TRACKER_DIR, outputs.tracker_config(config), tensorboard_options)
-    logger.info(
-        runtime.run_summary(train_rows, eval_rows, label_names, accelerator, train_args, max_train_steps)
-    )
+    runtime.log_run_summary(train_rows, eval_rows, label_names, accelerator, train_args, max_train_steps)
 
     # ---------------------------------------------------------------- The training loop
     progress = tqdm(

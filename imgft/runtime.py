@@ -2,6 +2,7 @@
 DataLoader workers, the stop signals (SIGTERM/SIGINT) and why a run stops, and the training-speed clock."""
 
 import logging
+import math
 import os
 import signal
 import sys
@@ -9,6 +10,8 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+
+from imgft.batches import effective_batch
 
 QUIET_LOGGERS = ("httpx", "datasets", "accelerate.checkpointing", "accelerate.accelerator")
 
@@ -57,16 +60,23 @@ def dataloader_workers(requested, device, num_processes):
     return max(0, min(8, (os.cpu_count() or 1) // num_processes - 1))
 
 
-def run_summary(train_dataset, eval_dataset, label_names, accelerator, train_args, max_train_steps):
+def log_run_summary(train_dataset, eval_dataset, label_names, accelerator, train_args, max_train_steps):
+    """Log what the run is about to do: data, classes, processes, precision, the real batch and the steps;
+    and warn when accumulation spans more batches than an epoch has (`batches.effective_batch`)."""
     per_device = train_args.per_device_train_batch_size
     accumulation = train_args.gradient_accumulation_steps
-    total_batch = per_device * accelerator.num_processes * accumulation
-    return (
+    processes = accelerator.num_processes
+    batches_per_epoch = math.ceil(len(train_dataset) / (per_device * processes))  # as the sharded loader has it
+    images_per_step, warning = effective_batch(batches_per_epoch, per_device, processes, accumulation)
+    log_once(
+        logging.INFO,
         f"{len(train_dataset)} training / {len(eval_dataset)} validation examples, {len(label_names)} classes; "
-        f"{accelerator.num_processes} process(es) on {accelerator.device.type}, "
-        f"mixed precision {accelerator.mixed_precision}; batch {total_batch} = {per_device} per device "
-        f"x {accelerator.num_processes} process(es) x {accumulation} accumulation; {max_train_steps} optimizer steps"
+        f"{processes} process(es) on {accelerator.device.type}, mixed precision {accelerator.mixed_precision}; "
+        f"batch {images_per_step} = {per_device} per device x {processes} process(es) x "
+        f"{min(accumulation, batches_per_epoch)} accumulated; {max_train_steps} optimizer steps",
     )
+    if warning:
+        log_once(logging.WARNING, warning)
 
 
 def install_stop_signal_handlers(accelerator):
