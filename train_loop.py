@@ -167,7 +167,8 @@ def main(argv=None):
     progress = tqdm(
         total=max_train_steps, initial=state.completed_steps, disable=not accelerator.is_local_main_process
     )
-    signal_received = runtime.install_stop_signal_handlers(accelerator)  # SIGTERM/SIGINT: checkpoint, stop
+    # SIGTERM/SIGINT finish the step, checkpoint and stop; several processes share the signal over gloo.
+    signal_received = runtime.install_signal_handlers_and_start_signal_group(accelerator)
     checkpoint_every = imgft_args.checkpoint_interval(train_args)  # None, a number of steps, or "epoch"
     stop = None  # a runtime.Stop, once a signal, a NaN loss or early stopping ends the run before its end
     eval_results = eval_details = None

@@ -1,5 +1,6 @@
 """One exception for mistakes the user can fix, and the wrapper that turns it into a clean exit."""
 
+import errno
 import gc
 import os
 import sys
@@ -10,11 +11,22 @@ class UserError(Exception):
 
 
 def exit_on_user_error(main, argv=None):
-    """Run `main(argv)`; a UserError becomes `error: ...` on stderr and exit code 2."""
+    """Run `main(argv)`; a UserError becomes `error: ...` on stderr and exit code 2. So does a full disk
+    wherever it strikes: the run stops, and what it saved before stays whole (checkpoints are atomic)."""
     try:
         return main(argv)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        folder = os.path.dirname(os.path.abspath(err.filename)) if err.filename else "the output folder"
+        print(
+            f"error: cannot write in {folder}: {err.strerror}. Free some space, then rerun the same command "
+            "with --resume_from_checkpoint latest",
+            file=sys.stderr,
+        )
         sys.exit(2)
 
 

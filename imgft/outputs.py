@@ -86,7 +86,7 @@ def _read_run_config(path):
     return {key: value for key, value in config.items() if key != ABSOLUTE_PATHS_KEY}
 
 
-def clear_previous_run(output_dir):
+def delete_previous_run_files(output_dir):
     """Remove what an earlier imgft run wrote in `output_dir`, leaving every other file alone."""
     if not os.path.isdir(output_dir):
         return
@@ -107,7 +107,7 @@ def start_run_files(output_dir, train_args, resume_path, config):
     folder's checkpoint, it starts from that run's metrics log, so the curves keep their history.
     """
     if train_args.overwrite_output_dir and resume_path is None:
-        clear_previous_run(output_dir)
+        delete_previous_run_files(output_dir)
     os.makedirs(output_dir, exist_ok=True)
     metrics_log = os.path.join(output_dir, METRICS_LOG)
     if resume_path is None:

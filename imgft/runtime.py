@@ -79,12 +79,12 @@ def log_run_summary(train_dataset, eval_dataset, label_names, accelerator, train
         log_once(logging.WARNING, warning)
 
 
-def install_stop_signal_handlers(accelerator):
+def install_signal_handlers_and_start_signal_group(accelerator):
     """Install SIGTERM/SIGINT handlers; return a function giving the signal any process received (0: none).
 
     The first signal only records itself, so the loop can finish its optimizer step and save a checkpoint.
-    A second SIGINT (Ctrl-C twice) exits at once. With several processes the signal is all-reduced over a
-    CPU (gloo) group, so every process stops at the same step without a GPU sync in the hot loop.
+    A second SIGINT (Ctrl-C twice) exits at once. With several processes this starts a CPU (gloo) process
+    group over which the signal is all-reduced, so every process stops at the same step without a GPU sync.
     """
     received = {"signum": 0}
 
