@@ -333,7 +333,7 @@ def test_evaluate_writes_the_report_and_matches_on_two_processes(
 
 
 def test_evaluate_report_from_a_config_file(colors_data, confident_colors_model, tmp_path, capsys):
-    # A run's imgft_config.yaml names an output_dir: the report goes there.
+    # A run's imgft_config.yaml names the output_dir training wrote to: evaluate leaves it alone.
     config = tmp_path / "run.yaml"
     config.write_text(
         yaml.safe_dump(
@@ -347,5 +347,9 @@ def test_evaluate_report_from_a_config_file(colors_data, confident_colors_model,
         )
     )
     results = run_evaluate([config], capsys)
-    report = json.loads((tmp_path / "from_config" / "eval_results.json").read_text())
-    assert results["eval_samples"] == 7 == sum(map(sum, report["confusion_matrix"]["matrix"]))
+    assert results["eval_samples"] == 7
+    assert not (tmp_path / "from_config").exists()
+    # An --output_dir on the command line is where the report goes.
+    assert run_evaluate([config, "--output_dir", tmp_path / "told"], capsys) == results
+    report = json.loads((tmp_path / "told" / "eval_results.json").read_text())
+    assert sum(map(sum, report["confusion_matrix"]["matrix"])) == 7
