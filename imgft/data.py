@@ -114,7 +114,7 @@ def load_raw_datasets(data_args, cache_dir, seed, demo_dir):
     """
     if data_args.dataset_name:
         dataset = _load_named(data_args, cache_dir)
-        _train_split(dataset)
+        _train_split(dataset)  # refuses a dataset without one: evaluate needs none, training does
         if data_args.eval_split == "train":
             raise UserError("--eval_split train: training would be evaluated on its own images")
         train, validation, source = _named_splits(dataset, data_args, seed)
@@ -129,7 +129,8 @@ def load_raw_datasets(data_args, cache_dir, seed, demo_dir):
         folders["validation"] = (validation_dir, "--validation_dir")
     dataset = _load_imagefolders(folders, data_args, cache_dir, 2)
     if validation_dir:
-        return dataset, f"--validation_dir {validation_dir}"
+        given = "--validation_dir" if data_args.train_dir else "the digits demo's validation images in"
+        return dataset, f"{given} {validation_dir}"
     held_out, source = _hold_out(dataset["train"], data_args, seed, f"--train_dir {train_dir}")
     return datasets.DatasetDict(train=held_out["train"], validation=held_out["test"]), source
 

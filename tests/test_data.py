@@ -690,6 +690,13 @@ def test_train_and_validation_folders_at_different_depths_keep_their_labels(
     assert all(name == folder for name, folder in rows)
 
 
+def test_images_outside_class_folders_are_refused_naming_them(tmp_path):
+    write_color_imagefolder(tmp_path / "train", ["cat", "dog"], 2)
+    (tmp_path / "train" / "loose.png").write_bytes((tmp_path / "train" / "cat" / "000.png").read_bytes())
+    with pytest.raises(UserError, match=r"--train_dir .*: found images outside class subfolders \(loose.png\)"):
+        load_raw_datasets(DataArguments(train_dir=str(tmp_path / "train")), str(tmp_path / "cache"), 0, None)
+
+
 def write_metadata_folder(root, label_column="species", kind="csv", per_class=3, seed=0):
     """root/<n>.png, all in one folder, with their classes (red, green) only in root/metadata.<kind>."""
     rows = []

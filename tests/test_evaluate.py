@@ -45,6 +45,13 @@ def test_a_test_folder_alone_is_evaluated_with_the_models_labels(model_dir, tmp_
     assert {name: row["support"] for name, row in per_class.items()} == {"red": 3, "green": 2, "blue": 0}
 
 
+def test_a_test_folder_may_hold_a_single_class(model_dir, tmp_path, capsys):
+    test_dir = write_color_imagefolder(tmp_path / "test", ["blue"], 2)
+    code, results, err = evaluate(["--model_name_or_path", model_dir, "--validation_dir", test_dir], capsys)
+    assert code == 0, err
+    assert results["eval_samples"] == 2
+
+
 def test_a_class_the_model_does_not_know_is_one_line_naming_it(model_dir, tmp_path, capsys):
     test_dir = write_color_imagefolder(tmp_path / "test", ["red", "purple"], 2)
     code, _, err = evaluate(["--model_name_or_path", model_dir, "--validation_dir", test_dir], capsys)
