@@ -99,6 +99,7 @@ def main(argv=None):
     )
     normalize = transforms.normalizer(image_processor, train_args.channels_last)
     train_rows = data.subsample(dataset["train"], data_args.max_train_samples, train_args.seed)
+    data.warn_classes_without_training_images(train_rows, label_column, label_names)
     eval_rows = data.subsample(dataset["validation"], data_args.max_eval_samples, train_args.seed)
     # set_transform, lazily: images are decoded and augmented per batch, in the DataLoader's workers.
     # Augmentation is seeded per image by (seed, epoch, row), the workers reading the epoch from

@@ -51,6 +51,13 @@ class DataArguments:
         },
     )
     validation_dir: str | None = field(default=None, metadata={"help": "An imagefolder of validation images."})
+    eval_split: str | None = field(
+        default=None,
+        metadata={
+            "help": "Which split of --dataset_name to evaluate on (e.g. test). Default: validation, valid or val, "
+            "else test, else a seeded part of train (--train_val_split)."
+        },
+    )
     train_val_split: float = field(
         default=0.15,
         metadata={"help": "Fraction of train held out (seeded) when the dataset has no validation split."},

@@ -3,8 +3,9 @@
 Each command's --help says more.
 
 demo-data DIR                 write the digits demo as an imagefolder
-evaluate [CONFIG] [flags]     evaluate a saved model on the validation split (same data flags as training);
-                              with --output_dir, also write eval_results.json and pictures of the errors
+evaluate [CONFIG] [flags]     evaluate a saved model on --validation_dir alone, --eval_split of --dataset_name,
+                              or the split training evaluates on; with --output_dir, also write
+                              eval_results.json and pictures of the errors
 predict --model_name_or_path MODEL PATH...
                               label image files, folders or globs; one JSON line per image (--help for more)
 check-data [CONFIG] [flags]   report on the data as training would see it; exit 2 where training would refuse it
