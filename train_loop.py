@@ -25,9 +25,19 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-import imgft.run_lock
 from imgft import args as imgft_args
-from imgft import best, checkpoint, data, metrics, nonfinite, optimizer, outputs, runtime, transforms
+from imgft import (
+    best,
+    checkpoint,
+    data,
+    metrics,
+    nonfinite,
+    optimizer,
+    outputs,
+    run_lock,
+    runtime,
+    transforms,
+)
 from imgft.errors import UserError, run_as_script
 from imgft.model import check_model_source, load_model, optimizer_param_groups
 from imgft.report import reports
@@ -64,7 +74,7 @@ def main(argv=None):
     except ValueError as err:  # e.g. bf16 on a GPU that cannot do it
         raise UserError(f"--mixed_precision {train_args.mixed_precision}: {err}") from None
     runtime.setup_logging()
-    imgft.run_lock.take_output_dir_lock_on_main_process(accelerator, output_dir)  # one live run per folder
+    run_lock.take_output_dir_lock_on_main_process(accelerator, output_dir)  # one live run per folder
     resume_path = checkpoint.resolve_resume(train_args.resume_from_checkpoint, output_dir)
     resuming = train_args.resume_from_checkpoint is not None
     if outputs.check_output_dir(output_dir, resuming, train_args.overwrite_output_dir, config):
