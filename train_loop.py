@@ -27,6 +27,7 @@ from transformers import get_scheduler
 
 from imgft import args as imgft_args
 from imgft import (
+    augment,
     best,
     checkpoint,
     data,
@@ -109,6 +110,7 @@ def main(argv=None):
     train_transform, eval_transform = transforms.build_transforms(
         image_processor, model_args.image_size, data_args.random_flip, data_args.crop_scale_min
     )
+    train_transform = augment.with_auto_augment_and_erasing(train_transform, data_args, image_processor)
     normalize = transforms.normalizer(image_processor, train_args.channels_last)
     train_rows = data.subsample(dataset["train"], data_args.max_train_samples, train_args.seed)
     data.warn_classes_without_training_images(train_rows, label_column, label_names)

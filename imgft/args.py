@@ -86,6 +86,39 @@ class DataArguments:
         default=0.6,
         metadata={"help": "Smallest area fraction RandomResizedCrop keeps of a training image (torchvision: 0.08)."},
     )
+    auto_augment: Literal["randaugment", "trivialaugment", "autoaugment", "augmix"] | None = field(
+        default=None,
+        metadata={
+            "help": "An automatic augmentation policy for each training crop, seeded per image: "
+            "torchvision v2 RandAugment, TrivialAugmentWide, AutoAugment (ImageNet policy) or AugMix. "
+            "Default: none."
+        },
+    )
+    randaugment_num_ops: int = field(
+        default=2,
+        metadata={"help": "With --auto_augment randaugment: operations per image (torchvision num_ops)."},
+    )
+    randaugment_magnitude: int = field(
+        default=9,
+        metadata={"help": "With --auto_augment randaugment: their strength, 0-30 (torchvision magnitude)."},
+    )
+    random_erasing: float = field(
+        default=0.0,
+        metadata={
+            "help": "Probability of erasing a random rectangle of each training crop (torchvision "
+            "RandomErasing), after --auto_augment, filled with the processor's mean colour: zero after "
+            "normalisation, as torchvision's default."
+        },
+    )
+    tta: Literal["flip", "zoom", "flip_zoom"] | None = field(
+        default=None,
+        metadata={
+            "help": "Test-time augmentation for `python -m imgft evaluate` and `predict`, logits averaged "
+            "over views: flip adds the mirrored evaluation crop; zoom the central 87.5% of the image "
+            "through the same resize and crop; flip_zoom both and the mirrored zoom (4 views). "
+            "Training ignores it."
+        },
+    )
     num_workers: int | None = field(
         default=None,
         metadata={
@@ -289,7 +322,7 @@ EVALUATE_COMMAND = Command(
     "Evaluate a saved model on the validation split, read as training reads it; with --output_dir, also write "
     f"eval_results.json and pictures of the errors there. {CONFIG_NOTE} Training flags not listed are ignored.",
     DATA_FLAGS
-    + ("resize_once", "stored_image_size", "max_eval_samples")
+    + ("resize_once", "stored_image_size", "max_eval_samples", "tta")
     + ("model_name_or_path", "image_processor_name", "image_size", "cache_dir", "model_revision", "trust_remote_code")
     + ("per_device_eval_batch_size", "mixed_precision", "seed", "output_dir"),
 )
@@ -556,6 +589,13 @@ def check_args(data_args, model_args, train_args):
         raise UserError(f"--train_val_split must lie strictly between 0 and 1 (got {data_args.train_val_split})")
     if not 0 < data_args.crop_scale_min <= 1:
         raise UserError(f"--crop_scale_min must lie in (0, 1] (got {data_args.crop_scale_min})")
+    if not 0 <= data_args.random_erasing <= 1:
+        raise UserError(f"--random_erasing must lie in [0, 1] (got {data_args.random_erasing})")
+    if data_args.randaugment_num_ops < 1:
+        raise UserError(f"--randaugment_num_ops must be at least 1 (got {data_args.randaugment_num_ops})")
+    magnitude = data_args.randaugment_magnitude
+    if not 0 <= magnitude <= 30:
+        raise UserError(f"--randaugment_magnitude must lie in [0, 30] (got {magnitude})")
     steps = train_args.checkpointing_steps
     if steps is not None and steps != "epoch" and not (_is_whole_number(steps) and int(steps) > 0):
         raise UserError(f"--checkpointing_steps must be a positive whole number or 'epoch' (got '{steps}')")

@@ -23,6 +23,7 @@ SAFE_TO_CHANGE = {
     "num_workers",
     "per_device_eval_batch_size",
     "max_eval_samples",
+    "tta",
     "num_train_epochs",
     "max_train_steps",
     "logging_steps",

@@ -23,7 +23,7 @@ def main(argv):
     from torch.utils.data import DataLoader
 
     import train_loop
-    from imgft import data, runtime, transforms
+    from imgft import data, runtime, transforms, tta
     from imgft.model import load_saved_classifier
 
     data_args, model_args, train_args = parse_evaluation_args(argv)
@@ -56,17 +56,23 @@ def main(argv):
         )
     validation = data.subsample(kept["validation"], data_args.max_eval_samples, train_args.seed)
     _, eval_transform = transforms.build_transforms(image_processor, model_args.image_size, False, 1.0)
+    collate_fn = transforms.collate_fn
+    if data_args.tta:  # each image becomes its V views, B x V x 3 x H x W a batch
+        eval_transform = tta.views_transform(eval_transform, data_args.tta)
+        collate_fn = tta.collate_views
     dataloader = DataLoader(
         transforms.with_image_transform(validation, eval_transform, image_column, label_column),
         batch_size=train_args.per_device_eval_batch_size,
-        collate_fn=transforms.collate_fn,
+        collate_fn=collate_fn,
         num_workers=runtime.dataloader_workers(data_args.num_workers, accelerator.device, accelerator.num_processes),
         pin_memory=accelerator.device.type == "cuda",
     )
     model, dataloader = accelerator.prepare(model, dataloader)
     normalize = transforms.normalizer(image_processor)
-    # The loop training evaluates with, so both give the same numbers for the same model and data.
-    results, details = train_loop.evaluate(model, dataloader, normalize, accelerator)
+    if data_args.tta:  # logits averaged over each image's views; training's evaluation has no --tta
+        results, details = tta.evaluate(model, dataloader, normalize, accelerator)
+    else:  # the loop training evaluates with, so both give the same numbers for the same model and data
+        results, details = train_loop.evaluate(model, dataloader, normalize, accelerator)
     if report_dir is not None and accelerator.is_main_process:
         _write_report(report_dir, results, details, validation, original_validation, image_column)
     if accelerator.is_main_process:
