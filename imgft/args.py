@@ -114,8 +114,8 @@ class DataArguments:
         default=None,
         metadata={
             "help": "Test-time augmentation for `python -m imgft evaluate` and `predict`, logits averaged "
-            "over views: flip adds the mirrored evaluation crop; zoom the central 87.5% of the image "
-            "through the same resize and crop; flip_zoom both and the mirrored zoom (4 views). "
+            "over views: flip adds the mirrored evaluation crop; zoom the image's central 7/8 (of width and "
+            "height) through the same resize and crop; flip_zoom both and the mirrored zoom (4 views). "
             "Training ignores it."
         },
     )

@@ -5,7 +5,7 @@ evaluation (`train_loop.evaluate`) never uses it.
 The views, each of the evaluation crop's size:
     centre         the evaluation transform's output, as without --tta
     flip           its mirror image (left-right)
-    zoom           the central ZOOM x ZOOM of the image through the same transform: zoomed in by 1/ZOOM
+    zoom           the image's central ZOOM of width and height, through the same transform: zoomed in
     zoom_flip      the mirror image of zoom
 """
 

@@ -54,8 +54,8 @@ def make_parser():
         "--tta",
         choices=("flip", "zoom", "flip_zoom"),
         help="test-time augmentation, logits averaged over views: flip adds the mirrored crop; zoom the "
-        "central 87.5%% of the image through the same resize and crop; flip_zoom both and the mirrored "
-        "zoom (4 views)",
+        "image's central 7/8 (of width and height) through the same resize and crop; flip_zoom both and "
+        "the mirrored zoom (4 views)",
     )
     return parser
 
