@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import data_flags
 from PIL import Image
-from test_resume import RUN, assert_same_run, finish, kill_when, metrics_steps, start
+from test_resume import RUN, assert_same_run, kill_when, metrics_steps, start
 from transformers import ViTImageProcessor
 
 from imgft import augment, transforms
@@ -121,15 +121,14 @@ POLICY_RUN += ["--per_device_train_batch_size", "8", "--num_train_epochs", "2", 
 
 
 def test_sigkill_then_resume_with_a_policy_and_erasing_is_bitwise_identical(colors_data, tmp_path, train):
-    run = [*POLICY_RUN, *map(str, data_flags(colors_data))]
+    run = [*RUN, *POLICY_RUN, *map(str, data_flags(colors_data))]
     reference, out = tmp_path / "reference", tmp_path / "killed"
-    # The reference runs in this process, sparing a start-up: the same code, the same run.
-    assert train([*RUN, *run, "--num_workers", "0", "--output_dir", reference]) == 0
-    # Killed in the first epoch, after a checkpoint: the resumed run crosses into the second epoch, and
-    # with 2 workers where the reference had none, so each image's draws must come from its own seed.
-    process = start(out, [*run, "--num_workers", "2"], "1")
-    kill_after = 4 + random.Random(3).randint(0, 2)
-    assert kill_when(process, lambda: max(metrics_steps(out), default=0) >= kill_after)
+    # The reference and the resumed run run in this process, sparing two start-ups: the same code.
+    assert train([*run, "--num_workers", "0", "--output_dir", reference]) == 0
+    # Killed once step 4, the first epoch's last, is logged: the resume from step_3 crosses into the second
+    # epoch, with 2 workers where the reference had none, so each image's draws must come from its own seed.
+    process = start(out, [*POLICY_RUN, *map(str, data_flags(colors_data)), "--num_workers", "2"], "1")
+    assert kill_when(process, lambda: max(metrics_steps(out), default=0) >= 4)
     assert list_checkpoints(out)
-    finish(out, [*run, "--num_workers", "2"])
+    assert train([*run, "--num_workers", "2", "--output_dir", out]) == 0
     assert_same_run(reference, out)
