@@ -173,9 +173,8 @@ def main(argv=None):
         outputs.start_run_files(output_dir, train_args, resume_path, config)
     if train_args.with_tracking:
         # init_trackers starts TensorBoard/W&B/... on the main process only; log() is a no-op elsewhere.
-        # purge_step has TensorBoard drop what an interrupted run logged after the step we start from.
-        tensorboard_options = {"tensorboard": {"purge_step": state.completed_steps + 1}}
-        accelerator.init_trackers(outputs.TRACKER_DIR, outputs.tracker_config(config), tensorboard_options)
+        accelerator.init_trackers(outputs.TRACKER_DIR, outputs.tracker_config(config))
+        outputs.replay_metrics_to_trackers(accelerator, output_dir)  # a resumed run's history, as logged
     runtime.log_run_summary(train_rows, eval_rows, label_names, accelerator, train_args, max_train_steps)
 
     # ---------------------------------------------------------------- The training loop

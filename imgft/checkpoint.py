@@ -6,7 +6,7 @@ import os
 import re
 import shutil
 
-from imgft.errors import UserError
+from imgft.errors import WRITE_ERRORS, UserError, write_failure_reason
 
 STATE_FILE = "imgft_state.json"
 CHECKPOINT_NAME = re.compile(r"^(step|epoch)_\d+$")
@@ -133,7 +133,7 @@ def staged_checkpoint(accelerator, output_dir, name, completed_steps, identity, 
             if os.path.exists(final_path):
                 shutil.rmtree(final_path)
             os.rename(staging_path, final_path)
-    except OSError as err:
+    except WRITE_ERRORS as err:
         if accelerator.is_main_process:
             shutil.rmtree(staging_path, ignore_errors=True)
         raise UserError(save_failed_message(f"checkpoint {name}", output_dir, err)) from None
@@ -144,7 +144,7 @@ def save_failed_message(what, output_dir, err):
     checkpoints = list_checkpoints(output_dir)
     kept = f"the last complete checkpoint is {checkpoints[-1]}" if checkpoints else "there is no checkpoint"
     return (
-        f"cannot save {what} in {output_dir}: {err.strerror or err}; {kept}. "
+        f"cannot save {what} in {output_dir}: {write_failure_reason(err, output_dir)}; {kept}. "
         "Free some space, then rerun the same command with --resume_from_checkpoint latest"
     )
 
