@@ -355,6 +355,11 @@ def help_text(command):
     return make_parser(command).format_help()
 
 
+def field_defaults():
+    """{flag name: default} for every argument (the hub token left out, as in `to_dict`)."""
+    return to_dict(*(cls() for cls in ARG_CLASSES))
+
+
 def field_names():
     return [f.name for cls in ARG_CLASSES for f in dataclasses.fields(cls)]
 

@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 
+from imgft.args import field_defaults
 from imgft.errors import WRITE_ERRORS, UserError, write_failure_reason
 
 STATE_FILE = "imgft_state.json"
@@ -55,7 +56,9 @@ EXPECTED_CHANGES = {"output_dir", "overwrite_output_dir", "resume_from_checkpoin
 def compare_runs(saved, current):
     """(changes that make a resume inexact, harmless changes worth a warning), each as 'name: then -> now'."""
     unsafe, safe = [], []
-    saved_config, config = saved.get("config", {}), current.get("config", {})
+    # A flag added to imgft after the checkpoint was saved is missing from it: the run had its default.
+    saved_config = {**field_defaults(), **saved.get("config", {})}
+    config = current.get("config", {})
     for key in sorted(set(saved_config) | set(config)):
         if saved_config.get(key) != config.get(key):
             change = f"{key}: {saved_config.get(key)!r} -> {config.get(key)!r}"
