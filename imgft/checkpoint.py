@@ -57,8 +57,9 @@ def compare_runs(saved, current):
     """(changes that make a resume inexact, harmless changes worth a warning), each as 'name: then -> now'."""
     unsafe, safe = [], []
     # A flag added to imgft after the checkpoint was saved is missing from it: the run had its default.
-    saved_config = {**field_defaults(), **saved.get("config", {})}
-    config = current.get("config", {})
+    defaults = field_defaults()
+    saved_config = {**defaults, **saved.get("config", {})}
+    config = {**defaults, **current.get("config", {})}
     for key in sorted(set(saved_config) | set(config)):
         if saved_config.get(key) != config.get(key):
             change = f"{key}: {saved_config.get(key)!r} -> {config.get(key)!r}"
