@@ -26,9 +26,21 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from imgft import args as imgft_args
-from imgft import best, checkpoint, data, metrics, nonfinite, optimizer, outputs, runtime, transforms
+from imgft import (
+    best,
+    checkpoint,
+    data,
+    freezing,
+    layer_decay,
+    metrics,
+    nonfinite,
+    optimizer,
+    outputs,
+    runtime,
+    transforms,
+)
 from imgft.errors import UserError, run_as_script
-from imgft.model import check_model_source, load_model, optimizer_param_groups
+from imgft.model import check_model_source, load_model
 from imgft.report import reports
 from imgft.train_state import TrainState
 
@@ -48,9 +60,7 @@ def main(argv=None):
     # `accelerate launch` sets the process count; the same script runs as plain `python` on one device.
     # The seedable sampler draws the order from (seed, epoch): the same on every process, and on a resume.
     # non_blocking: a batch copies to the GPU (from pinned memory) while the GPU still runs the last step.
-    loader_config = DataLoaderConfiguration(
-        use_seedable_sampler=True, data_seed=train_args.seed, non_blocking=True
-    )
+    loader_config = DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train_args.seed, non_blocking=True)
     try:
         accelerator = Accelerator(
             cpu=runtime.distributed_without_gpu(),
@@ -59,6 +69,7 @@ def main(argv=None):
             log_with=train_args.report_to if train_args.with_tracking else None,
             project_dir=output_dir,
             dataloader_config=loader_config,
+            kwargs_handlers=freezing.ddp_kwargs_handlers(train_args),  # a frozen backbone gets no gradients
         )
     except ValueError as err:  # e.g. bf16 on a GPU that cannot do it
         raise UserError(f"--mixed_precision {train_args.mixed_precision}: {err}") from None
@@ -127,7 +138,8 @@ def main(argv=None):
     # ---------------------------------------------------------------- 5. Optimizer, schedule, prepare
     if train_args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    param_groups = optimizer_param_groups(model, train_args.weight_decay)  # no decay on biases and norms
+    # No weight decay on biases and norms; with --layer_decay or --head_learning_rate, a learning rate per group.
+    param_groups = layer_decay.param_groups(model, train_args)
     adamw = optimizer.adamw(param_groups, train_args.learning_rate, accelerator.mixed_precision)
     # prepare() moves the model to the device and wraps it in DDP, wraps the optimizer for mixed precision
     # and accumulation, and shards each DataLoader: len(train_dataloader) is then this process's share.
@@ -138,9 +150,7 @@ def main(argv=None):
     max_train_steps = train_args.max_train_steps or train_args.num_train_epochs * steps_per_epoch
     # The schedule counts optimizer steps, so warmup and total mean the same on any number of processes.
     # It is stepped by hand in the loop rather than prepared: a prepared one steps once per process.
-    lr_scheduler = get_scheduler(
-        train_args.lr_scheduler_type, adamw, train_args.num_warmup_steps, max_train_steps
-    )
+    lr_scheduler = get_scheduler(train_args.lr_scheduler_type, adamw, train_args.num_warmup_steps, max_train_steps)
 
     # The loop's counters, in one object. Registered, save_state and load_state carry it and the schedule,
     # beside the model, optimizer, GradScaler, sampler and random states they handle themselves.
@@ -164,9 +174,7 @@ def main(argv=None):
     runtime.log_run_summary(train_rows, eval_rows, label_names, accelerator, train_args, max_train_steps)
 
     # ---------------------------------------------------------------- The training loop
-    progress = tqdm(
-        total=max_train_steps, initial=state.completed_steps, disable=not accelerator.is_local_main_process
-    )
+    progress = tqdm(total=max_train_steps, initial=state.completed_steps, disable=not accelerator.is_local_main_process)
     # SIGTERM/SIGINT finish the step, checkpoint and stop; several processes share the signal over gloo.
     signal_received = runtime.install_signal_handlers_and_start_signal_group(accelerator)
     checkpoint_every = imgft_args.checkpoint_interval(train_args)  # None, a number of steps, or "epoch"
@@ -175,6 +183,7 @@ def main(argv=None):
     run_clock = runtime.SpeedClock(state.samples_seen)
     while state.completed_steps < max_train_steps and stop is None:
         model.train()
+        freezing.apply_unfreeze_schedule(accelerator.unwrap_model(model), state.epoch, train_args)
         train_dataloader.set_epoch(state.epoch)  # reshuffle, in an order fixed by (seed, epoch)
         augmentation_epoch.fill_(state.epoch)
         # skip_first_batches replaces "iterate and discard" after a resume: the sampler jumps ahead
@@ -231,9 +240,7 @@ def main(argv=None):
                 )
                 stop = best.stop_if_no_better(state.best, train_args)
             if stop is None and checkpoint_every == "epoch":
-                save_checkpoint(
-                    accelerator, f"epoch_{state.epoch}", state, run_identity, resume_path, train_args
-                )
+                save_checkpoint(accelerator, f"epoch_{state.epoch}", state, run_identity, resume_path, train_args)
     progress.close()
 
     # ---------------------------------------------------------------- Why the loop ended
@@ -325,9 +332,7 @@ def evaluate_and_record(model, eval_dataloader, normalize, accelerator, state, t
     logger.info(metrics.format_results(record))
     outputs.append_metrics_line(accelerator, train_args.output_dir, record)
     accelerator.log(outputs.tracker_scalars(record), step=state.completed_steps)  # TensorBoard, W&B, ...
-    state.best, improved = best.update(
-        state.best, results, state.completed_steps, state.epoch_position(), train_args
-    )
+    state.best, improved = best.update(state.best, results, state.completed_steps, state.epoch_position(), train_args)
     if improved and train_args.load_best_model_at_end:
         accelerator.unwrap_model(model).save_pretrained(
             os.path.join(train_args.output_dir, outputs.BEST_DIR), is_main_process=accelerator.is_main_process
