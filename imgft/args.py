@@ -200,9 +200,9 @@ class TrainArguments:
         default=None,
         metadata={
             "help": "Layer-wise learning-rate decay (BEiT, timm), e.g. 0.75: layer i of L gets "
-            "learning_rate * layer_decay ** (L + 1 - i); embeddings are layer 0, the final norm and head L + 1. "
-            "For encoders whose blocks match the config's depths or num_hidden_layers (ViT, DeiT, BEiT, Swin, "
-            "ConvNeXt, ResNet, ...); any other is refused."
+            "learning_rate * layer_decay ** (L + 1 - i); embeddings are layer 0, the final norm and head "
+            "L + 1. For encoders whose blocks match the config's depths or num_hidden_layers (ViT, DeiT, "
+            "BEiT, Swin, ConvNeXt, ResNet, ...); any other is refused."
         },
     )
     head_learning_rate: float | None = field(
@@ -608,9 +608,10 @@ def _check_recipes(model_args, train_args):
     if drop_rate is not None and not 0 <= drop_rate < 1:
         raise UserError(f"--drop_path_rate must lie in [0, 1) (got {drop_rate})")
     unfreeze = train_args.unfreeze_after_epochs
-    if unfreeze is not None and train_args.max_train_steps is None and unfreeze >= train_args.num_train_epochs:
+    epochs = train_args.num_train_epochs
+    if unfreeze is not None and train_args.max_train_steps is None and unfreeze >= epochs:
         raise UserError(
-            f"--unfreeze_after_epochs {unfreeze} would never unfreeze in {train_args.num_train_epochs} epochs: "
+            f"--unfreeze_after_epochs {unfreeze} would never unfreeze in {epochs} epochs: "
             "pass fewer, or --freeze_backbone to train only the head"
         )
 

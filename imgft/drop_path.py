@@ -1,5 +1,5 @@
-"""Stochastic depth (--drop_path_rate): set on the config, under the name the architecture gives it, before the
-model is built from it (from scratch or from a checkpoint)."""
+"""Stochastic depth (--drop_path_rate): set on the config, under the name the architecture gives it, before
+the model is built from it (from scratch or from a checkpoint)."""
 
 from imgft.errors import UserError
 

@@ -46,7 +46,6 @@ def apply_unfreeze_schedule(model, epoch, train_args):
     for param in params:
         param.requires_grad_(not frozen)
     count = sum(param.numel() for param in params)
-    if frozen:
-        log_once(logging.INFO, f"Epoch {epoch}: backbone frozen ({count:,} parameters); training only the head")
-    else:
-        log_once(logging.INFO, f"Epoch {epoch}: backbone unfrozen ({count:,} parameters); training the whole model")
+    change = "frozen" if frozen else "unfrozen"
+    trained = "only the head" if frozen else "the whole model"
+    log_once(logging.INFO, f"Epoch {epoch}: backbone {change} ({count:,} parameters); training {trained}")

@@ -1,5 +1,5 @@
-"""The optimizer's parameter groups with their learning rates: layer-wise learning-rate decay (--layer_decay, as
-in BEiT and timm) and the classifier head's own rate (--head_learning_rate).
+"""The optimizer's parameter groups with their learning rates: layer-wise learning-rate decay (--layer_decay,
+as in BEiT and timm) and the classifier head's own rate (--head_learning_rate).
 
 Each group carries its own `lr`. The schedule keeps the ratios: LambdaLR (what `get_scheduler` makes)
 multiplies each group's initial lr by the same factor. Groups at --learning_rate come first, so the learning

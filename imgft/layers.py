@@ -22,7 +22,7 @@ def backbone(model):
     """The model's base model, whose parameters are all but the head's."""
     base = model.base_model
     if base is model:
-        raise UserError(f"{type(model).__name__} has no base model apart from its head, so its layers cannot be told")
+        raise UserError(f"{type(model).__name__} has no base model apart from its classifier head")
     return base
 
 
@@ -52,8 +52,9 @@ def numbered_blocks(model):
             if len(blocks) == count:
                 return blocks
     raise UserError(
-        f"--layer_decay: cannot number the layers of {type(model).__name__}: no repeated blocks match its "
-        f"config's depths or num_hidden_layers ({expected_counts or 'neither is set'}); leave --layer_decay unset"
+        f"--layer_decay: cannot number the layers of {type(model).__name__}: no repeated blocks match "
+        f"its config's depths or num_hidden_layers ({expected_counts or 'neither is set'}); "
+        "leave --layer_decay unset"
     )
 
 
@@ -62,7 +63,9 @@ def layer_ids(model):
     comes after the last block (the final norm) and for the head."""
     blocks = numbered_blocks(model)
     top = len(blocks) + 1
-    block_of = {id(param): number for number, block in enumerate(blocks, start=1) for param in block.parameters()}
+    block_of = {}
+    for number, block in enumerate(blocks, start=1):
+        block_of.update(dict.fromkeys(map(id, block.parameters()), number))
     backbone_params = list(backbone(model).parameters())
     last_block_param = max(index for index, param in enumerate(backbone_params) if id(param) in block_of)
     ids = {}

@@ -8,8 +8,8 @@ evaluate [CONFIG] [flags]     evaluate a saved model on the validation split (sa
 predict --model_name_or_path MODEL PATH...
                               label image files, folders or globs; one JSON line per image (--help for more)
 check-data [CONFIG] [flags]   report on the data as training would see it; exit 2 where training would refuse it
-lr-find [CONFIG] [flags]      sweep the learning rate over a few steps of training; write output_dir/lr_find.png
-                              and print a suggested --learning_rate
+lr-find [CONFIG] [flags]      sweep the learning rate over a few training steps; write
+                              output_dir/lr_find.png and print a suggested --learning_rate
 bench [--quick] [--output F]  time imgft's data path against the upstream example's, whole processes
 flags                         print the flags table
 """

@@ -1,10 +1,11 @@
-"""`python -m imgft lr-find`: the learning-rate range test (Smith 2015, fastai's `lr_find`) on a training run's
-own data, model and optimizer, read from the same flags or config file as train_loop.py.
+"""`python -m imgft lr-find`: the learning-rate range test (Smith 2015, fastai's `lr_find`) on a training
+run's own data, model and optimizer, read from the same flags or config file as train_loop.py.
 
-From the starting weights, one optimizer step per learning rate, the rate growing exponentially from --start_lr
-to --end_lr over --num_steps steps; the sweep stops early once the loss diverges (four times its lowest
-smoothed value, as fastai stops, or NaN). It writes only `output_dir/lr_find.png`, so it can run beside a
-run in the same folder, and prints the suggested --learning_rate: where the smoothed loss falls fastest.
+From the starting weights, one optimizer step per learning rate, the rate growing exponentially from
+--start_lr to --end_lr over --num_steps steps; the sweep stops early once the loss diverges (four times its
+lowest smoothed value, as fastai stops, or NaN). It writes only `output_dir/lr_find.png`, so it can run
+beside a run in the same folder, and prints the suggested --learning_rate: where the smoothed loss falls
+fastest.
 The rate swept is --learning_rate's: with --layer_decay or --head_learning_rate, every parameter group keeps
 its ratio to it; with --freeze_backbone or --unfreeze_after_epochs, the backbone is frozen as in epoch 0.
 """
@@ -29,8 +30,8 @@ SWEEP_DEFAULTS = {"num_steps": 100, "start_lr": 1e-7, "end_lr": 10.0}
 LR_FIND_COMMAND = Command(
     "python -m imgft lr-find",
     "Sweep the learning rate exponentially over a few optimizer steps from the starting weights, write "
-    "output_dir/lr_find.png (loss against learning rate) and print a suggested --learning_rate. Takes a training "
-    "config file and flags; training flags not listed are ignored.",
+    "output_dir/lr_find.png (loss against learning rate) and print a suggested --learning_rate. Takes a "
+    "training config file and flags; training flags not listed are ignored.",
     DATA_FLAGS
     + ("max_train_samples", "random_flip", "crop_scale_min", "resize_once", "stored_image_size")
     + ("model_name_or_path", "model_type", "config_overrides", "image_processor_name", "image_size")
@@ -45,10 +46,16 @@ def sweep_parser():
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
     sweep = parser.add_argument_group("the sweep's own flags")
     sweep.add_argument(
-        "--num_steps", type=int, default=SWEEP_DEFAULTS["num_steps"], help="Optimizer steps swept (default: 100)."
+        "--num_steps",
+        type=int,
+        default=SWEEP_DEFAULTS["num_steps"],
+        help="Optimizer steps swept (default: 100).",
     )
     sweep.add_argument(
-        "--start_lr", type=float, default=SWEEP_DEFAULTS["start_lr"], help="First learning rate (default: 1e-7)."
+        "--start_lr",
+        type=float,
+        default=SWEEP_DEFAULTS["start_lr"],
+        help="First learning rate (default: 1e-7).",
     )
     sweep.add_argument(
         "--end_lr", type=float, default=SWEEP_DEFAULTS["end_lr"], help="Last learning rate (default: 10)."
@@ -69,7 +76,8 @@ def split_sweep_flags(argv):
     for token in tokens:
         name = token[2:].split("=", 1)[0].replace("-", "_") if token.startswith("--") else None
         if name in SWEEP_DEFAULTS:
-            own.append(f"--{name}" + (f"={token.split('=', 1)[1]}" if "=" in token else f"={next(tokens, '')}"))
+            value = token.split("=", 1)[1] if "=" in token else next(tokens, "")
+            own.append(f"--{name}={value}")
         else:
             rest.append(token)
     try:
@@ -100,9 +108,10 @@ def main(argv):
     sweep, training_argv = split_sweep_flags(argv)
     data_args, model_args, train_args = parse_args(training_argv)
     check_model_source(model_args)
-    accelerator = Accelerator(cpu=runtime.distributed_without_gpu(), mixed_precision=train_args.mixed_precision)
+    cpu = runtime.distributed_without_gpu()  # launched on several processes, so refused just below
+    accelerator = Accelerator(cpu=cpu, mixed_precision=train_args.mixed_precision)
     if accelerator.num_processes > 1:
-        raise UserError("lr-find runs in one process: start it with python -m imgft lr-find, not accelerate launch")
+        raise UserError("lr-find runs in one process: run python -m imgft lr-find, not accelerate launch")
     runtime.setup_logging()
     set_seed(train_args.seed)
     dataset, image_column, label_column, label_names = data.load_labeled_dataset(
@@ -152,7 +161,7 @@ def main(argv):
         learning_rates,
     )
     if not losses:
-        raise UserError(f"the loss was NaN or inf at the first step (--start_lr {sweep.start_lr}): check the data")
+        raise UserError(f"the loss was NaN or inf at the first step (--start_lr {sweep.start_lr})")
     learning_rates = learning_rates[: len(losses)]
     smoothed = smooth(losses)
     suggestion, method = suggest(learning_rates, smoothed)
