@@ -20,6 +20,7 @@ from imgft.runtime import log_once
 
 
 def freezes(train_args):
+    """Whether the run freezes the backbone in any epoch."""
     return train_args.freeze_backbone or train_args.unfreeze_after_epochs is not None
 
 

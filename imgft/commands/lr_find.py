@@ -253,6 +253,7 @@ def sweep_figure(learning_rates, losses, smoothed, suggestion):
     suggested_loss = smoothed[learning_rates.index(suggestion)]
     axes.plot([suggestion], [suggested_loss], "o", color="C3", label=f"suggested: {suggestion:.2g}")
     axes.set_xscale("log")
+    axes.set_ylim(top=1.2 * max(smoothed))  # a diverging step's raw loss would flatten the rest of the curve
     axes.set_xlabel("learning rate")
     axes.set_ylabel("training loss")
     axes.grid(alpha=0.3, which="both")
