@@ -31,6 +31,8 @@ from imgft import (
     best,
     checkpoint,
     data,
+    freezing,
+    layer_decay,
     metrics,
     nonfinite,
     optimizer,
@@ -40,7 +42,7 @@ from imgft import (
     transforms,
 )
 from imgft.errors import UserError, run_as_script
-from imgft.model import check_model_source, load_model, optimizer_param_groups
+from imgft.model import check_model_source, load_model
 from imgft.report import reports
 from imgft.train_state import TrainState
 
@@ -71,6 +73,7 @@ def main(argv=None):
             log_with=train_args.report_to if train_args.with_tracking else None,
             project_dir=output_dir,
             dataloader_config=loader_config,
+            kwargs_handlers=freezing.ddp_kwargs_handlers(train_args),  # a frozen backbone gets no gradients
         )
     except ValueError as err:  # e.g. bf16 on a GPU that cannot do it
         raise UserError(f"--mixed_precision {train_args.mixed_precision}: {err}") from None
@@ -142,7 +145,8 @@ def main(argv=None):
     # ---------------------------------------------------------------- 5. Optimizer, schedule, prepare
     if train_args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    param_groups = optimizer_param_groups(model, train_args.weight_decay)  # no decay on biases and norms
+    # No weight decay on biases and norms; --layer_decay and --head_learning_rate give groups their own lr.
+    param_groups = layer_decay.param_groups(model, train_args)
     adamw = optimizer.adamw(param_groups, train_args.learning_rate, accelerator.mixed_precision)
     # prepare() moves the model to the device and wraps it in DDP, wraps the optimizer for mixed precision
     # and accumulation, and shards each DataLoader: len(train_dataloader) is then this process's share.
@@ -189,6 +193,7 @@ def main(argv=None):
     run_clock = runtime.SpeedClock(state.samples_seen)
     while state.completed_steps < max_train_steps and stop is None:
         model.train()
+        freezing.apply_unfreeze_schedule(accelerator.unwrap_model(model), state.epoch, train_args)
         train_dataloader.set_epoch(state.epoch)  # reshuffle, in an order fixed by (seed, epoch)
         augmentation_epoch.fill_(state.epoch)
         # skip_first_batches replaces "iterate and discard" after a resume: the sampler jumps ahead
