@@ -4,18 +4,18 @@
     python train_loop.py configs/vit-beans.yaml --learning_rate 3e-5
     accelerate launch --config_file accelerate_config.yaml train_loop.py configs/imagefolder.yaml
 
-Outline, in the order the code runs:
-    1. arguments      three dataclasses from a YAML file and the command line (imgft/args.py)
-    2. dataset        Hub name or imagefolder, a seeded validation split, label2id/id2label (imgft/data.py)
-    3. model          AutoConfig + AutoModelForImageClassification + AutoImageProcessor (imgft/model.py)
-    4. transforms     torchvision, applied lazily with set_transform; DataLoaders with collate_fn
-    5. training       AdamW + schedule, accumulate/backward/step, evaluate each epoch, checkpoints, save
+Read it top to bottom. It follows the five steps of the transformers image-classification example:
+    1. arguments      three dataclasses from a YAML file and the command line    imgft/args.py
+    2. dataset        Hub name or imagefolder, a validation split, label names     imgft/data.py
+    3. model          AutoConfig + AutoModelForImageClassification + processor    imgft/model.py
+    4. transforms     applied lazily with set_transform; DataLoaders, collate_fn   imgft/transforms.py
+    5. optimizer      AdamW, a learning-rate schedule, and accelerator.prepare
+then the training loop, written out here, and the save. The Accelerate calls are all in this file; what
+sits behind a step (reading folders, decoding images, drawing the report) lives in imgft/.
 """
 
 import math
 import os
-import sys
-import time
 
 import torch
 from accelerate import Accelerator
@@ -26,27 +26,43 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from imgft import args as imgft_args
-from imgft import best, checkpoint, data, metrics, outputs, runtime, transforms
+from imgft import (
+    augment,
+    best,
+    checkpoint,
+    data,
+    freezing,
+    layer_decay,
+    metrics,
+    nonfinite,
+    optimizer,
+    outputs,
+    run_lock,
+    runtime,
+    transforms,
+)
 from imgft.errors import UserError, run_as_script
-from imgft.model import check_model_source, load_model, optimizer_param_groups
+from imgft.model import check_model_source, load_model
 from imgft.report import reports
+from imgft.train_state import TrainState
 
 logger = get_logger("imgft")
 
 
 def main(argv=None):
     # ---------------------------------------------------------------- 1. Arguments
-    data_args, model_args, train_args = parsed = imgft_args.parse_args(sys.argv[1:] if argv is None else argv)
-    config, output_dir = imgft_args.to_dict(*parsed), train_args.output_dir
+    data_args, model_args, train_args = imgft_args.parse_args(argv)
+    config = imgft_args.to_dict(data_args, model_args, train_args)
+    output_dir = train_args.output_dir
     outputs.check_push_possible(train_args)
     check_model_source(model_args)
 
-    # A sampler seeded by (seed, epoch): the same order on every process, every rerun and after a resume.
-    # non_blocking: a batch copies to the GPU (from pinned memory) while the GPU still computes the last step.
+    # The Accelerator replaces the hand-written parts of distributed training: device placement, DDP
+    # wrapping, sharded DataLoaders, autocast + GradScaler, and no all-reduce on accumulation steps.
+    # `accelerate launch` sets the process count; the same script runs as plain `python` on one device.
+    # The seedable sampler draws the order from (seed, epoch): the same on every process, and on a resume.
+    # non_blocking: a batch copies to the GPU (from pinned memory) while the GPU still runs the last step.
     loader_config = DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train_args.seed, non_blocking=True)
-    # The Accelerator replaces the hand-written parts of distributed training: device placement, DDP wrapping,
-    # sharded DataLoaders, autocast + GradScaler, and no all-reduce on accumulation steps. `accelerate launch`
-    # sets the process count; the same script runs as plain `python` on one device.
     try:
         accelerator = Accelerator(
             cpu=runtime.distributed_without_gpu(),
@@ -55,22 +71,24 @@ def main(argv=None):
             log_with=train_args.report_to if train_args.with_tracking else None,
             project_dir=output_dir,
             dataloader_config=loader_config,
+            kwargs_handlers=freezing.ddp_kwargs_handlers(train_args),  # a frozen backbone gets no gradients
         )
     except ValueError as err:  # e.g. bf16 on a GPU that cannot do it
         raise UserError(f"--mixed_precision {train_args.mixed_precision}: {err}") from None
     runtime.setup_logging()
+    run_lock.take_output_dir_lock_on_main_process(accelerator, output_dir)  # one live run per folder
     resume_path = checkpoint.resolve_resume(train_args.resume_from_checkpoint, output_dir)
     resuming = train_args.resume_from_checkpoint is not None
     if outputs.check_output_dir(output_dir, resuming, train_args.overwrite_output_dir, config):
         logger.info(f"{output_dir} already holds this finished run: nothing to do")
-        return
-    checkpoint_every = imgft_args.checkpointing_every(train_args)
-    # Same seed on every process: identical initial weights (DDP also broadcasts them) and augmentations per seed.
+        return 0
+    # The same seed on every process: identical initial weights (DDP broadcasts them anyway) and splits.
     set_seed(train_args.seed)
 
     # ---------------------------------------------------------------- 2. Dataset and labels
-    # Hub name or imagefolders (folder names become labels), a seeded split if there is no validation set, and
-    # a ClassLabel whose names become id2label. main_process_first: process 0 builds the cache, the others read it.
+    # A Hub name or imagefolders (class folders become labels), a seeded split if there is no validation
+    # set, and the class names that become id2label. main_process_first: process 0 fills the datasets
+    # cache, and the others then read it instead of building it again.
     with accelerator.main_process_first():
         dataset, image_column, label_column, label_names = data.load_labeled_dataset(
             data_args, model_args.cache_dir, train_args.seed
@@ -82,219 +100,289 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- 4. Transforms and DataLoaders
     # One decode of every image: unreadable files are set aside (each named), and with --resize_once the
-    # rest are stored shrunk to what the transforms need, in a cached file that later epochs and runs reuse.
+    # rest are stored shrunk to what the transforms need, in a cached file later epochs and runs reuse.
     stored_size = transforms.stored_image_size(image_processor, model_args.image_size, data_args)
     with accelerator.main_process_first():
-        dataset, unreadable_images = data.drop_unreadable(
+        dataset, unreadable_images = data.decode_once_dropping_unreadable(
             dataset, image_column, label_column, label_names, data_args, stored_size
         )
-    # Sizes and normalisation come from the image processor; transforms run lazily, per batch (set_transform).
-    # They give uint8 images (a quarter of float32's bytes to move); `normalize` makes floats on the device.
+    # Sizes come from the image processor. The transforms give uint8 images (a quarter of float32's bytes
+    # to move); `normalize` makes the model's float input on the device.
     train_transform, eval_transform = transforms.build_transforms(
         image_processor, model_args.image_size, data_args.random_flip, data_args.crop_scale_min
     )
+    train_transform = augment.with_auto_augment_and_erasing(train_transform, data_args, image_processor)
     normalize = transforms.normalizer(image_processor, train_args.channels_last)
-    train_dataset = data.subsample(dataset["train"], data_args.max_train_samples, train_args.seed)
+    train_rows = data.subsample(dataset["train"], data_args.max_train_samples, train_args.seed)
+    data.warn_classes_without_training_images(train_rows, label_column, label_names)
     eval_rows = data.subsample(dataset["validation"], data_args.max_eval_samples, train_args.seed)
-    # Augmentation is seeded per image by (seed, epoch, row), workers reading the epoch from shared memory.
+    # set_transform, lazily: images are decoded and augmented per batch, in the DataLoader's workers.
+    # Augmentation is seeded per image by (seed, epoch, row), the workers reading the epoch from
+    # shared memory, so it is the same for any number of workers and after a resume.
     augmentation_epoch = transforms.shared_epoch()
     train_dataset = transforms.with_image_transform(
-        train_dataset, train_transform, image_column, label_column, seed=train_args.seed, epoch=augmentation_epoch
+        train_rows,
+        train_transform,
+        image_column,
+        label_column,
+        seed=train_args.seed,
+        epoch=augmentation_epoch,
     )
     eval_dataset = transforms.with_image_transform(eval_rows, eval_transform, image_column, label_column)
     workers = runtime.dataloader_workers(data_args.num_workers, accelerator.device, accelerator.num_processes)
     loader_options = {
-        "collate_fn": transforms.collate_fn,  # stacks pixel_values into B x C x H x W (uint8) and labels into B
+        "collate_fn": transforms.collate_fn,  # stacks pixel_values into B x 3 x H x W uint8, labels into B
         "num_workers": workers,
-        "pin_memory": accelerator.device.type == "cuda",  # a non_blocking copy from pageable memory waits for the GPU
-        "persistent_workers": workers > 0,  # keep workers alive across epochs
+        "pin_memory": accelerator.device.type == "cuda",  # a non_blocking copy needs pinned memory
+        "persistent_workers": workers > 0,  # keep the workers alive from one epoch to the next
     }
-    train_dataloader = DataLoader(train_dataset, train_args.per_device_train_batch_size, shuffle=True, **loader_options)
+    batch_size = train_args.per_device_train_batch_size
+    train_dataloader = DataLoader(train_dataset, batch_size, shuffle=True, **loader_options)
     eval_dataloader = DataLoader(eval_dataset, train_args.per_device_eval_batch_size, **loader_options)
 
     # ---------------------------------------------------------------- 5. Optimizer, schedule, prepare
-    model = model.to(memory_format=torch.channels_last) if train_args.channels_last else model
-    # fused: the whole update in one kernel, which can also skip a step on the device (found_inf, in the loop).
-    param_groups = optimizer_param_groups(model, train_args.weight_decay)
-    optimizer = torch.optim.AdamW(param_groups, lr=train_args.learning_rate, fused=True)
+    if train_args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    # No weight decay on biases and norms; --layer_decay and --head_learning_rate give groups their own lr.
+    param_groups = layer_decay.param_groups(model, train_args)
+    adamw = optimizer.adamw(param_groups, train_args.learning_rate, accelerator.mixed_precision)
     # prepare() moves the model to the device and wraps it in DDP, wraps the optimizer for mixed precision
     # and accumulation, and shards each DataLoader: len(train_dataloader) is then this process's share.
-    model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
-        model, optimizer, train_dataloader, eval_dataloader
+    model, adamw, train_dataloader, eval_dataloader = accelerator.prepare(
+        model, adamw, train_dataloader, eval_dataloader
     )
-    updates_per_epoch = math.ceil(len(train_dataloader) / train_args.gradient_accumulation_steps)
-    max_train_steps = train_args.max_train_steps or train_args.num_train_epochs * updates_per_epoch
-    num_epochs = math.ceil(max_train_steps / updates_per_epoch)
+    steps_per_epoch = math.ceil(len(train_dataloader) / train_args.gradient_accumulation_steps)
+    max_train_steps = train_args.max_train_steps or train_args.num_train_epochs * steps_per_epoch
     # The schedule counts optimizer steps, so warmup and total mean the same on any number of processes.
-    # It is stepped by hand below rather than prepared: a prepared scheduler steps once per process.
-    lr_scheduler = get_scheduler(train_args.lr_scheduler_type, optimizer, train_args.num_warmup_steps, max_train_steps)
-    # save_state/load_state now cover the scheduler too, beside model, optimizer, scaler, sampler and RNGs.
-    accelerator.register_for_checkpointing(lr_scheduler)
+    # It is stepped by hand in the loop rather than prepared: a prepared one steps once per process.
+    lr_scheduler = get_scheduler(train_args.lr_scheduler_type, adamw, train_args.num_warmup_steps, max_train_steps)
 
-    # Counters a checkpoint restores; a resume must continue the same run (same arguments and data).
-    run_identity = checkpoint.run_identity(
-        config, label_names, len(train_dataset), accelerator.num_processes, accelerator.mixed_precision, max_train_steps
-    )
-    state = checkpoint.NEW_RUN_STATE
-    metrics_log = os.path.join(output_dir, outputs.METRICS_LOG)
+    # The loop's counters, in one object. Registered, save_state and load_state carry it and the schedule,
+    # beside the model, optimizer, GradScaler, sampler and random states they handle themselves.
+    state = TrainState(device=accelerator.device, batches_per_epoch=len(train_dataloader))
+    accelerator.register_for_checkpointing(lr_scheduler, state)
+    # A resume must continue the same run: the same arguments, data and launch. Anything else is refused.
+    run_identity = checkpoint.run_identity(config, label_names, len(train_rows), accelerator, max_train_steps)
     if resume_path:
-        state, harmless_changes = checkpoint.load_checkpoint(accelerator, resume_path, run_identity)
-        for change in harmless_changes:
+        for change in checkpoint.check_resumable(resume_path, run_identity):
             logger.warning(f"Changed since the checkpoint, which does not change training: {change}")
-        logger.info(f"Resuming from {resume_path} at step {state['completed_steps']}")
-    completed_steps, train_loss_sum, train_loss_count, best_state = (
-        state["completed_steps"], state["train_loss_sum"], state["train_loss_count"], state["best"]
-    )  # fmt: skip
+        # load_state replaces loading each state_dict by hand, and restores every process's random state.
+        accelerator.load_state(resume_path)
+        logger.info(f"Resuming from {resume_path} at step {state.completed_steps}")
     if accelerator.is_main_process:
-        outputs.start_run_files(output_dir, train_args, resume_path, state, config)
+        outputs.start_run_files(output_dir, train_args, resume_path, config)
     if train_args.with_tracking:
-        # init_trackers starts TensorBoard/W&B/... on the main process only; accelerator.log() is a no-op elsewhere.
-        # purge_step makes TensorBoard drop what an interrupted run logged after the step we start from.
-        tensorboard_options = {"tensorboard": {"purge_step": completed_steps + 1}}
-        accelerator.init_trackers(outputs.TRACKER_DIR, outputs.tracker_config(config), tensorboard_options)
-    logger.info(runtime.run_summary(train_dataset, eval_dataset, label_names, accelerator, train_args, max_train_steps))
-
-    def log_train_loss(epoch_position):
-        # Also called at checkpoints and epoch ends, so a checkpoint never holds a half-summed window. It reads the
-        # count of steps skipped for a NaN/inf loss too: --on_nonfinite_loss stop ends the run here.
-        nonlocal window_batches, train_loss_sum, train_loss_count, skipped_steps, steps_checked
-        skipped_steps = runtime.read_skipped_steps(skipped_on_device, skipped_steps, steps_checked, completed_steps,
-                                                   train_args.on_nonfinite_loss, output_dir)  # fmt: skip
-        steps_checked = completed_steps
-        if window_batches:
-            mean_loss = accelerator.reduce(window_loss, "mean").item() / window_batches
-            train_loss_sum += mean_loss * window_batches
-            train_loss_count += window_batches
-            window_loss.zero_()
-            window_batches = 0
-            record = {"step": completed_steps, "epoch": round(epoch_position, 4), "loss": mean_loss,
-                      "learning_rate": lr_scheduler.get_last_lr()[0]}  # fmt: skip
-            progress.set_postfix(loss=f"{mean_loss:.4f}")
-            outputs.log_metrics(accelerator, metrics_log, record)
-
-    def save_checkpoint(name, epoch, batch_in_epoch):
-        counters = {"completed_steps": completed_steps, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "best":
-                    best_state, "train_loss_sum": train_loss_sum, "train_loss_count": train_loss_count}  # fmt: skip
-        path = checkpoint.save_checkpoint(accelerator, output_dir, name, counters, run_identity, metrics_log)
-        checkpoint.rotate_checkpoints(accelerator, output_dir, train_args.checkpoints_total_limit, keep=[resume_path])
-        logger.info(f"Saved checkpoint {path}")
-
-    def evaluate_now(epoch_position):
-        # Logs one line, keeps the best model and the details the report needs; True when early stopping says stop.
-        nonlocal eval_results, details, evaluated_at, best_state
-        epoch_images = (samples_seen - samples_before) * accelerator.num_processes
-        speed = runtime.throughput(epoch_images, time.perf_counter() - epoch_start, data_wait)  # training time only
-        eval_results, details = metrics.detailed_evaluation(model, eval_dataloader, normalize, accelerator, label_names)
-        evaluated_at = completed_steps
-        record = {"step": completed_steps, "epoch": round(epoch_position, 4), **eval_results, **speed}
-        logger.info(f"{time.perf_counter() - start_time:.0f} s, {metrics.format_results(record)}")
-        outputs.log_metrics(accelerator, metrics_log, record)
-        best_state, improved = best.update(best_state, eval_results, completed_steps, epoch_position, train_args)
-        if improved and train_args.load_best_model_at_end:
-            accelerator.unwrap_model(model).save_pretrained(
-                os.path.join(output_dir, outputs.BEST_DIR), is_main_process=accelerator.is_main_process
-            )
-        model.train()
-        return best.should_stop_early(best_state, train_args, logger)
+        # init_trackers starts TensorBoard/W&B/... on the main process only; log() is a no-op elsewhere.
+        accelerator.init_trackers(outputs.TRACKER_DIR, outputs.tracker_config(config))
+        outputs.replay_metrics_to_trackers(accelerator, output_dir)  # a resumed run's history, as logged
+    runtime.log_run_summary(train_rows, eval_rows, label_names, accelerator, train_args, max_train_steps)
 
     # ---------------------------------------------------------------- The training loop
-    stop_signal = runtime.preemption_check(accelerator)
-    progress = tqdm(total=max_train_steps, initial=completed_steps, disable=not accelerator.is_local_main_process)
-    # Losses pile up on the device and are read once per log step: an .item() per step would stall the GPU.
-    window_loss = torch.zeros((), device=accelerator.device)
-    nonfinite_losses = torch.zeros((), dtype=torch.int64, device=accelerator.device)
-    skipped_on_device = torch.zeros((), device=accelerator.device)
-    window_batches, samples_seen, skipped_steps, steps_checked = 0, 0, 0, completed_steps
-    eval_results, details, evaluated_at, stop_early = {}, {}, None, False
-    start_time = time.perf_counter()
-    for epoch in range(state["epoch"], num_epochs):
+    progress = tqdm(total=max_train_steps, initial=state.completed_steps, disable=not accelerator.is_local_main_process)
+    # SIGTERM/SIGINT finish the step, checkpoint and stop; several processes share the signal over gloo.
+    signal_received = runtime.install_signal_handlers_and_start_signal_group(accelerator)
+    checkpoint_every = imgft_args.checkpoint_interval(train_args)  # None, a number of steps, or "epoch"
+    stop = None  # a runtime.Stop, once a signal, a NaN loss or early stopping ends the run before its end
+    eval_results = eval_details = None
+    run_clock = runtime.SpeedClock(state.samples_seen)
+    while state.completed_steps < max_train_steps and stop is None:
         model.train()
-        train_dataloader.set_epoch(epoch)  # reshuffle, in an order fixed by (seed, epoch)
-        augmentation_epoch.fill_(epoch)
-        skip = state["batch_in_epoch"] if epoch == state["epoch"] else 0
-        # skip_first_batches replaces "iterate and discard": the sampler jumps ahead without loading images.
-        epoch_batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
-        # timed() adds up the time spent waiting for each batch: a large share means a starved accelerator.
-        data_wait, epoch_start, samples_before = {"seconds": 0.0}, time.perf_counter(), samples_seen
-        for batch_in_epoch, batch in enumerate(runtime.timed(epoch_batches, data_wait), start=skip + 1):
-            # accumulate() skips DDP's gradient all-reduce until the last batch of each accumulation window,
+        freezing.apply_unfreeze_schedule(accelerator.unwrap_model(model), state.epoch, train_args)
+        train_dataloader.set_epoch(state.epoch)  # reshuffle, in an order fixed by (seed, epoch)
+        augmentation_epoch.fill_(state.epoch)
+        # skip_first_batches replaces "iterate and discard" after a resume: the sampler jumps ahead
+        # without loading a single image.
+        batches = accelerator.skip_first_batches(train_dataloader, state.batch_in_epoch)
+        state.start_epoch_clock()
+        for batch in runtime.timed(batches, state.epoch_clock):  # timed(): counts the time spent waiting
+            # accumulate() skips DDP's gradient all-reduce until the last batch of each accumulation window
             # and turns optimizer.step() and zero_grad() into no-ops before it.
             with accelerator.accumulate(model):
                 loss = model(pixel_values=normalize(batch["pixel_values"]), labels=batch["labels"]).loss
                 # backward() replaces loss.backward(): it scales the loss for fp16 and divides it by the
-                # accumulation steps, so the loss must not be divided again here.
+                # accumulation steps, so it must not be divided here again.
                 accelerator.backward(loss)
-                nonfinite_losses += ~loss.detach().isfinite()
-                if accelerator.sync_gradients:
-                    # A NaN/inf loss on any process sets found_inf: fused AdamW then skips the update on the device
-                    # (GradScaler's protocol). Counted there, read at log steps: a read per step stalls the GPU.
-                    optimizer.optimizer.found_inf = runtime.any_nonfinite(accelerator, nonfinite_losses)
-                    skipped_on_device += optimizer.optimizer.found_inf
-                    if train_args.max_grad_norm > 0:  # unscales fp16 gradients, then clips the all-reduced ones
+                state.add_batch_loss(loss, len(batch["labels"]))
+                if accelerator.sync_gradients:  # the window's last batch: an optimizer step follows
+                    nonfinite.skip_update_if_loss_was_nonfinite(accelerator, adamw, state)
+                    if train_args.max_grad_norm > 0:  # unscales fp16 gradients, clips the all-reduced ones
                         accelerator.clip_grad_norm_(model.parameters(), train_args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-            window_loss += loss.detach().nan_to_num(0.0, 0.0, 0.0)
-            window_batches += 1
-            samples_seen += len(batch["labels"])
+                adamw.step()
+                adamw.zero_grad()
             if not accelerator.sync_gradients:
                 continue  # still accumulating: no optimizer step happened
-            if not accelerator.optimizer_step_was_skipped:  # an fp16 overflow makes the scaler skip a step
+            if not accelerator.optimizer_step_was_skipped:  # GradScaler skips a step after an fp16 overflow
                 lr_scheduler.step()
-            completed_steps += 1
+            state.completed_steps += 1
             progress.update(1)
-            signum = stop_signal()  # SIGTERM/SIGINT: checkpoint this step, then exit
-            checkpoint_now = signum or (checkpoint_every and completed_steps % checkpoint_every == 0)
-            if completed_steps % train_args.logging_steps == 0 or checkpoint_now:
-                log_train_loss(epoch + batch_in_epoch / len(train_dataloader))
-            if train_args.eval_steps and completed_steps % train_args.eval_steps == 0:
-                stop_early = evaluate_now(epoch + batch_in_epoch / len(train_dataloader))
-            if checkpoint_now:
-                save_checkpoint(f"step_{completed_steps}", epoch, batch_in_epoch)
-            if signum:
-                logger.info("Stopped by a signal; to continue, rerun the command with --resume_from_checkpoint latest")
-                accelerator.end_training()
-                sys.exit(128 + signum)
-            if completed_steps >= max_train_steps or stop_early:
+
+            signum = signal_received()
+            checkpoint_now = signum or checkpoint.step_due(checkpoint_every, state.completed_steps)
+            if state.completed_steps % train_args.logging_steps == 0:
+                stop = log_train_loss(accelerator, state, train_args, lr_scheduler, progress)
+            elif checkpoint_now:
+                stop = read_losses(accelerator, state, train_args)  # a checkpoint holds the whole loss window
+            if stop is None and train_args.eval_steps and state.completed_steps % train_args.eval_steps == 0:
+                eval_results, eval_details = evaluate_and_record(
+                    model, eval_dataloader, normalize, accelerator, state, train_args
+                )
+                stop = best.stop_if_no_better(state.best, train_args)
+            if stop is None and checkpoint_now:
+                step_name = f"step_{state.completed_steps}"
+                save_checkpoint(accelerator, step_name, state, run_identity, resume_path, train_args)
+            if signum and stop is None:
+                stop = runtime.stop_for_signal(signum)
+            if state.completed_steps >= max_train_steps or stop is not None:
                 break
 
-        log_train_loss(epoch + 1)
-        if not train_args.eval_steps:
-            stop_early = evaluate_now(epoch + 1)
-        if train_args.checkpointing_steps == "epoch":
-            save_checkpoint(f"epoch_{epoch + 1}", epoch + 1, 0)
-        if completed_steps >= max_train_steps or stop_early:
-            break
+        if stop is None and state.epoch_done():  # the end of an epoch, even one that ends the run
+            state.end_epoch()
+            stop = log_train_loss(accelerator, state, train_args, lr_scheduler, progress)
+            if stop is None and not train_args.eval_steps:
+                eval_results, eval_details = evaluate_and_record(
+                    model, eval_dataloader, normalize, accelerator, state, train_args
+                )
+                stop = best.stop_if_no_better(state.best, train_args)
+            if stop is None and checkpoint_every == "epoch":
+                save_checkpoint(accelerator, f"epoch_{state.epoch}", state, run_identity, resume_path, train_args)
     progress.close()
-    train_runtime = time.perf_counter() - start_time
-    if evaluated_at != completed_steps:  # --eval_steps off the last step, or resumed after the last evaluation
-        evaluate_now(completed_steps / updates_per_epoch)
-    if train_args.load_best_model_at_end and best_state["step"] not in (None, completed_steps):
+
+    # ---------------------------------------------------------------- Why the loop ended
+    if stop is None:  # the last steps' losses, when the run ends between two log steps
+        stop = log_train_loss(accelerator, state, train_args, lr_scheduler, progress)
+    if stop is not None and stop.reason == "nonfinite_loss":  # nothing trained after the NaN is saved
+        raise UserError(stop.message)
+    if stop is not None and stop.reason == "signal":  # its checkpoint is saved; the rerun resumes from it
+        logger.info(stop.message)
+        accelerator.end_training()
+        return stop.exit_code
+    if stop is not None:  # early stopping: evaluate and save as at the end
+        logger.info(stop.message)
+    train_runtime = run_clock.seconds()
+    train_speed = run_clock.speed(state.samples_seen, accelerator.num_processes)
+    if state.evaluated_at != state.completed_steps:  # --eval_steps off the last step, or a run cut mid-epoch
+        eval_results, eval_details = evaluate_and_record(
+            model, eval_dataloader, normalize, accelerator, state, train_args
+        )
+    if train_args.load_best_model_at_end and state.best["step"] not in (None, state.completed_steps):
         outputs.load_weights(accelerator.unwrap_model(model), os.path.join(output_dir, outputs.BEST_DIR))
-        eval_results, details = metrics.detailed_evaluation(model, eval_dataloader, normalize, accelerator, label_names)
+        eval_results = None
+    if eval_results is None:  # the best model was loaded, or we resumed after the last evaluation
+        eval_results, eval_details = evaluate(model, eval_dataloader, normalize, accelerator)
 
     # ---------------------------------------------------------------- Save a model anyone can load
-    # reduce() sums each process's count into the global one (a collective: every process calls it).
-    samples_seen = accelerator.reduce(torch.tensor(samples_seen, device=accelerator.device), "sum").item()
     accelerator.wait_for_everyone()
-    # unwrap_model strips the DDP (and torch.compile) wrappers, so the saved weights load without imgft.
-    accelerator.unwrap_model(model).save_pretrained(
-        output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save
-    )
-    if accelerator.is_main_process:
-        image_processor.save_pretrained(output_dir)  # pipeline() reads sizes and normalisation from it
-        results = {**eval_results, "epoch": completed_steps / updates_per_epoch, "train_steps": completed_steps,
-                   "train_loss": train_loss_sum / max(train_loss_count, 1), "train_runtime": train_runtime,
-                   "train_samples": len(train_dataset), "train_samples_per_second": samples_seen / train_runtime,
-                   "unreadable_images": unreadable_images, "skipped_nonfinite_steps": skipped_steps,
-                   "stopped_early": stop_early, **best.summary(best_state)}  # fmt: skip
-        outputs.write_json(os.path.join(output_dir, outputs.RESULTS_FILE), results)
-        report = (config, results, details, eval_rows, image_column, metrics_log, accelerator.num_processes)
-        reports.write_training_report(output_dir, *report)
-        logger.info(f"Saved the model and {outputs.RESULTS_FILE} to {output_dir}")
-        if train_args.push_to_hub:
-            logger.info(f"Pushed to https://huggingface.co/{outputs.push_to_hub(train_args)}")
-    accelerator.end_training()
+    with outputs.saving_final_files(output_dir):  # a full disk: one line, and the checkpoints stay intact
+        # unwrap_model strips the DDP (and torch.compile) wrappers, so the weights load without imgft.
+        accelerator.unwrap_model(model).save_pretrained(
+            output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save
+        )
+        if accelerator.is_main_process:
+            image_processor.save_pretrained(output_dir)  # pipeline() reads sizes and normalisation from it
+            results = {
+                **eval_results,
+                "epoch": state.epoch_position(),
+                "train_steps": state.completed_steps,
+                "train_loss": state.mean_train_loss(),
+                "train_runtime": train_runtime,
+                "train_samples": len(train_rows),
+                "train_samples_per_second": train_speed["train_images_per_second"],
+                "unreadable_images": unreadable_images,
+                "skipped_nonfinite_steps": state.skipped_steps,
+                "stopped_early": stop is not None,
+                **best.summary(state.best),
+            }
+            reports.write_training_report(
+                output_dir, config, results, eval_details, eval_rows, image_column, accelerator.num_processes
+            )
+            # Written last: all_results.json marks the run as finished, so a kill before it is resumable.
+            outputs.write_json(os.path.join(output_dir, outputs.RESULTS_FILE), results)
+    logger.info(f"Saved the model and {outputs.RESULTS_FILE} to {output_dir}")
+    if train_args.push_to_hub and accelerator.is_main_process:
+        logger.info(f"Pushed to https://huggingface.co/{outputs.push_to_hub(train_args)}")
+    accelerator.end_training()  # ends the trackers and leaves the process group
+    return 0
+
+
+# ------------------------------------------------------- The loop's parts: evaluation, logs, checkpoints
+
+
+@torch.no_grad()
+def evaluate(model, eval_dataloader, normalize, accelerator):
+    """(results, details) over the whole validation set: top-1/top-5 accuracy, macro precision/recall/F1
+    and loss, then per-class numbers, the confusion matrix and the most confident mistakes for the report.
+    Every process must call it, and all get the same answer."""
+    id2label = accelerator.unwrap_model(model).config.id2label
+    label_names = [id2label[i] for i in range(len(id2label))]
+    was_training = model.training
+    model.eval()
+    tally = metrics.start_tally(label_names, accelerator.device)
+    for batch in eval_dataloader:
+        logits = model(pixel_values=normalize(batch["pixel_values"])).logits
+        # gather_for_metrics replaces a hand-written all_gather: it also drops the samples that pad the
+        # last batch so that every process gets one, which would otherwise be counted twice.
+        logits, labels = accelerator.gather_for_metrics((logits, batch["labels"]))
+        metrics.add_batch(tally, logits, labels)
+    model.train(was_training)
+    return metrics.finish_tally(tally, label_names)
+
+
+def evaluate_and_record(model, eval_dataloader, normalize, accelerator, state, train_args):
+    """Evaluate; log one line with the training speed since the epoch began; keep the best model."""
+    speed = state.epoch_clock.speed(state.samples_seen, accelerator.num_processes)  # before evaluating
+    results, details = evaluate(model, eval_dataloader, normalize, accelerator)
+    state.evaluated_at = state.completed_steps
+    record = {"step": state.completed_steps, "epoch": state.epoch_position(), **results, **speed}
+    logger.info(metrics.format_results(record))
+    outputs.append_metrics_line(accelerator, train_args.output_dir, record)
+    accelerator.log(outputs.tracker_scalars(record), step=state.completed_steps)  # TensorBoard, W&B, ...
+    state.best, improved = best.update(state.best, results, state.completed_steps, state.epoch_position(), train_args)
+    if improved and train_args.load_best_model_at_end:
+        accelerator.unwrap_model(model).save_pretrained(
+            os.path.join(train_args.output_dir, outputs.BEST_DIR), is_main_process=accelerator.is_main_process
+        )
+    return results, details
+
+
+def read_losses(accelerator, state, train_args):
+    """The loop's reads from the GPU, made only every logging_steps and at checkpoints: the loss window,
+    summed over processes, and the count of NaN/inf losses. Returns the Stop a NaN calls for, or None."""
+    state.fold_window_loss(accelerator)
+    return nonfinite.check_skipped_steps(state, train_args.on_nonfinite_loss, train_args.output_dir)
+
+
+def log_train_loss(accelerator, state, train_args, lr_scheduler, progress):
+    """`read_losses`, then log the mean loss since the last line (metrics.jsonl, the trackers, tqdm)."""
+    stop = read_losses(accelerator, state, train_args)
+    mean_loss = state.end_log_window(accelerator.num_processes)
+    if stop is None and mean_loss is not None:
+        learning_rate = lr_scheduler.get_last_lr()[0]
+        record = {
+            "step": state.completed_steps,
+            "epoch": state.epoch_position(),
+            "loss": mean_loss,
+            "learning_rate": learning_rate,
+        }
+        outputs.append_metrics_line(accelerator, train_args.output_dir, record)
+        accelerator.log(outputs.tracker_scalars(record), step=state.completed_steps)
+        progress.set_postfix(loss=f"{mean_loss:.4f}")
+    return stop
+
+
+def save_checkpoint(accelerator, name, state, run_identity, resume_path, train_args):
+    """Save all a resume needs to output_dir/name, then delete the oldest beyond --checkpoints_total_limit."""
+    output_dir = train_args.output_dir
+    metrics_log = os.path.join(output_dir, outputs.METRICS_LOG)
+    # save_state replaces saving each state_dict by hand: model, optimizer, GradScaler, sampler, the random
+    # states of every process, and the registered schedule and TrainState. staged_checkpoint renames the
+    # folder into place only once it is complete, so 'latest' never picks a half-written one.
+    with checkpoint.staged_checkpoint(
+        accelerator, output_dir, name, state.completed_steps, run_identity, metrics_log
+    ) as staging_folder:
+        accelerator.save_state(staging_folder)
+    limit = train_args.checkpoints_total_limit
+    checkpoint.delete_oldest_checkpoints(accelerator, output_dir, limit, keep=[resume_path])
+    logger.info(f"Saved checkpoint {os.path.join(output_dir, name)}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""`python -m imgft bench`: imgft against the upstream example's pipeline, and the recorded results."""

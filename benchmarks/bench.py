@@ -224,7 +224,9 @@ def imgft_train_loader(data_dir, image_size, batch_size, cache_dir):
     dataset, image_column, label_column, names = data.load_labeled_dataset(data_args, cache_dir, 42)
     processor = ViTImageProcessor(size={"height": image_size, "width": image_size})
     stored_size = transforms.stored_image_size(processor, image_size, data_args)
-    dataset, _ = data.drop_unreadable(dataset, image_column, label_column, names, data_args, stored_size)
+    dataset, _ = data.decode_once_dropping_unreadable(
+        dataset, image_column, label_column, names, data_args, stored_size
+    )
     train_transform, _ = transforms.build_transforms(processor, image_size, True, data_args.crop_scale_min)
     train = transforms.with_image_transform(
         dataset["train"], train_transform, image_column, label_column, seed=42, epoch=transforms.shared_epoch()

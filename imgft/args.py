@@ -3,12 +3,17 @@
 Flag names and meanings follow transformers' `run_image_classification_no_trainer.py`, so an existing
 command runs unchanged. Defaults are the digits demo's values: `python train_loop.py` with no flags is the demo.
 Parsed arguments are never changed afterwards; numbers derived from them get their own names.
+Also here: what each program that reads these arguments lists in its --help (`Command`), and the absolute
+paths saved beside a run's config so that it reruns from any directory (`absolute_paths`).
 """
 
 import argparse
 import dataclasses
 import difflib
 import math
+import os
+import sys
+import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -21,6 +26,14 @@ from imgft.errors import UserError
 DEMO_CONFIG_OVERRIDES = "embedding_size=32,hidden_sizes=[32,64,128,256],depths=[1,1,1,1],layer_type=basic"
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 SECRET_KEYS = ("hub_token",)
+# Fields that always name a local path, and those that name either a Hub id or a local path.
+PATH_FIELDS = ("output_dir", "train_dir", "validation_dir", "cache_dir", "resume_from_checkpoint")
+HUB_OR_PATH_FIELDS = ("dataset_name", "model_name_or_path", "image_processor_name")
+RESUME_LATEST = "latest"
+# A saved run config's map from each relative path, as typed, to the absolute path it meant (outputs.py writes it).
+ABSOLUTE_PATHS_KEY = "absolute_paths"
+# What PyYAML (YAML 1.1) reads as true and false when unquoted.
+YAML_BOOLEAN_WORDS = {True: ("yes", "on", "true"), False: ("no", "off", "false")}
 
 
 @dataclass(frozen=True)
@@ -38,6 +51,13 @@ class DataArguments:
         },
     )
     validation_dir: str | None = field(default=None, metadata={"help": "An imagefolder of validation images."})
+    eval_split: str | None = field(
+        default=None,
+        metadata={
+            "help": "Which split of --dataset_name to evaluate on (e.g. test). Default: validation, valid or val, "
+            "else test, else a seeded part of train (--train_val_split)."
+        },
+    )
     train_val_split: float = field(
         default=0.15,
         metadata={"help": "Fraction of train held out (seeded) when the dataset has no validation split."},
@@ -65,6 +85,39 @@ class DataArguments:
     crop_scale_min: float = field(
         default=0.6,
         metadata={"help": "Smallest area fraction RandomResizedCrop keeps of a training image (torchvision: 0.08)."},
+    )
+    auto_augment: Literal["randaugment", "trivialaugment", "autoaugment", "augmix"] | None = field(
+        default=None,
+        metadata={
+            "help": "An automatic augmentation policy for each training crop, seeded per image: "
+            "torchvision v2 RandAugment, TrivialAugmentWide, AutoAugment (ImageNet policy) or AugMix. "
+            "Default: none."
+        },
+    )
+    randaugment_num_ops: int = field(
+        default=2,
+        metadata={"help": "With --auto_augment randaugment: operations per image (torchvision num_ops)."},
+    )
+    randaugment_magnitude: int = field(
+        default=9,
+        metadata={"help": "With --auto_augment randaugment: their strength, 0-30 (torchvision magnitude)."},
+    )
+    random_erasing: float = field(
+        default=0.0,
+        metadata={
+            "help": "Probability of erasing a random rectangle of each training crop (torchvision "
+            "RandomErasing), after --auto_augment, filled with the processor's mean colour: zero after "
+            "normalisation, as torchvision's default."
+        },
+    )
+    tta: Literal["flip", "zoom", "flip_zoom"] | None = field(
+        default=None,
+        metadata={
+            "help": "Test-time augmentation for `python -m imgft evaluate` and `predict`, logits averaged "
+            "over views: flip adds the mirrored evaluation crop; zoom the image's central 7/8 (of width and "
+            "height) through the same resize and crop; flip_zoom both and the mirrored zoom (4 views). "
+            "Training ignores it."
+        },
     )
     num_workers: int | None = field(
         default=None,
@@ -138,6 +191,14 @@ class ModelArguments:
         default=None,
         metadata={"help": "Where downloaded models and datasets are kept."},
     )
+    drop_path_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Stochastic depth: the rate at which the deepest residual block is skipped in training, "
+            "set on the config's drop_path_rate (or its own name for it). Default: the config's own value. "
+            "An architecture without one is refused."
+        },
+    )
 
 
 @dataclass(frozen=True)
@@ -175,6 +236,33 @@ class TrainArguments:
         "constant_with_warmup",
     ] = field(default="linear", metadata={"help": "Learning-rate schedule after warmup."})
     num_warmup_steps: int = field(default=0, metadata={"help": "Optimizer steps of linear warmup."})
+    layer_decay: float | None = field(
+        default=None,
+        metadata={
+            "help": "Layer-wise learning-rate decay (BEiT, timm), e.g. 0.75: layer i of L gets "
+            "learning_rate * layer_decay ** (L + 1 - i); embeddings are layer 0, the final norm and head "
+            "L + 1. For encoders whose blocks match the config's depths or num_hidden_layers (ViT, DeiT, "
+            "BEiT, Swin, ConvNeXt, ResNet, ...); any other is refused."
+        },
+    )
+    head_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Learning rate of the classifier head. Default: --learning_rate."},
+    )
+    freeze_backbone: bool = field(
+        default=False,
+        metadata={
+            "help": "Train only the classifier head (a linear probe); BatchNorm statistics still adapt. "
+            "See --unfreeze_after_epochs."
+        },
+    )
+    unfreeze_after_epochs: int | None = field(
+        default=None,
+        metadata={
+            "help": "Train only the head for this many epochs, then the whole model (fastai's fine_tune), "
+            "under one learning-rate schedule. Implies --freeze_backbone until then."
+        },
+    )
     on_nonfinite_loss: Literal["stop", "skip"] = field(
         default="stop",
         metadata={
@@ -246,9 +334,65 @@ class TrainArguments:
 ARG_CLASSES = (DataArguments, ModelArguments, TrainArguments)
 
 
-def make_parser():
+@dataclass(frozen=True)
+class Command:
+    """How a program that reads these arguments presents them in --help."""
+
+    prog: str
+    description: str
+    # The flags --help lists (None: all), those the program reads. It accepts the others too, so that a
+    # training config file or command line serves it unchanged.
+    shown_flags: tuple[str, ...] | None = None
+
+
+CONFIG_NOTE = (
+    "A YAML or JSON file of 'flag_name: value' pairs may come first (one in configs/, or a run's "
+    "output_dir/imgft_config.yaml); flags after it override its values."
+)
+TRAIN_COMMAND = Command("train_loop.py", "Fine-tune a 🤗 Transformers image classifier. " + CONFIG_NOTE)
+DATA_FLAGS = ("dataset_name", "dataset_config_name", "train_dir", "validation_dir", "train_val_split")
+DATA_FLAGS += ("image_column_name", "label_column_name", "num_workers", "strict_data")
+EVALUATE_COMMAND = Command(
+    "python -m imgft evaluate",
+    "Evaluate a saved model on the validation split, read as training reads it; with --output_dir, also write "
+    f"eval_results.json and pictures of the errors there. {CONFIG_NOTE} Training flags not listed are ignored.",
+    DATA_FLAGS
+    + ("resize_once", "stored_image_size", "max_eval_samples", "tta")
+    + ("model_name_or_path", "image_processor_name", "image_size", "cache_dir", "model_revision", "trust_remote_code")
+    + ("per_device_eval_batch_size", "mixed_precision", "seed", "output_dir"),
+)
+CHECK_DATA_COMMAND = Command(
+    "python -m imgft check-data",
+    "Report on the data as training would see it: images per class, image sizes, unreadable files, duplicates "
+    f"across the splits; exit 2 where training would refuse it. {CONFIG_NOTE} Training flags not listed are ignored.",
+    DATA_FLAGS + ("cache_dir", "seed"),
+)
+
+
+def make_parser(command=TRAIN_COMMAND):
     # exit_on_error=False: a bad value raises ArgumentError, which we turn into one clear line.
-    return HfArgumentParser(ARG_CLASSES, allow_abbrev=False, exit_on_error=False)
+    parser = HfArgumentParser(
+        ARG_CLASSES,
+        prog=command.prog,
+        usage=f"{command.prog} [CONFIG.yaml] [--flag value ...]",
+        description=command.description,
+        allow_abbrev=False,
+        exit_on_error=False,
+    )
+    if command.shown_flags is not None:
+        for action in parser._actions:  # argparse has no public way to hide a flag once added
+            if action.dest not in command.shown_flags and action.dest != "help":
+                action.help = argparse.SUPPRESS
+    return parser
+
+
+def help_text(command):
+    return make_parser(command).format_help()
+
+
+def field_defaults():
+    """{flag name: default} for every argument (the hub token left out, as in `to_dict`)."""
+    return to_dict(*(cls() for cls in ARG_CLASSES))
 
 
 def field_names():
@@ -273,12 +417,18 @@ def _config_to_tokens(path):
         raise UserError(f"config file {path} is not valid YAML: {err}") from None
     if not isinstance(values, dict):
         raise UserError(f"config file {path} must hold 'flag_name: value' pairs")
+    recorded_paths = values.get(ABSOLUTE_PATHS_KEY) or {}
+    if not isinstance(recorded_paths, dict):
+        raise UserError(f"'{ABSOLUTE_PATHS_KEY}' in {path} must map each path as typed to its absolute path")
     tokens = []
     for key, value in values.items():
+        if key == ABSOLUTE_PATHS_KEY:
+            continue
         if key not in field_names():
             raise UserError(_unknown_key_message(key, f"key in {path}:"))
         if value is None:
             continue  # `key: null` keeps the default
+        value = _as_flag_value(key, value, recorded_paths, path)
         # PyYAML reads 5e-5 as a string and 5.0e-5 as a float; argparse's float() takes both.
         # --key=value, so that a value such as -1e-3 is not mistaken for a flag.
         if isinstance(value, list):
@@ -286,6 +436,88 @@ def _config_to_tokens(path):
         else:
             tokens.append(f"--{key}={value}")
     return tokens
+
+
+def _as_flag_value(key, value, recorded_paths, path):
+    """A config file's value as it would be typed after --key: what YAML's reading or the file's layout changed."""
+    if isinstance(value, bool) and _literal_choices(key):
+        return _choice_meant(key, value, path)
+    if key == "config_overrides" and isinstance(value, (dict, list)):
+        return config_overrides_text(value)
+    if _is_path_value(key, value) and isinstance(recorded_paths.get(value), str):
+        # A relative path means the folder it meant when the file was written. Kept as typed where that is the
+        # same folder from here, so that rerunning from there gives the same config (a resume compares it).
+        absolute = recorded_paths[value]
+        return value if os.path.abspath(value) == absolute else absolute
+    return value
+
+
+def _is_path_value(key, value):
+    if key == "resume_from_checkpoint" and value == RESUME_LATEST:
+        return False
+    return key in PATH_FIELDS + HUB_OR_PATH_FIELDS and isinstance(value, str)
+
+
+def _literal_choices(name):
+    """The choices of a `Literal[...]` field (also of `Literal[...] | None`); () for other fields."""
+    annotation = next(f.type for cls in ARG_CLASSES for f in dataclasses.fields(cls) if f.name == name)
+    for option in (annotation, *typing.get_args(annotation)):
+        if typing.get_origin(option) is Literal:
+            return typing.get_args(option)
+    return ()
+
+
+def _choice_meant(key, value, path):
+    """The choice that an unquoted `no`, `off`, `yes`... stood for: YAML 1.1 reads those words as booleans."""
+    choices = _literal_choices(key)
+    words = YAML_BOOLEAN_WORDS[value]
+    meant = [choice for choice in choices if choice.lower() in words]
+    if len(meant) == 1:
+        return meant[0]
+    raise UserError(
+        f"{key} in {path}: YAML reads an unquoted {'/'.join(words)} as {str(value).lower()}, which names no single "
+        f'choice of --{key} ({", ".join(choices)}); quote the value, e.g. {key}: "{choices[0]}"'
+    )
+
+
+def config_overrides_text(overrides):
+    """config_overrides written in a config file as a mapping, or a list of `key=value` strings and mappings,
+    as the flag's text `key=value,key=[1,2]`, which `model.parse_config_overrides` reads back identically."""
+    items = overrides if isinstance(overrides, list) else [overrides]
+    pairs = []
+    for item in items:
+        if isinstance(item, dict):
+            pairs += [_override_pair(key, value) for key, value in item.items()]
+        elif isinstance(item, str):
+            pairs.append(item)
+        else:
+            raise UserError(f"config_overrides: {item!r} is neither a key=value string nor a mapping")
+    return ",".join(pairs)
+
+
+def _override_pair(key, value):
+    """`key=value` that parse_config_overrides reads back as {key: value}: spelled plainly (true, null, basic,
+    [16,32]) where that reads back, else as a Python literal ('1' for the string "1")."""
+    from imgft.model import parse_config_overrides  # imgft.model imports this module
+
+    for text in (_plain_text(value), repr(value)):
+        pair = f"{key}={text}"
+        try:
+            if parse_config_overrides(pair) == {str(key): value}:
+                return pair
+        except UserError:
+            pass  # e.g. a string holding a comma splits into a piece that is not key=value
+    raise UserError(f"config_overrides: {key}: {value!r} cannot be written as key=value text (a comma in a string?)")
+
+
+def _plain_text(value):
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "[" + ",".join(repr(item) for item in value) + "]"
+    return str(value)
 
 
 def _check_flags(tokens):
@@ -324,8 +556,9 @@ def _parse(parser, tokens, source):
 
 
 def parse_args(argv):
-    """Parse `[CONFIG.yaml] [--flag value ...]`; flags override the file. Returns (data, model, train) args."""
-    argv = list(argv)
+    """Parse `[CONFIG.yaml] [--flag value ...]` (default: the command line); flags override the file.
+    Returns (data, model, train) args."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     config_tokens = []
     config_path = None
     if argv and argv[0].endswith(CONFIG_SUFFIXES):
@@ -337,9 +570,20 @@ def parse_args(argv):
         _parse(parser, config_tokens, f"in {config_path}")
     # argparse keeps the last value given, so command-line flags after the file's win.
     namespace = _parse(parser, config_tokens + argv, "on the command line")
-    parsed = tuple(cls(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)}) for cls in ARG_CLASSES)
+    parsed = tuple(
+        cls(**{f.name: _expand_home(f.name, getattr(namespace, f.name)) for f in dataclasses.fields(cls)})
+        for cls in ARG_CLASSES
+    )
     check_args(*parsed)
     return parsed
+
+
+def _expand_home(name, value):
+    # A shell expands `~` in `--output_dir ~/out` but not in `--output_dir=~/out` or a config file; a Hub id
+    # never starts with `~`.
+    if _is_path_value(name, value) and value.startswith("~"):
+        return os.path.expanduser(value)
+    return value
 
 
 def check_args(data_args, model_args, train_args):
@@ -348,12 +592,16 @@ def check_args(data_args, model_args, train_args):
         "per_device_train_batch_size": train_args.per_device_train_batch_size,
         "per_device_eval_batch_size": train_args.per_device_eval_batch_size,
         "gradient_accumulation_steps": train_args.gradient_accumulation_steps,
-        "num_train_epochs": train_args.num_train_epochs,
         "logging_steps": train_args.logging_steps,
     }
     for name, value in positive.items():
         if value < 1:
             raise UserError(f"--{name} must be at least 1 (got {value})")
+    epochs = train_args.num_train_epochs
+    if train_args.max_train_steps is None and epochs < 1:
+        raise UserError(f"--num_train_epochs must be at least 1 (got {epochs}), or 0 with --max_train_steps")
+    if epochs < 0:  # with --max_train_steps, which decides how long training lasts
+        raise UserError(f"--num_train_epochs must be at least 0 (got {epochs})")
     for name, value in {
         "max_train_steps": train_args.max_train_steps,
         "max_train_samples": data_args.max_train_samples,
@@ -363,6 +611,7 @@ def check_args(data_args, model_args, train_args):
         "stored_image_size": data_args.stored_image_size,
         "eval_steps": train_args.eval_steps,
         "early_stopping_patience": train_args.early_stopping_patience,
+        "unfreeze_after_epochs": train_args.unfreeze_after_epochs,
     }.items():
         if value is not None and value < 1:
             raise UserError(f"--{name} must be at least 1 (got {value})")
@@ -377,10 +626,18 @@ def check_args(data_args, model_args, train_args):
             raise UserError(f"--{name} must be a non-negative number (got {value})")
     if train_args.learning_rate == 0:
         raise UserError("--learning_rate must be greater than 0")
+    _check_recipes(model_args, train_args)
     if not 0 < data_args.train_val_split < 1:
         raise UserError(f"--train_val_split must lie strictly between 0 and 1 (got {data_args.train_val_split})")
     if not 0 < data_args.crop_scale_min <= 1:
         raise UserError(f"--crop_scale_min must lie in (0, 1] (got {data_args.crop_scale_min})")
+    if not 0 <= data_args.random_erasing <= 1:
+        raise UserError(f"--random_erasing must lie in [0, 1] (got {data_args.random_erasing})")
+    if data_args.randaugment_num_ops < 1:
+        raise UserError(f"--randaugment_num_ops must be at least 1 (got {data_args.randaugment_num_ops})")
+    magnitude = data_args.randaugment_magnitude
+    if not 0 <= magnitude <= 30:
+        raise UserError(f"--randaugment_magnitude must lie in [0, 30] (got {magnitude})")
     steps = train_args.checkpointing_steps
     if steps is not None and steps != "epoch" and not (_is_whole_number(steps) and int(steps) > 0):
         raise UserError(f"--checkpointing_steps must be a positive whole number or 'epoch' (got '{steps}')")
@@ -388,6 +645,27 @@ def check_args(data_args, model_args, train_args):
         raise UserError("give either --dataset_name or --train_dir/--validation_dir, not both")
     if data_args.validation_dir and not data_args.train_dir:
         raise UserError("--validation_dir needs --train_dir")
+
+
+def _check_recipes(model_args, train_args):
+    """The fine-tuning recipes' ranges: layer decay, the head's learning rate, unfreezing, stochastic depth.
+    Written as `not inside` so that NaN, for which every comparison is false, is refused too."""
+    layer_decay = train_args.layer_decay
+    head_rate = train_args.head_learning_rate
+    drop_rate = model_args.drop_path_rate
+    if layer_decay is not None and not 0 < layer_decay <= 1:
+        raise UserError(f"--layer_decay must lie in (0, 1] (got {layer_decay})")
+    if head_rate is not None and not 0 < head_rate < math.inf:
+        raise UserError(f"--head_learning_rate must be a positive number (got {head_rate})")
+    if drop_rate is not None and not 0 <= drop_rate < 1:
+        raise UserError(f"--drop_path_rate must lie in [0, 1) (got {drop_rate})")
+    unfreeze = train_args.unfreeze_after_epochs
+    epochs = train_args.num_train_epochs
+    if unfreeze is not None and train_args.max_train_steps is None and unfreeze >= epochs:
+        raise UserError(
+            f"--unfreeze_after_epochs {unfreeze} would never unfreeze in {epochs} epochs: "
+            "pass fewer, or --freeze_backbone to train only the head"
+        )
 
 
 def to_dict(*args_objects):
@@ -398,14 +676,29 @@ def to_dict(*args_objects):
     return {key: value for key, value in merged.items() if key not in SECRET_KEYS}
 
 
+def absolute_paths(config):
+    """{path as typed: its absolute path} for the relative local paths in `config` (a `to_dict`), saved beside
+    it so that the saved config reruns the same run from any directory (`parse_args` reads them back)."""
+    recorded = {}
+    for key, value in config.items():
+        if not _is_path_value(key, value) or os.path.isabs(value):
+            continue
+        if key in HUB_OR_PATH_FIELDS and not os.path.exists(value):
+            continue  # a Hub id
+        recorded[value] = os.path.abspath(value)
+    return recorded
+
+
 def _is_whole_number(text):
     return text.isascii() and text.isdecimal()
 
 
-def checkpointing_every(train_args):
-    """Checkpoint interval in optimizer steps, or None (with 'epoch' handled by the caller)."""
+def checkpoint_interval(train_args):
+    """--checkpointing_steps, read once: None (no checkpoints), a number of optimizer steps, or "epoch"."""
     steps = train_args.checkpointing_steps
-    return int(steps) if steps and _is_whole_number(steps) else None
+    if steps is None or steps == "epoch":
+        return steps
+    return int(steps)
 
 
 def flags_markdown():

@@ -1,6 +1,7 @@
-"""Keeping the best evaluation: which metric, which direction, when to stop early."""
+"""The best evaluation so far: which metric, which direction, and when to stop early for want of a better one."""
 
 from imgft.errors import UserError
+from imgft.runtime import Stop
 
 NO_BEST = {"metric": None, "step": None, "epoch": None, "results": None, "evaluations_without_improvement": 0}
 
@@ -39,12 +40,14 @@ def update(best, results, step, epoch, train_args):
     return {**best, "evaluations_without_improvement": best["evaluations_without_improvement"] + 1}, False
 
 
-def should_stop_early(best, train_args, logger=None):
+def stop_if_no_better(best, train_args):
+    """The Stop that --early_stopping_patience asks for after that many evaluations without a better metric."""
     patience = train_args.early_stopping_patience
-    stop = patience is not None and best["evaluations_without_improvement"] >= patience
-    if stop and logger is not None:
-        logger.info(f"Stopping early: {patience} evaluations without a better {train_args.metric_for_best_model}")
-    return stop
+    if patience is None or best["evaluations_without_improvement"] < patience:
+        return None
+    return Stop(
+        "early_stopping", f"Stopping early: {patience} evaluations without a better {train_args.metric_for_best_model}"
+    )
 
 
 def summary(best):

@@ -1,28 +1,17 @@
 """Checkpoints: `output_dir/step_N` or `epoch_N`, written whole or not at all, found by step, rotated safely."""
 
+import contextlib
 import json
 import os
 import re
 import shutil
 
-from imgft.best import NO_BEST
-from imgft.errors import UserError
+from imgft.args import field_defaults
+from imgft.errors import WRITE_ERRORS, UserError, write_failure_reason
 
 STATE_FILE = "imgft_state.json"
 CHECKPOINT_NAME = re.compile(r"^(step|epoch)_\d+$")
 STAGING_PREFIX = ".tmp-"
-# Where a run without a checkpoint starts: the counters a checkpoint restores.
-NEW_RUN_STATE = {
-    "completed_steps": 0,
-    "epoch": 0,
-    "batch_in_epoch": 0,
-    "train_loss_sum": 0.0,
-    "train_loss_count": 0,
-    "metrics_log_lines": 0,
-    "best": NO_BEST,
-}
-
-
 # Arguments that may change between a checkpoint and its resume: they do not change what is trained.
 # Any other changed argument makes a resume inexact, and it is refused.
 SAFE_TO_CHANGE = {
@@ -35,6 +24,7 @@ SAFE_TO_CHANGE = {
     "num_workers",
     "per_device_eval_batch_size",
     "max_eval_samples",
+    "tta",
     "num_train_epochs",
     "max_train_steps",
     "logging_steps",
@@ -47,30 +37,45 @@ SAFE_TO_CHANGE = {
 }
 
 
-def run_identity(config, label_names, train_samples, num_processes, mixed_precision, max_train_steps):
+def run_identity(config, label_names, train_samples, accelerator, max_train_steps):
     """What a checkpoint records of its run: the arguments, plus numbers derived from the data and launch."""
     return {
         "config": config,
         "label_names": list(label_names),
         "train_samples": train_samples,
-        "num_processes": num_processes,
-        "mixed_precision": mixed_precision,
+        "num_processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
         "max_train_steps": max_train_steps,
     }
 
 
+# Changes that are the point of a resume, or of resuming elsewhere: not worth a warning.
+EXPECTED_CHANGES = {"output_dir", "overwrite_output_dir", "resume_from_checkpoint"}
+
+
 def compare_runs(saved, current):
-    """(changes that make a resume inexact, harmless changes), each as 'name: then -> now' strings."""
+    """(changes that make a resume inexact, harmless changes worth a warning), each as 'name: then -> now'."""
     unsafe, safe = [], []
-    saved_config, config = saved.get("config", {}), current.get("config", {})
+    # A flag added to imgft after the checkpoint was saved is missing from it: the run had its default.
+    defaults = field_defaults()
+    saved_config = {**defaults, **saved.get("config", {})}
+    config = {**defaults, **current.get("config", {})}
     for key in sorted(set(saved_config) | set(config)):
         if saved_config.get(key) != config.get(key):
             change = f"{key}: {saved_config.get(key)!r} -> {config.get(key)!r}"
-            (safe if key in SAFE_TO_CHANGE else unsafe).append(change)
+            if key not in SAFE_TO_CHANGE:
+                unsafe.append(change)
+            elif key not in EXPECTED_CHANGES:
+                safe.append(change)
     for key, value in current.items():
         if key != "config" and saved.get(key) != value:
             unsafe.append(f"{key}: {saved.get(key)!r} -> {value!r}")
     return unsafe, safe
+
+
+def step_due(interval, completed_steps):
+    """Whether a step checkpoint is due after `completed_steps`, for an `args.checkpoint_interval`."""
+    return isinstance(interval, int) and completed_steps % interval == 0
 
 
 def read_state(path):
@@ -98,6 +103,8 @@ def resolve_resume(resume_from_checkpoint, output_dir):
     if resume_from_checkpoint == "latest":
         checkpoints = list_checkpoints(output_dir)
         return checkpoints[-1] if checkpoints else None
+    if not os.path.exists(resume_from_checkpoint):
+        raise UserError(f"--resume_from_checkpoint {resume_from_checkpoint} does not exist")
     if not os.path.isfile(os.path.join(resume_from_checkpoint, STATE_FILE)):
         raise UserError(
             f"--resume_from_checkpoint {resume_from_checkpoint} is not an imgft checkpoint "
@@ -106,28 +113,44 @@ def resolve_resume(resume_from_checkpoint, output_dir):
     return resume_from_checkpoint
 
 
-def save_checkpoint(accelerator, output_dir, name, counters, identity, metrics_log):
-    """Save model, optimizer, scheduler, scaler and RNG states plus the loop's counters to `output_dir/name`.
+@contextlib.contextmanager
+def staged_checkpoint(accelerator, output_dir, name, completed_steps, identity, metrics_log):
+    """`with staged_checkpoint(...) as folder: accelerator.save_state(folder)` writes `output_dir/name` whole
+    or not at all. Every process writes into a staging folder; the main process adds imgft_state.json last
+    and renames the folder into place, so a kill during a save never leaves a folder that 'latest' would pick.
 
-    Every process writes into a staging folder; the main process renames it into place only once all
-    of it is on disk, so a kill during a save never leaves a folder that 'latest' would pick.
+    A full disk (or any other OS error while writing) removes the staging folder and becomes a UserError
+    naming the folder and the problem: the earlier checkpoints are untouched.
     """
     final_path = os.path.join(output_dir, name)
     staging_path = os.path.join(output_dir, STAGING_PREFIX + name)
-    if accelerator.is_main_process:
-        shutil.rmtree(staging_path, ignore_errors=True)
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(staging_path, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        yield staging_path
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            # The metrics log's length is saved so that a resume drops the lines written after this point.
+            saved = {"completed_steps": completed_steps, "metrics_log_lines": _count_lines(metrics_log)}
+            _write_json_durably(os.path.join(staging_path, STATE_FILE), {**saved, "run_identity": identity})
+            if os.path.exists(final_path):
+                shutil.rmtree(final_path)
+            os.rename(staging_path, final_path)
+    except WRITE_ERRORS as err:
+        if accelerator.is_main_process:
+            shutil.rmtree(staging_path, ignore_errors=True)
+        raise UserError(save_failed_message(f"checkpoint {name}", output_dir, err)) from None
     accelerator.wait_for_everyone()
-    accelerator.save_state(staging_path)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        # The metrics log's length is saved so that a resume drops the lines written after this point.
-        train_state = {**counters, "metrics_log_lines": _count_lines(metrics_log), "run_identity": identity}
-        _write_json_durably(os.path.join(staging_path, STATE_FILE), train_state)
-        if os.path.exists(final_path):
-            shutil.rmtree(final_path)
-        os.rename(staging_path, final_path)
-    accelerator.wait_for_everyone()
-    return final_path
+
+
+def save_failed_message(what, output_dir, err):
+    checkpoints = list_checkpoints(output_dir)
+    kept = f"the last complete checkpoint is {checkpoints[-1]}" if checkpoints else "there is no checkpoint"
+    return (
+        f"cannot save {what} in {output_dir}: {write_failure_reason(err, output_dir)}; {kept}. "
+        "Free some space, then rerun the same command with --resume_from_checkpoint latest"
+    )
 
 
 def _count_lines(path):
@@ -144,23 +167,19 @@ def _write_json_durably(path, value):
         os.fsync(file.fileno())
 
 
-def load_checkpoint(accelerator, path, identity):
-    """Restore all states saved by `save_checkpoint`; refuse one that a changed run could not continue exactly.
-
-    Returns the saved counters and the list of harmless changes, for the caller to report.
-    """
-    train_state = read_state(path)
-    unsafe, safe = compare_runs(train_state.get("run_identity", {}), identity)
+def check_resumable(path, identity):
+    """Refuse a checkpoint that a changed run could not continue exactly; return the harmless changes
+    ('name: then -> now') for the caller to report."""
+    unsafe, safe = compare_runs(read_state(path).get("run_identity", {}), identity)
     if unsafe:
         raise UserError(
             f"cannot resume exactly from {path}, the run changed: {'; '.join(unsafe)}. "
             "Use the original settings, or start a new run (another --output_dir, or --overwrite_output_dir)"
         )
-    accelerator.load_state(path)
-    return train_state, safe
+    return safe
 
 
-def rotate_checkpoints(accelerator, output_dir, limit, keep=()):
+def delete_oldest_checkpoints(accelerator, output_dir, limit, keep=()):
     """Delete the oldest checkpoints beyond `limit`; never the newest, nor any path in `keep`."""
     checkpoints = list_checkpoints(output_dir)
     if not limit or not checkpoints or not accelerator.is_main_process:

@@ -1,27 +1,63 @@
 """One exception for mistakes the user can fix, and the wrapper that turns it into a clean exit."""
 
+import errno
 import gc
 import os
+import shutil
 import sys
+
+from safetensors import SafetensorError
 
 
 class UserError(Exception):
     """Bad input that the user can fix: printed as one message, never as a traceback."""
 
 
+# What a failed write raises: the OS itself, torch.save ("PytorchStreamWriter failed writing file ...") and
+# safetensors ("Error while serializing: IoError(...)") each in their own way.
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+DISK_NEARLY_FULL = 16 * 2**20  # a failed write leaves less than one more chunk of the file free
+
+
+def write_failure_reason(err, folder):
+    """Why a write into `folder` failed, in a few words: torch and safetensors hide a full disk in their
+    own messages, so a failure with the disk (nearly) full says so plainly."""
+    reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
+    try:
+        nearly_full = shutil.disk_usage(folder).free < DISK_NEARLY_FULL
+    except OSError:
+        nearly_full = False
+    if nearly_full and "No space left on device" not in reason:
+        reason = f"No space left on device ({reason})"
+    return reason
+
+
 def exit_on_user_error(main, argv=None):
-    """Run `main(argv)`; a UserError becomes `error: ...` on stderr and exit code 2."""
+    """Run `main(argv)`; a UserError becomes `error: ...` on stderr and exit code 2. So does a full disk
+    wherever it strikes: the run stops, and what it saved before stays whole (checkpoints are atomic)."""
     try:
         return main(argv)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        folder = os.path.dirname(os.path.abspath(err.filename)) if err.filename else "the output folder"
+        print(
+            f"error: cannot write in {folder}: {err.strerror}. Free some space, then rerun the same command "
+            "with --resume_from_checkpoint latest",
+            file=sys.stderr,
+        )
+        sys.exit(2)
 
 
 def run_as_script(main):
-    """`exit_on_user_error(main)` for a script's `__main__`, then a faster exit (`skip_final_collection`)."""
-    exit_on_user_error(main)
+    """`exit_on_user_error(main)` for a script's `__main__`, then a faster exit (`skip_final_collection`)
+    with main's return value as the exit code."""
+    exit_code = exit_on_user_error(main)
     skip_final_collection()
+    sys.exit(exit_code or 0)
 
 
 def skip_final_collection():

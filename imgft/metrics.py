@@ -1,4 +1,5 @@
-"""Evaluation over the whole validation set with torchmetrics, exact across processes.
+"""Evaluation metrics with torchmetrics, exact across processes: the tally that train_loop.evaluate fills,
+the results and report details read from it, and eval_results.json.
 
 Every process gathers all processes' logits (accelerator.gather_for_metrics) and updates its own
 metrics with them, so each one holds the numbers of the full set. torchmetrics' own cross-process sync
@@ -43,7 +44,10 @@ def make_metrics(num_labels, per_class=False):
     if per_class:
         metrics.update(_precision_recall_f1("none", "", options))
         metrics["confusion_matrix"] = MulticlassConfusionMatrix(**options)
-    return MetricCollection(metrics)
+    # compute_groups=False: by default a MetricCollection merges metrics whose states look alike after the
+    # first update, and top-1 and top-5 accuracy keep the same kind of state, so from then on top-5 was
+    # computed from top-1's counts (all_results.json once reported top-5 equal to top-1).
+    return MetricCollection(metrics, compute_groups=False)
 
 
 def _precision_recall_f1(average, prefix, options):
@@ -54,54 +58,36 @@ def _precision_recall_f1(average, prefix, options):
     }
 
 
-@torch.no_grad()
-def _run(model, dataloader, normalize, accelerator, metrics):
-    """Update `metrics` over the dataloader; return (loss sum, samples, (score, prediction, label) per sample).
-
-    The per-sample tensors are in dataset order: an unshuffled evaluation loader is sharded in whole
-    batches, process by process, and gather_for_metrics puts them back in that order.
-    """
-    model.eval()
-    loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-    samples = 0
-    scores, predictions, labels_seen = [], [], []
-    for batch in dataloader:
-        logits = model(pixel_values=normalize(batch["pixel_values"])).logits
-        # gather_for_metrics replaces a hand-written all_gather: it also drops the duplicate samples that
-        # pad the last batch so every process gets one, which would otherwise be counted twice.
-        logits, labels = accelerator.gather_for_metrics((logits, batch["labels"]))
-        metrics.update(logits, labels)
-        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
-        samples += labels.numel()
-        # Kept on the device (a few bytes per image): copying each batch to the CPU would stall a GPU.
-        score, prediction = logits.float().softmax(dim=-1).max(dim=-1)
-        scores.append(score)
-        predictions.append(prediction)
-        labels_seen.append(labels)
-    per_sample = tuple(torch.cat(parts) if parts else torch.zeros(0) for parts in (scores, predictions, labels_seen))
-    return loss_sum, samples, per_sample
+def start_tally(label_names, device):
+    """An empty evaluation tally: the metrics, the summed loss and each sample's (score, prediction, label).
+    train_loop.evaluate feeds it gathered batches (`add_batch`) and reads it with `finish_tally`."""
+    return {
+        "metrics": make_metrics(len(label_names), per_class=True).to(device),
+        "loss_sum": torch.zeros((), device=device, dtype=torch.float64),
+        "samples": 0,
+        "scores": [],
+        "predictions": [],
+        "labels": [],
+    }
 
 
-def _summary(computed, loss_sum, samples):
-    results = {f"eval_{name}": computed[name].item() for name in SUMMARY_METRICS if name in computed}
-    results["eval_loss"] = (loss_sum / max(samples, 1)).item()
-    results["eval_samples"] = samples
-    return results
+def add_batch(tally, logits, labels):
+    """Add one batch of logits and labels, gathered from every process, to the tally."""
+    tally["metrics"].update(logits, labels)
+    tally["loss_sum"] += F.cross_entropy(logits.float(), labels, reduction="sum")
+    tally["samples"] += labels.numel()
+    # Kept on the device (a few bytes per image): copying each batch to the CPU would stall a GPU.
+    score, prediction = logits.float().softmax(dim=-1).max(dim=-1)
+    tally["scores"].append(score)
+    tally["predictions"].append(prediction)
+    tally["labels"].append(labels)
 
 
-def evaluate(model, dataloader, normalize, accelerator, num_labels):
-    """`eval_accuracy` (+ `eval_top5_accuracy`), `eval_macro_precision`/`_recall`/`_f1`, `eval_loss`,
-    `eval_samples`; identical on every process. Leaves the model in eval mode.
+def finish_tally(tally, label_names, num_mistakes=NUM_MISTAKES):
+    """(results, details) of a finished tally:
 
-    `normalize` turns a batch's uint8 pixel_values into the model's input (`transforms.normalizer`)."""
-    metrics = make_metrics(num_labels).to(accelerator.device)
-    loss_sum, samples, _ = _run(model, dataloader, normalize, accelerator, metrics)
-    return _summary(metrics.compute(), loss_sum, samples)
-
-
-def detailed_evaluation(model, dataloader, normalize, accelerator, label_names, num_mistakes=NUM_MISTAKES):
-    """(results, details): `evaluate`'s results, and for the report
-
+        results = {"eval_accuracy", "eval_top5_accuracy" (above 5 classes), "eval_macro_precision",
+                   "eval_macro_recall", "eval_macro_f1", "eval_loss", "eval_samples"}
         details = {
             "per_class": {name: {"precision", "recall", "f1", "support"}},
             "confusion_matrix": {"labels": label_names, "matrix": [[count]]},  # rows true, columns predicted
@@ -109,12 +95,13 @@ def detailed_evaluation(model, dataloader, normalize, accelerator, label_names, 
         }
 
     `label_names` are the model's classes in id order; a mistake's `index` is its row in the evaluated
-    dataset. Every process must call it (it gathers); all get the same answer.
+    dataset (an unshuffled evaluation loader is sharded in whole batches, process by process, and
+    gather_for_metrics puts them back in that order).
     """
-    metrics = make_metrics(len(label_names), per_class=True).to(accelerator.device)
-    loss_sum, samples, per_sample = _run(model, dataloader, normalize, accelerator, metrics)
-    scores, predictions, labels = (tensor.cpu() for tensor in per_sample)
-    computed = metrics.compute()
+    scores = _on_cpu(tally["scores"])
+    predictions = _on_cpu(tally["predictions"])
+    labels = _on_cpu(tally["labels"])
+    computed = tally["metrics"].compute()
     matrix = computed["confusion_matrix"].cpu()
     support = matrix.sum(dim=1).tolist()
     per_class = {
@@ -131,7 +118,14 @@ def detailed_evaluation(model, dataloader, normalize, accelerator, label_names, 
         "confusion_matrix": {"labels": list(label_names), "matrix": matrix.tolist()},
         "mistakes": most_confident_mistakes(scores, predictions, labels, label_names, num_mistakes),
     }
-    return _summary(computed, loss_sum, samples), details
+    results = {f"eval_{name}": computed[name].item() for name in SUMMARY_METRICS if name in computed}
+    results["eval_loss"] = (tally["loss_sum"] / max(tally["samples"], 1)).item()
+    results["eval_samples"] = tally["samples"]
+    return results, details
+
+
+def _on_cpu(batches):
+    return torch.cat(batches).cpu() if batches else torch.zeros(0)
 
 
 def most_confident_mistakes(scores, predictions, labels, label_names, count):

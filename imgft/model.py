@@ -21,6 +21,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATIO
 
 from imgft import preprocessing
 from imgft.args import DEMO_CONFIG_OVERRIDES
+from imgft.drop_path import set_drop_path_rate
 from imgft.errors import UserError
 from imgft.runtime import hub_offline, log_once
 
@@ -148,6 +149,7 @@ def _model_from_scratch(model_args, label_names, overrides, hub):
         raise UserError(f"--model_type '{model_args.model_type}' is not a transformers model type") from None
     check_trainable(config)
     _apply_overrides(config, overrides)
+    set_drop_path_rate(config, model_args.drop_path_rate)
     if model_args.image_processor_name:
         image_processor = _load_processor(model_args.image_processor_name, hub)
         if model_args.image_size:
@@ -200,6 +202,7 @@ def _model_from_checkpoint(model_args, label_names, overrides, hub):
     check_trainable(config)
     if model_args.config_overrides != DEMO_CONFIG_OVERRIDES:
         _apply_overrides(config, overrides)
+    set_drop_path_rate(config, model_args.drop_path_rate)
     check_head(config, label_names, path, model_args.ignore_mismatched_sizes)
     set_labels(config, label_names)
     image_processor = _load_processor(model_args.image_processor_name or path, hub)

@@ -1,5 +1,6 @@
 """What a run leaves in output_dir: the model, results, metrics log and config; and guarding that folder."""
 
+import contextlib
 import json
 import math
 import os
@@ -7,8 +8,16 @@ import shutil
 
 import yaml
 
-from imgft.checkpoint import CHECKPOINT_NAME, STAGING_PREFIX, compare_runs, list_checkpoints
-from imgft.errors import UserError
+from imgft.args import ABSOLUTE_PATHS_KEY, absolute_paths
+from imgft.checkpoint import (
+    CHECKPOINT_NAME,
+    STAGING_PREFIX,
+    compare_runs,
+    list_checkpoints,
+    read_state,
+    save_failed_message,
+)
+from imgft.errors import WRITE_ERRORS, UserError
 from imgft.runtime import hub_offline
 
 RESULTS_FILE = "all_results.json"
@@ -49,7 +58,7 @@ def check_output_dir(output_dir, resume_requested, overwrite, config):
     finished = os.path.exists(os.path.join(output_dir, RESULTS_FILE))
     if finished and resume_requested:
         saved_config_path = os.path.join(output_dir, CONFIG_FILE)
-        saved = _read_yaml(saved_config_path) if os.path.exists(saved_config_path) else {}
+        saved = _read_run_config(saved_config_path) if os.path.exists(saved_config_path) else {}
         unsafe, _ = compare_runs({"config": saved}, {"config": config})
         if unsafe:
             raise UserError(
@@ -59,7 +68,8 @@ def check_output_dir(output_dir, resume_requested, overwrite, config):
         return True
     if finished:
         raise UserError(
-            f"{output_dir} holds a finished run; pass --overwrite_output_dir to replace it, or another --output_dir"
+            f"{output_dir} holds a finished run; to run it again, pass a new --output_dir "
+            "(or --overwrite_output_dir to replace it)"
         )
     if not resume_requested and list_checkpoints(output_dir):
         raise UserError(
@@ -69,12 +79,14 @@ def check_output_dir(output_dir, resume_requested, overwrite, config):
     return False
 
 
-def _read_yaml(path):
+def _read_run_config(path):
+    """A saved run config as `args.to_dict` gave it: without the absolute paths written beside it."""
     with open(path, encoding="utf-8") as file:
-        return yaml.safe_load(file) or {}
+        config = yaml.safe_load(file) or {}
+    return {key: value for key, value in config.items() if key != ABSOLUTE_PATHS_KEY}
 
 
-def clear_previous_run(output_dir):
+def delete_previous_run_files(output_dir):
     """Remove what an earlier imgft run wrote in `output_dir`, leaving every other file alone."""
     if not os.path.isdir(output_dir):
         return
@@ -88,38 +100,88 @@ def clear_previous_run(output_dir):
             shutil.rmtree(path)
 
 
-def start_run_files(output_dir, train_args, resume_path, state, config):
-    """On the main process, before the first step: clear or trim what an earlier run left, save the config."""
+def start_run_files(output_dir, train_args, resume_path, config):
+    """On the main process, before the first step: clear or trim what an earlier run left, save the config.
+
+    A resumed run rewrites whatever the interrupted one logged after its checkpoint; resumed from another
+    folder's checkpoint, it starts from that run's metrics log, so the curves keep their history.
+    """
     if train_args.overwrite_output_dir and resume_path is None:
-        clear_previous_run(output_dir)
+        delete_previous_run_files(output_dir)
     os.makedirs(output_dir, exist_ok=True)
-    # A resumed run rewrites whatever the interrupted one logged after its checkpoint.
-    _truncate_lines(os.path.join(output_dir, METRICS_LOG), state["metrics_log_lines"])
-    with open(os.path.join(output_dir, CONFIG_FILE), "w", encoding="utf-8") as file:
-        yaml.safe_dump(config, file, sort_keys=False, allow_unicode=True)
+    # The trackers' history is rebuilt from metrics.jsonl (`replay_metrics_to_trackers`), which holds
+    # exactly what the run logged up to its checkpoint, whereas TensorBoard's own log may hold more.
+    shutil.rmtree(os.path.join(output_dir, TRACKER_DIR), ignore_errors=True)
+    metrics_log = os.path.join(output_dir, METRICS_LOG)
+    if resume_path is None:
+        _keep_first_lines(metrics_log, metrics_log, 0)
+    else:
+        logged_lines = read_state(resume_path)["metrics_log_lines"]
+        source_log = os.path.join(os.path.dirname(os.path.abspath(resume_path)), METRICS_LOG)
+        _keep_first_lines(source_log, metrics_log, logged_lines)
+    write_run_config(os.path.join(output_dir, CONFIG_FILE), config)
 
 
-def _truncate_lines(path, keep):
-    if not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8") as file:
-        lines = file.readlines()[:keep]
+def write_run_config(path, config):
+    """The run's config, which reruns it, with the absolute paths its relative ones meant, so that it also
+    reruns from another directory (args.parse_args reads them; `config` itself, a resume's identity, is kept)."""
     with open(path, "w", encoding="utf-8") as file:
-        file.writelines(lines)
+        yaml.safe_dump(config, file, sort_keys=False, allow_unicode=True)
+        recorded = absolute_paths(config)
+        if recorded:
+            file.write("# The absolute paths that the relative ones above meant, for a rerun from another directory\n")
+            yaml.safe_dump({ABSOLUTE_PATHS_KEY: recorded}, file, sort_keys=False, allow_unicode=True)
 
 
-def log_metrics(accelerator, metrics_log, record):
-    """One line in metrics.jsonl (main process) and the same numbers to the trackers, if any."""
+def _keep_first_lines(source, destination, keep):
+    """Write the first `keep` lines of `source` (if it exists) to `destination`."""
+    lines = []
+    if os.path.exists(source):
+        with open(source, encoding="utf-8") as file:
+            lines = file.readlines()[:keep]
+    if lines or os.path.exists(destination):
+        with open(destination, "w", encoding="utf-8") as file:
+            file.writelines(lines)
+
+
+@contextlib.contextmanager
+def saving_final_files(output_dir):
+    """Around the final save: a full disk (or any OS error) becomes one line naming the folder and the
+    problem. all_results.json, which marks a run as finished, is written last, so such a run is resumable."""
+    try:
+        yield
+    except WRITE_ERRORS as err:
+        raise UserError(save_failed_message("the final model and results", output_dir, err)) from None
+
+
+def append_metrics_line(accelerator, output_dir, record):
+    """One line in output_dir/metrics.jsonl, written by the main process."""
     if accelerator.is_main_process:
-        with open(metrics_log, "a", encoding="utf-8") as file:
+        with open(os.path.join(output_dir, METRICS_LOG), "a", encoding="utf-8") as file:
             file.write(json.dumps(record) + "\n")
-    # eval_accuracy -> eval/accuracy, train_images_per_second -> train/images_per_second, loss -> train/loss
-    scalars = {
+
+
+def tracker_scalars(record):
+    """A metrics.jsonl record as tracker scalars: eval_accuracy -> eval/accuracy, loss -> train/loss,
+    train_images_per_second -> train/images_per_second."""
+    return {
         key.replace("eval_", "eval/", 1) if key.startswith("eval_") else "train/" + key.removeprefix("train_"): value
         for key, value in record.items()
         if key not in ("step", "epoch")
     }
-    accelerator.log(scalars, step=record["step"])
+
+
+def replay_metrics_to_trackers(accelerator, output_dir):
+    """Log every line of output_dir/metrics.jsonl to the trackers again: after a resume, their history is
+    then what the run left alone would have logged, without the steps an interrupted run logged after its
+    checkpoint (or twice)."""
+    metrics_log = os.path.join(output_dir, METRICS_LOG)
+    if not os.path.exists(metrics_log):
+        return
+    with open(metrics_log, encoding="utf-8") as file:
+        for line in file:
+            record = json.loads(line)
+            accelerator.log(tracker_scalars(record), step=record["step"])
 
 
 def tracker_config(config):
@@ -133,9 +195,12 @@ def json_safe(values):
 
 
 def write_json(path, value):
-    with open(path, "w", encoding="utf-8") as file:
+    """Write `value` as JSON, whole or not at all: a kill or a full disk mid-write leaves no half file."""
+    staging_path = path + ".tmp"
+    with open(staging_path, "w", encoding="utf-8") as file:
         json.dump(json_safe(value), file, indent=2, ensure_ascii=False)
         file.write("\n")
+    os.replace(staging_path, path)
 
 
 def hub_token(explicit_token):

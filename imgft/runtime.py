@@ -1,14 +1,17 @@
-"""Process-level setup shared by train_loop.py and the CLI commands: logging and the CPU-DDP switch."""
+"""Process-level setup and run control shared by train_loop.py and the commands: logging, the CPU-DDP switch,
+DataLoader workers, the stop signals (SIGTERM/SIGINT) and why a run stops, and the training-speed clock."""
 
 import logging
+import math
 import os
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 
 import torch
 
-from imgft.errors import UserError
+from imgft.batches import effective_batch
 
 QUIET_LOGGERS = ("httpx", "datasets", "accelerate.checkpointing", "accelerate.accelerator")
 
@@ -57,24 +60,31 @@ def dataloader_workers(requested, device, num_processes):
     return max(0, min(8, (os.cpu_count() or 1) // num_processes - 1))
 
 
-def run_summary(train_dataset, eval_dataset, label_names, accelerator, train_args, max_train_steps):
+def log_run_summary(train_dataset, eval_dataset, label_names, accelerator, train_args, max_train_steps):
+    """Log what the run is about to do: data, classes, processes, precision, the real batch and the steps;
+    and warn when accumulation spans more batches than an epoch has (`batches.effective_batch`)."""
     per_device = train_args.per_device_train_batch_size
     accumulation = train_args.gradient_accumulation_steps
-    total_batch = per_device * accelerator.num_processes * accumulation
-    return (
+    processes = accelerator.num_processes
+    batches_per_epoch = math.ceil(len(train_dataset) / (per_device * processes))  # as the sharded loader has it
+    images_per_step, warning = effective_batch(batches_per_epoch, per_device, processes, accumulation)
+    log_once(
+        logging.INFO,
         f"{len(train_dataset)} training / {len(eval_dataset)} validation examples, {len(label_names)} classes; "
-        f"{accelerator.num_processes} process(es) on {accelerator.device.type}, "
-        f"mixed precision {accelerator.mixed_precision}; batch {total_batch} = {per_device} per device "
-        f"x {accelerator.num_processes} process(es) x {accumulation} accumulation; {max_train_steps} optimizer steps"
+        f"{processes} process(es) on {accelerator.device.type}, mixed precision {accelerator.mixed_precision}; "
+        f"batch {images_per_step} = {per_device} per device x {processes} process(es) x "
+        f"{min(accumulation, batches_per_epoch)} accumulation; {max_train_steps} optimizer steps",
     )
+    if warning:
+        log_once(logging.WARNING, warning)
 
 
-def preemption_check(accelerator):
+def install_signal_handlers_and_start_signal_group(accelerator):
     """Install SIGTERM/SIGINT handlers; return a function giving the signal any process received (0: none).
 
     The first signal only records itself, so the loop can finish its optimizer step and save a checkpoint.
-    A second SIGINT (Ctrl-C twice) exits at once. With several processes the signal is all-reduced over a
-    CPU (gloo) group, so every process stops at the same step without a GPU sync in the hot loop.
+    A second SIGINT (Ctrl-C twice) exits at once. With several processes this starts a CPU (gloo) process
+    group over which the signal is all-reduced, so every process stops at the same step without a GPU sync.
     """
     received = {"signum": 0}
 
@@ -102,43 +112,45 @@ def preemption_check(accelerator):
     return signal_on_any_process
 
 
-def any_nonfinite(accelerator, nonfinite_losses):
-    """1.0 if a loss since the last optimizer step was NaN/inf on any process, else 0.0, on the device; resets the
-    count. Fused AdamW takes it as `found_inf` and skips the step without the CPU waiting for the GPU."""
-    total = accelerator.reduce(nonfinite_losses, "sum") if accelerator.num_processes > 1 else nonfinite_losses
-    found_inf = (total > 0).float()
-    nonfinite_losses.zero_()
-    return found_inf
+@dataclass(frozen=True)
+class Stop:
+    """Why the loop ends before its last step. A stop with an exit code ends the run without the final
+    evaluation and save (a signal, after its checkpoint; a NaN loss, with nothing after it saved)."""
+
+    reason: str  # "signal", "nonfinite_loss" or "early_stopping"
+    message: str
+    exit_code: int = 0
 
 
-def read_skipped_steps(
-    skipped_on_device, skipped_before, steps_checked, completed_steps, on_nonfinite_loss, output_dir
-):
-    """How many steps were skipped for a NaN/inf loss so far. New ones since step `steps_checked` stop the run
-    (--on_nonfinite_loss stop: a UserError naming them and the last checkpoint) or are logged (skip)."""
-    skipped = int(skipped_on_device.item())
-    if skipped > skipped_before:
-        first, count = steps_checked + 1, skipped - skipped_before
-        steps = f"step {completed_steps}" if first == completed_steps else f"{count} of steps {first}-{completed_steps}"
-        if on_nonfinite_loss == "stop":
-            raise UserError(nonfinite_message(("at " if first == completed_steps else "in ") + steps, output_dir))
-        log_once(logging.WARNING, f"Skipped {steps}: non-finite loss, no update made")
-    return skipped
-
-
-def nonfinite_message(where, output_dir):
-    from imgft.checkpoint import list_checkpoints
-
-    checkpoints = list_checkpoints(output_dir)
-    last = f"the last checkpoint is {checkpoints[-1]}" if checkpoints else "there is no checkpoint yet"
-    return (
-        f"non-finite loss (NaN or inf) {where}: no update was made from it, and the run stopped; {last}. "
-        "Lower --learning_rate or check the data, or pass --on_nonfinite_loss skip to go on without such steps"
+def stop_for_signal(signum):
+    return Stop(
+        "signal",
+        f"Stopped by {signal.Signals(signum).name}; "
+        "to continue, rerun the same command with --resume_from_checkpoint latest",
+        exit_code=128 + signum,
     )
 
 
-def timed(batches, wait):
-    """Yield from `batches`, adding the seconds spent waiting for each one to wait["seconds"]."""
+@dataclass
+class SpeedClock:
+    """Training speed since the clock started: time, images, and the seconds spent waiting for batches."""
+
+    samples_at_start: int
+    started: float = field(default_factory=time.perf_counter)
+    data_wait: float = 0.0
+
+    def seconds(self):
+        return time.perf_counter() - self.started
+
+    def speed(self, samples_now, num_processes):
+        """images per second end to end (all processes), and the share of that time spent waiting for data."""
+        seconds = max(time.perf_counter() - self.started, 1e-9)
+        images = (samples_now - self.samples_at_start) * num_processes
+        return {"train_images_per_second": images / seconds, "data_wait_fraction": min(self.data_wait / seconds, 1.0)}
+
+
+def timed(batches, clock):
+    """Yield from `batches`, adding the seconds spent waiting for each one to `clock.data_wait` (a SpeedClock)."""
     iterator = iter(batches)
     while True:
         start = time.perf_counter()
@@ -146,11 +158,5 @@ def timed(batches, wait):
             batch = next(iterator)
         except StopIteration:
             return
-        wait["seconds"] += time.perf_counter() - start
+        clock.data_wait += time.perf_counter() - start
         yield batch
-
-
-def throughput(images, seconds, wait):
-    """An epoch's training speed: images per second end to end, and the share of it spent waiting for data."""
-    seconds = max(seconds, 1e-9)
-    return {"train_images_per_second": images / seconds, "data_wait_fraction": min(wait["seconds"] / seconds, 1.0)}

@@ -1,6 +1,7 @@
 """imgft.args: a YAML config plus command-line flags become three frozen dataclasses, or a UserError."""
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from imgft.args import (
     DataArguments,
     ModelArguments,
     TrainArguments,
-    checkpointing_every,
+    checkpoint_interval,
     parse_args,
     to_dict,
 )
@@ -200,6 +201,10 @@ def test_list_value_for_a_scalar_flag_is_refused(tmp_path):
         (["--checkpointing_steps", "abc"], "--checkpointing_steps"),
         (["--checkpointing_steps", "0"], "--checkpointing_steps"),
         (["--checkpointing_steps", "-3"], "--checkpointing_steps"),
+        (["--random_erasing", "1.5"], "--random_erasing must lie in [0, 1] (got 1.5)"),
+        (["--random_erasing", "-0.1"], "--random_erasing must lie in [0, 1] (got -0.1)"),
+        (["--randaugment_num_ops", "0"], "--randaugment_num_ops must be at least 1 (got 0)"),
+        (["--randaugment_magnitude", "31"], "--randaugment_magnitude must lie in [0, 30] (got 31)"),
     ],
 )
 def test_out_of_range_values_are_refused(argv, flag):
@@ -223,14 +228,14 @@ def test_negative_scientific_learning_rate_gets_the_range_message(tmp_path):
 def test_checkpointing_steps_accepted(value):
     _, _, train = parse_args(["--checkpointing_steps", value])
     assert train.checkpointing_steps == value
-    assert checkpointing_every(train) == (None if value == "epoch" else 5)
+    assert checkpoint_interval(train) == ("epoch" if value == "epoch" else 5)
 
 
 def test_checkpointing_steps_int_from_yaml(tmp_path):
     path = write_config(tmp_path, "checkpointing_steps: 5\n")
     _, _, train = parse_args([path])
     assert train.checkpointing_steps == "5"
-    assert checkpointing_every(train) == 5
+    assert checkpoint_interval(train) == 5
 
 
 def test_checkpointing_steps_superscript_digit_is_a_user_error():
@@ -283,6 +288,8 @@ def test_bool_flag_refuses_a_non_bool():
     [
         (["--mixed_precision", "fp8"], "--mixed_precision", "'fp8'"),
         (["--lr_scheduler_type", "foo"], "--lr_scheduler_type", "'foo'"),
+        (["--auto_augment", "cutmix"], "--auto_augment", "'cutmix'"),
+        (["--tta", "rotate"], "--tta", "'rotate'"),
     ],
 )
 def test_choices_are_enforced(argv, flag, bad):
@@ -416,3 +423,131 @@ def test_missing_config_file(tmp_path):
 def test_no_prefix_is_only_for_flags_that_default_to_true():
     with pytest.raises(UserError, match="unknown flag '--no_random_flip'"):
         parse_args(["--no_random_flip"])
+
+
+# --- YAML's booleans, config_overrides as YAML, ~ in paths, epochs with max steps ----------------------------------
+
+
+@pytest.mark.parametrize(("text", "expected"), [("no", "no"), ("off", "no"), ("No", "no"), ('"no"', "no")])
+def test_yaml_boolean_word_for_a_choice_is_the_choice(tmp_path, text, expected):
+    # YAML 1.1 reads an unquoted `no` as false; it meant the choice "no".
+    path = write_config(tmp_path, f"mixed_precision: {text}\n")
+    _, _, train = parse_args([path])
+    assert train.mixed_precision == expected
+
+
+def test_yaml_boolean_for_a_choice_without_boolean_words_says_to_quote_it(tmp_path):
+    path = write_config(tmp_path, "lr_scheduler_type: on\n")
+    message = parse_error([path])
+    assert "lr_scheduler_type" in message and path in message
+    assert "YAML reads an unquoted yes/on/true as true" in message
+    assert 'quote the value, e.g. lr_scheduler_type: "linear"' in message
+
+
+def test_config_overrides_as_a_yaml_mapping_reads_back_identically(tmp_path):
+    from imgft.model import parse_config_overrides
+
+    path = write_config(
+        tmp_path,
+        "config_overrides:\n  embedding_size: 16\n  hidden_sizes: [16, 32, 64, 128]\n  layer_type: basic\n"
+        "  hidden_act: '1'\n  downsample_in_first_stage: yes\n  out_features: null\n  drop_rate: 1.0e-5\n",
+    )
+    _, model, _ = parse_args([path])
+    assert isinstance(model.config_overrides, str)
+    assert model.config_overrides == (
+        "embedding_size=16,hidden_sizes=[16,32,64,128],layer_type=basic,hidden_act='1',"
+        "downsample_in_first_stage=true,out_features=null,drop_rate=1e-05"
+    )
+    assert parse_config_overrides(model.config_overrides) == {
+        "embedding_size": 16,
+        "hidden_sizes": [16, 32, 64, 128],
+        "layer_type": "basic",
+        "hidden_act": "1",
+        "downsample_in_first_stage": True,
+        "out_features": None,
+        "drop_rate": 1e-5,
+    }
+    # The parsed text, saved in a run's config, parses back to the same arguments.
+    saved = write_config(tmp_path, f"config_overrides: {model.config_overrides}\n", name="saved.yaml")
+    assert parse_args([saved])[1] == model
+
+
+def test_config_overrides_as_a_yaml_list_of_pairs(tmp_path):
+    path = write_config(tmp_path, "config_overrides:\n  - embedding_size=16\n  - hidden_sizes=[16,32,64,128]\n")
+    _, model, _ = parse_args([path])
+    assert model.config_overrides == "embedding_size=16,hidden_sizes=[16,32,64,128]"
+
+
+def test_config_overrides_value_that_cannot_be_text_is_named(tmp_path):
+    path = write_config(tmp_path, "config_overrides:\n  label: 'a,b'\n")
+    message = parse_error([path])
+    assert "config_overrides: label: 'a,b' cannot be written as key=value text" in message
+
+
+@pytest.mark.parametrize(
+    "flag",
+    ["output_dir", "train_dir", "cache_dir", "model_name_or_path", "image_processor_name", "resume_from_checkpoint"],
+)
+def test_tilde_is_expanded_in_path_flags(flag):
+    argv = [f"--{flag}=~/somewhere"] + (["--validation_dir=~/v"] if flag == "train_dir" else [])
+    parsed = parse_args(argv)
+    value = next(getattr(args, flag) for args in parsed if hasattr(args, flag))
+    assert value == str(Path.home() / "somewhere")
+    if flag == "train_dir":
+        assert parsed[0].validation_dir == str(Path.home() / "v")
+
+
+def test_tilde_is_expanded_in_a_config_file_and_latest_and_hub_ids_are_left_alone(tmp_path):
+    path = write_config(
+        tmp_path, "output_dir: ~/out\nresume_from_checkpoint: latest\nmodel_name_or_path: google/vit-base\n"
+    )
+    _, model, train = parse_args([path])
+    assert train.output_dir == str(Path.home() / "out")
+    assert train.resume_from_checkpoint == "latest"
+    assert model.model_name_or_path == "google/vit-base"
+
+
+def test_zero_epochs_is_accepted_with_max_train_steps():
+    _, _, train = parse_args(["--num_train_epochs", "0", "--max_train_steps", "3"])
+    assert (train.num_train_epochs, train.max_train_steps) == (0, 3)
+    assert "or 0 with --max_train_steps" in parse_error(["--num_train_epochs", "0"])
+    assert "--num_train_epochs must be at least 0 (got -1)" in parse_error(
+        ["--num_train_epochs", "-1", "--max_train_steps", "3"]
+    )
+
+
+# --- --help of each program that reads these arguments --------------------------------------------------------------
+
+
+def listed_flags(help_text):
+    """The flags a --help lists, one per option line (`  --name ...`), without the --no_X and dashed spellings."""
+    return set(re.findall(r"^  --(\w+)", help_text, re.MULTILINE)) - {"help"}
+
+
+def test_train_help_names_the_config_file_and_every_flag():
+    from imgft.args import TRAIN_COMMAND, field_names, help_text
+
+    text = help_text(TRAIN_COMMAND)
+    assert text.startswith("usage: train_loop.py [CONFIG.yaml] [--flag value ...]\n")
+    assert "Fine-tune" in text and "flags after it override its values" in text
+    assert listed_flags(text) - {"no_resize_once"} == set(field_names())
+
+
+@pytest.mark.parametrize(
+    ("command", "read", "not_read"),
+    [
+        ("EVALUATE_COMMAND", ["max_eval_samples", "per_device_eval_batch_size", "output_dir"], ["learning_rate"]),
+        ("CHECK_DATA_COMMAND", ["train_dir", "strict_data", "seed"], ["per_device_eval_batch_size", "image_size"]),
+    ],
+)
+def test_command_help_lists_only_the_flags_it_reads(command, read, not_read):
+    from imgft import args
+
+    spec = getattr(args, command)
+    text = args.help_text(spec)
+    assert text.startswith(f"usage: {spec.prog} [CONFIG.yaml] [--flag value ...]\n")
+    assert listed_flags(text) - {"no_resize_once"} == set(spec.shown_flags)
+    assert set(read) <= listed_flags(text)
+    assert not set(not_read) & listed_flags(text)
+    # A training config or command line still serves it: flags it does not list are accepted.
+    assert parse_args(["--learning_rate", "0.1"])[2].learning_rate == pytest.approx(0.1)

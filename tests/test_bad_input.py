@@ -234,7 +234,7 @@ STRUCTURAL = {
     "zero batch size": (lambda t: ["--per_device_train_batch_size", "0"], ["must be at least 1"]),
     "accumulation below 1": (lambda t: ["--gradient_accumulation_steps", "0"], ["--gradient_accumulation_steps"]),
     "split outside (0,1)": (lambda t: ["--train_val_split", "1.5"], ["strictly between 0 and 1"]),
-    "resume from nothing": (lambda t: ["--resume_from_checkpoint", t / "nothing"], ["not an imgft checkpoint"]),
+    "resume from nothing": (lambda t: ["--resume_from_checkpoint", t / "nothing"], ["nothing does not exist"]),
     "missing model path": (lambda t: ["--model_name_or_path", t / "no_model"], ["no such local folder"]),
     "hub id offline": (lambda t: ["--model_name_or_path", "google/vit-base-patch16-224"], ["HF_HUB_OFFLINE"]),
 }

@@ -30,8 +30,8 @@ def test_best_tracking_follows_the_metric_and_its_direction():
     state, improved = best.update(state, {"eval_loss": 0.9}, 2, 1, by_loss)
     assert improved and state["metric"] == 0.9
     patient = TrainArguments(early_stopping_patience=2)
-    assert best.should_stop_early({**state, "evaluations_without_improvement": 2}, patient)
-    assert not best.should_stop_early({**state, "evaluations_without_improvement": 5}, TrainArguments())
+    assert best.stop_if_no_better({**state, "evaluations_without_improvement": 2}, patient).reason == "early_stopping"
+    assert best.stop_if_no_better({**state, "evaluations_without_improvement": 5}, TrainArguments()) is None
     with pytest.raises(UserError, match="--metric_for_best_model f2 is not a metric here"):
         best.update(best.NO_BEST, {"eval_accuracy": 0.5}, 1, 1, TrainArguments(metric_for_best_model="f2"))
 

@@ -37,19 +37,22 @@ def test_latest_is_the_newest_complete_checkpoint_by_step_not_by_time(tmp_path):
 def test_latest_without_checkpoints_means_a_fresh_start_and_a_bad_path_is_refused(tmp_path):
     assert checkpoint.resolve_resume("latest", tmp_path / "missing") is None
     assert checkpoint.resolve_resume(None, tmp_path) is None
-    with pytest.raises(UserError, match="not an imgft checkpoint"):
+    with pytest.raises(UserError, match="step_3 does not exist"):
         checkpoint.resolve_resume(str(tmp_path / "step_3"), tmp_path)
+    (tmp_path / "step_4").mkdir()
+    with pytest.raises(UserError, match="not an imgft checkpoint"):
+        checkpoint.resolve_resume(str(tmp_path / "step_4"), tmp_path)
 
 
 def test_rotation_keeps_the_newest_and_the_one_resumed_from(tmp_path):
     for step in (5, 10, 15, 20, 25):
         make_checkpoint(tmp_path, f"step_{step}", step)
-    removed = checkpoint.rotate_checkpoints(MainProcess(), tmp_path, 2, keep=[str(tmp_path / "step_5")])
+    removed = checkpoint.delete_oldest_checkpoints(MainProcess(), tmp_path, 2, keep=[str(tmp_path / "step_5")])
     assert sorted(os.path.basename(p) for p in removed) == ["step_10", "step_15", "step_20"]
     assert sorted(os.listdir(tmp_path)) == ["step_25", "step_5"]
     # A limit of 1 still never deletes the newest, nor the protected one.
-    assert checkpoint.rotate_checkpoints(MainProcess(), tmp_path, 1, keep=[str(tmp_path / "step_5")]) == []
-    assert checkpoint.rotate_checkpoints(MainProcess(), tmp_path, None) == []
+    assert checkpoint.delete_oldest_checkpoints(MainProcess(), tmp_path, 1, keep=[str(tmp_path / "step_5")]) == []
+    assert checkpoint.delete_oldest_checkpoints(MainProcess(), tmp_path, None) == []
 
 
 def test_compare_runs_separates_harmless_changes_from_ones_that_change_training():
@@ -89,3 +92,13 @@ def test_finished_run_with_other_settings_is_not_silently_kept(train, tmp_path, 
     train(common)
     with pytest.raises(UserError, match="finished run with other settings"):
         train(common + ["--resume_from_checkpoint", "latest", "--seed", "7"])
+
+
+def test_a_flag_added_after_the_checkpoint_counts_as_its_default():
+    from imgft.args import field_defaults
+
+    now = field_defaults()
+    saved = {key: value for key, value in now.items() if key != "learning_rate"}  # an older imgft's config
+    assert checkpoint.compare_runs({"config": saved}, {"config": now}) == ([], [])
+    unsafe, _ = checkpoint.compare_runs({"config": saved}, {"config": {**now, "learning_rate": 1.0}})
+    assert unsafe == [f"learning_rate: {now['learning_rate']!r} -> 1.0"]

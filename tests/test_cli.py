@@ -57,8 +57,36 @@ def test_help_lists_every_flag():
 
     result = run_command([PYTHON, "train_loop.py", "--help"])
     assert result.returncode == 0
+    assert result.stdout.startswith("usage: train_loop.py [CONFIG.yaml] [--flag value ...]\n")
     for name in field_names():
         assert f"--{name}" in result.stdout, name
+
+
+@pytest.mark.parametrize(
+    ("command", "listed", "left_out"),
+    [
+        ("evaluate", ["--model_name_or_path", "--per_device_eval_batch_size", "--tta"], ["--auto_augment"]),
+        ("check-data", ["--train_dir", "--strict_data"], ["--learning_rate", "--model_name_or_path"]),
+        ("demo-data", ["DIR", "the digits demo"], ["error"]),
+    ],
+)
+def test_module_command_help_names_the_command_and_its_arguments(command, listed, left_out, capsys):
+    from imgft.commands.cli import main
+
+    try:
+        main([command, "--help"])
+    except SystemExit as exit_:  # argparse's own --help exits
+        assert exit_.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: python -m imgft {command} "), out
+    for fragment in listed:
+        assert fragment in out, fragment
+    for fragment in left_out:
+        assert fragment not in out, fragment
+
+
+def test_demo_data_without_a_folder_is_one_clear_error():
+    assert_clean_error(run_command([PYTHON, "-m", "imgft", "demo-data"]), "usage: python -m imgft demo-data DIR")
 
 
 def test_module_usage_and_unknown_command():

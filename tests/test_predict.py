@@ -227,3 +227,13 @@ def test_image_processor_name_loads_the_processor_from_elsewhere(model_dir, colo
     finally:
         reset_accelerate()
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["eval_samples"] == 25
+
+
+def test_an_existing_file_with_glob_characters_in_its_name_is_taken_as_it_is(tmp_path):
+    image = tmp_path / "img [1].png"
+    Image.new("RGB", (8, 8)).save(image)
+    (tmp_path / "folder [a]").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "folder [a]" / "x.png")
+    files, problems = predict.find_images([str(image), str(tmp_path / "folder [a]"), str(tmp_path / "*.jpg")])
+    assert files == [str(image), str(tmp_path / "folder [a]" / "x.png")]
+    assert problems == [(str(tmp_path / "*.jpg"), "matches no image file")]  # a real glob still globs

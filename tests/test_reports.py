@@ -31,12 +31,25 @@ LABEL_NAMES = ["cat", "dog", "fox"]
 class LogitsAsInput(torch.nn.Module):
     """A stand-in model whose 'pixel_values' are already the logits, so the test fixes every prediction."""
 
+    def __init__(self, label_names):
+        super().__init__()
+        self.config = SimpleNamespace(id2label=dict(enumerate(label_names)))
+
     def forward(self, pixel_values):
         return SimpleNamespace(logits=pixel_values)
 
 
-FAKE_ACCELERATOR = SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda tensors: tensors)
+FAKE_ACCELERATOR = SimpleNamespace(
+    device=torch.device("cpu"), gather_for_metrics=lambda tensors: tensors, unwrap_model=lambda model: model
+)
 UNCHANGED = lambda pixel_values: pixel_values  # noqa: E731 (the batches hold logits, not images)
+
+
+def detailed_evaluation(batches, label_names):
+    """train_loop.evaluate, the loop training and `evaluate` share, over batches of ready-made logits."""
+    import train_loop
+
+    return train_loop.evaluate(LogitsAsInput(label_names), batches, UNCHANGED, FAKE_ACCELERATOR)
 
 
 def batches_for(confusion, confidences, batch_size):
@@ -64,7 +77,7 @@ def batches_for(confusion, confidences, batch_size):
 def test_metrics_match_a_hand_computed_confusion_matrix():
     confidences = [2.0, 2.5, 3.0, 6.0, 4.0, 1.0, 1.5, 5.0, 2.0, 3.5]
     batches, logits, labels = batches_for(CONFUSION, confidences, batch_size=3)  # a short last batch
-    results, details = metrics.detailed_evaluation(LogitsAsInput(), batches, UNCHANGED, FAKE_ACCELERATOR, LABEL_NAMES)
+    results, details = detailed_evaluation(batches, LABEL_NAMES)
 
     assert details["confusion_matrix"] == {"labels": LABEL_NAMES, "matrix": CONFUSION.tolist()}
     # By hand: precision = diagonal / column sums, recall = diagonal / row sums.
@@ -94,13 +107,11 @@ def test_metrics_match_a_hand_computed_confusion_matrix():
         (4, "dog", "cat"),
     ]
     assert [m["score"] for m in details["mistakes"]] == pytest.approx([softmax_top(i) for i in (3, 7, 4)])
-    _, fewer = metrics.detailed_evaluation(
-        LogitsAsInput(), batches, UNCHANGED, FAKE_ACCELERATOR, LABEL_NAMES, num_mistakes=2
-    )
+    tally = metrics.start_tally(LABEL_NAMES, "cpu")
+    for batch in batches:
+        metrics.add_batch(tally, batch["pixel_values"], batch["labels"])
+    _, fewer = metrics.finish_tally(tally, LABEL_NAMES, num_mistakes=2)
     assert [m["index"] for m in fewer["mistakes"]] == [3, 7]
-
-    # The light evaluation used each epoch gives the same summary, with the keys it always had.
-    assert metrics.evaluate(LogitsAsInput(), batches, UNCHANGED, FAKE_ACCELERATOR, 3) == pytest.approx(results)
 
 
 def test_macro_average_leaves_out_a_class_absent_from_labels_and_predictions_and_top5_above_five_classes():
@@ -110,7 +121,7 @@ def test_macro_average_leaves_out_a_class_absent_from_labels_and_predictions_and
     confusion[4, 0] = 1  # class 4 occurs once and is always missed
     batches, _, _ = batches_for(confusion, [1.0] * int(confusion.sum()), batch_size=4)
     names = [f"c{i}" for i in range(7)]
-    results, details = metrics.detailed_evaluation(LogitsAsInput(), batches, UNCHANGED, FAKE_ACCELERATOR, names)
+    results, details = detailed_evaluation(batches, names)
     recall = [3 / 4, 2 / 4, 2 / 2, 1.0, 0.0]  # classes 0-4; 5 and 6 are left out
     assert results["eval_macro_recall"] == pytest.approx(sum(recall) / 5)
     assert details["per_class"]["c4"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
@@ -120,7 +131,7 @@ def test_macro_average_leaves_out_a_class_absent_from_labels_and_predictions_and
 
 def test_eval_results_json_names_classes_and_keeps_matrix_rows_on_one_line(tmp_path):
     batches, _, _ = batches_for(CONFUSION, [1.0 + i for i in range(10)], batch_size=4)
-    results, details = metrics.detailed_evaluation(LogitsAsInput(), batches, UNCHANGED, FAKE_ACCELERATOR, LABEL_NAMES)
+    results, details = detailed_evaluation(batches, LABEL_NAMES)
     results["eval_loss"] = math.nan  # a diverged run must still give valid JSON
     path = metrics.write_eval_results(tmp_path / "eval_results.json", results, details)
     text = path.read_text()
@@ -173,7 +184,9 @@ def test_confusion_matrix_picture_annotates_few_classes_and_stays_legible_with_a
     axes = many.axes[0]
     assert not axes.texts  # 10,000 numbers would be noise
     assert len(axes.get_yticklabels()) == n and axes.get_yticklabels()[0].get_fontsize() >= 6
-    assert axes.get_yticklabels()[0].get_text().endswith("…")  # long names shortened
+    shown = [label.get_text() for label in axes.get_yticklabels()]
+    assert all("…" in name and len(name) <= plots.MAX_LABEL_CHARS for name in shown)  # long names shortened
+    assert len(set(shown)) == n and shown[7].startswith("n00000007")  # ... to names still told apart
     width, height = many.get_size_inches() * many.dpi
     # Each row gets at least twice the tick label's height in pixels, so labels never overlap.
     assert height / n >= 2 * axes.get_yticklabels()[0].get_fontsize() * many.dpi / 72 * 0.9
@@ -280,6 +293,23 @@ def test_model_card_of_a_local_run_has_no_hub_links(tmp_path, tiny_vit):
     assert "resnet trained from scratch" in text
 
 
+def test_model_card_says_what_the_data_was(tmp_path):
+    parquet_folder = tmp_path / "leaves_parquet"
+    parquet_folder.mkdir()
+    folder_run = {**RUN_CONFIG, "dataset_name": str(parquet_folder)}
+    model_card.write_model_card(tmp_path, folder_run, {"eval_accuracy": 0.5}, ["a", "b"])
+    meta, text = front_matter(tmp_path / "README.md")
+    dataset = meta["model-index"][0]["results"][0]["dataset"]
+    assert dataset["name"] == "leaves_parquet (local dataset folder)" and "imagefolder" not in str(dataset)
+    assert f"trained on the local dataset folder `{parquet_folder}`" in text and "image folder" not in text
+
+    imagefolders = {**RUN_CONFIG, "dataset_name": None, "train_dir": "my_data/train", "validation_dir": "my/val"}
+    model_card.write_model_card(tmp_path, imagefolders, {"eval_accuracy": 0.5}, ["a", "b"])
+    meta, text = front_matter(tmp_path / "README.md")
+    assert meta["model-index"][0]["results"][0]["dataset"]["name"] == "local image folders"
+    assert "trained on the local image folders `my_data/train` (train) and `my/val` (validation)" in text
+
+
 @pytest.fixture(scope="module")
 def confident_colors_model(tmp_path_factory):
     """An untrained 5-colour ViT whose answers vary from image to image, many of them wrong."""
@@ -333,7 +363,7 @@ def test_evaluate_writes_the_report_and_matches_on_two_processes(
 
 
 def test_evaluate_report_from_a_config_file(colors_data, confident_colors_model, tmp_path, capsys):
-    # A run's imgft_config.yaml names an output_dir: the report goes there.
+    # A run's imgft_config.yaml names the output_dir training wrote to: evaluate leaves it alone.
     config = tmp_path / "run.yaml"
     config.write_text(
         yaml.safe_dump(
@@ -347,5 +377,9 @@ def test_evaluate_report_from_a_config_file(colors_data, confident_colors_model,
         )
     )
     results = run_evaluate([config], capsys)
-    report = json.loads((tmp_path / "from_config" / "eval_results.json").read_text())
-    assert results["eval_samples"] == 7 == sum(map(sum, report["confusion_matrix"]["matrix"]))
+    assert results["eval_samples"] == 7
+    assert not (tmp_path / "from_config").exists()
+    # An --output_dir on the command line is where the report goes.
+    assert run_evaluate([config, "--output_dir", tmp_path / "told"], capsys) == results
+    report = json.loads((tmp_path / "told" / "eval_results.json").read_text())
+    assert sum(map(sum, report["confusion_matrix"]["matrix"])) == 7

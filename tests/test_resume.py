@@ -182,3 +182,109 @@ def test_second_sigint_stops_at_once(tmp_path):
     output = log_path.read_text()
     assert "Second interrupt" in output
     assert "Traceback" not in output
+
+
+# --- Killed in the last seconds of a run: after its last checkpoint, or while it saves the final model.
+
+
+def test_killed_after_the_last_epoch_checkpoint_resumes_to_the_same_run(references, tmp_path):
+    # The final evaluation, the model save and the report take a few seconds after epoch_2 is written:
+    # a preemption lands there. The resume used to crash with a NameError.
+    out = tmp_path / "killed"
+    extra = ["--num_workers", "0", "--checkpointing_steps", "epoch"]
+    process = start(out, extra, "1")
+    assert kill_when(process, lambda: (out / "epoch_2").exists())
+    assert not (out / "all_results.json").exists(), "the kill should land before the run finished"
+    finish(out, extra)
+    assert_same_run(references["0"], out)
+
+
+def test_killed_during_the_final_save_resumes_to_the_same_run(references, tmp_path):
+    out = tmp_path / "killed"
+    extra = ["--num_workers", "0"]
+    process = start(out, extra, "1")
+    assert kill_when(process, lambda: (out / "model.safetensors").exists())
+    assert not (out / "all_results.json").exists(), "the kill should land before the run finished"
+    finish(out, extra)
+    assert_same_run(references["0"], out)
+
+
+def test_a_checkpoint_at_the_last_step_resumes_without_an_extra_step(tmp_path):
+    # 7 of an epoch's 13 steps: the resumed run used to train an 8th step and end with other weights.
+    extra = ["--num_workers", "0", "--max_train_steps", "7", "--checkpointing_steps", "7"]
+    reference, out = tmp_path / "reference", tmp_path / "killed"
+    finish(reference, extra)
+    process = start(out, extra, "1")
+    assert kill_when(process, lambda: (out / "step_7").exists())
+    assert not (out / "all_results.json").exists(), "the kill should land before the run finished"
+    finish(out, extra)
+    assert json.loads((out / "all_results.json").read_text())["train_steps"] == 7
+    assert_same_run(reference, out)
+
+
+# --- A full disk: one line, the earlier checkpoints intact, and a resume once there is room again.
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A folder on a tmpfs of 40 MB: room for two of the demo's 15 MB checkpoints, not three."""
+    mount_point = tmp_path / "small_disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(mount_point)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+def assert_stopped_for_a_full_disk(process, log, folder):
+    """Exit 2 with one `error:` line naming the folder and the problem, and no traceback; the line."""
+    assert process.wait(timeout=300) == 2
+    output = log.read_text()
+    assert "Traceback" not in output, output[-3000:]
+    [message] = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert str(folder) in message and "No space left on device" in message, message
+    assert "--resume_from_checkpoint latest" in message, message
+    return message
+
+
+def test_a_full_disk_at_a_checkpoint_stops_in_one_line_and_resumes_exactly(references, small_disk):
+    out = small_disk / "run"
+    process = start(out, ["--num_workers", "0"], "1")
+    message = assert_stopped_for_a_full_disk(process, small_disk / "run-1.txt", out)
+    assert (
+        "cannot save checkpoint step_15" in message and f"the last complete checkpoint is {out / 'step_10'}" in message
+    )
+    assert [os.path.basename(path) for path in list_checkpoints(out)] == ["step_5", "step_10"]
+    assert staging_folders(out) == []  # the half-written step_15 is gone, never taken for 'latest'
+    subprocess.run(["mount", "-o", "remount,size=200m", str(small_disk)], check=True)  # space freed
+    finish(out, ["--num_workers", "0"])
+    assert_same_run(references["0"], out)
+
+
+def test_a_full_disk_at_the_final_save_stops_in_one_line_and_resumes_exactly(references, small_disk):
+    out = small_disk / "run"
+    extra = ["--num_workers", "0", "--checkpointing_steps", "13", "--checkpoints_total_limit", "1"]
+    process = start(out, extra, "1")
+    deadline = time.monotonic() + 300
+    while not (out / "step_26").exists() and time.monotonic() < deadline:
+        assert process.poll() is None, (small_disk / "run-1.txt").read_text()[-3000:]
+        time.sleep(0.002)
+    filler = small_disk / "filler"
+    fill(filler)  # another program fills the disk just after the last checkpoint, while the run evaluates
+    assert_stopped_for_a_full_disk(process, small_disk / "run-1.txt", out)
+    assert not (out / "all_results.json").exists()
+    filler.unlink()  # space freed
+    finish(out, extra)
+    assert_same_run(references["0"], out)
+
+
+def fill(path):
+    """Write zeros to `path` until the disk is full."""
+    with open(path, "wb") as file:
+        try:
+            while True:
+                file.write(bytes(1 << 20))
+                file.flush()
+        except OSError:
+            pass

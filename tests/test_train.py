@@ -178,8 +178,11 @@ def test_resume_refuses_a_changed_run_and_a_missing_checkpoint(train, tmp_path, 
     train(common + ["--checkpointing_steps", "1"])
     with pytest.raises(UserError, match="per_device_train_batch_size"):
         train(common + ["--resume_from_checkpoint", str(out / "step_1"), "--per_device_train_batch_size", "4"])
-    with pytest.raises(UserError, match="not an imgft checkpoint"):
+    with pytest.raises(UserError, match="nowhere does not exist"):
         train(common + ["--resume_from_checkpoint", str(tmp_path / "nowhere")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="not an imgft checkpoint"):
+        train(common + ["--resume_from_checkpoint", str(tmp_path / "empty")])
 
 
 def test_finished_run_is_left_alone(train, tmp_path, colors_data, tiny_vit, caplog):
@@ -302,3 +305,47 @@ def test_local_dataset_folder_with_string_labels_and_named_columns(train, tmp_pa
     assert config["id2label"] == {"0": "chat noir", "1": "狗"}
     assert config["label2id"] == {"chat noir": 0, "狗": 1}
     assert json.loads((out / "all_results.json").read_text())["eval_samples"] == 6
+
+
+def metrics_lines(out):
+    """metrics.jsonl, without the wall-clock fields that differ between any two runs."""
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    timing = ("train_images_per_second", "data_wait_fraction")
+    return [{key: value for key, value in line.items() if key not in timing} for line in lines]
+
+
+def test_one_epoch_number_everywhere_when_a_run_ends_mid_epoch(train, tmp_path, colors_data, tiny_vit):
+    # 60 images in batches of 8: 8 batches an epoch. 11 steps end the run 3/8 into the second epoch.
+    out = tmp_path / "out"
+    train(
+        data_flags(colors_data)
+        + vit_flags(tiny_vit)
+        + ["--output_dir", out, "--per_device_train_batch_size", "8", "--max_train_steps", "11"]
+        + ["--eval_steps", "4", "--logging_steps", "4", "--checkpointing_steps", "epoch"]
+    )
+    positions = [(line["step"], line["epoch"], "loss" in line) for line in metrics_lines(out)]
+    assert positions == [
+        (4, 0.5, True),
+        (4, 0.5, False),
+        (8, 1.0, True),
+        (8, 1.0, False),
+        (11, 1.375, True),  # the last steps' losses, and the final evaluation
+        (11, 1.375, False),
+    ]
+    assert json.loads((out / "all_results.json").read_text())["epoch"] == 1.375
+    # A checkpoint named epoch_N holds N whole epochs: the run's end mid-epoch is not one.
+    assert sorted(path.name for path in out.glob("epoch_*")) == ["epoch_1"]
+
+
+def test_resuming_from_another_folders_checkpoint_keeps_its_metrics_history(
+    train, tmp_path, colors_data, tiny_vit, caplog
+):
+    common = data_flags(colors_data) + vit_flags(tiny_vit) + ["--max_train_steps", "4", "--logging_steps", "1"]
+    common += ["--per_device_train_batch_size", "16"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    train(common + ["--output_dir", first, "--checkpointing_steps", "2"])
+    caplog.clear()
+    train(common + ["--output_dir", second, "--resume_from_checkpoint", first / "step_2"])
+    assert metrics_lines(second) == metrics_lines(first)
+    # Changing the folder or asking to resume is what a resume is for: no warning about either.
+    assert "output_dir" not in caplog.text and "resume_from_checkpoint:" not in caplog.text

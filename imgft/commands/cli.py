@@ -1,20 +1,25 @@
 """`python -m imgft COMMAND`: the tools around train_loop.py.
 
+Each command's --help says more.
+
 demo-data DIR                 write the digits demo as an imagefolder
-evaluate [CONFIG] [flags]     evaluate a saved model on the validation split (same data flags as training);
-                              with --output_dir, also write eval_results.json and pictures of the errors
+evaluate [CONFIG] [flags]     evaluate a saved model on --validation_dir alone, --eval_split of --dataset_name,
+                              or the split training evaluates on; with --output_dir, also write
+                              eval_results.json and pictures of the errors
 predict --model_name_or_path MODEL PATH...
                               label image files, folders or globs; one JSON line per image (--help for more)
 check-data [CONFIG] [flags]   report on the data as training would see it; exit 2 where training would refuse it
+lr-find [CONFIG] [flags]      sweep the learning rate over a few training steps; write
+                              output_dir/lr_find.png and print a suggested --learning_rate
 bench [--quick] [--output F]  time imgft's data path against the upstream example's, whole processes
 flags                         print the flags table
 """
 
 import sys
 
-from imgft.errors import UserError, exit_on_user_error
+from imgft.errors import exit_on_user_error
 
-COMMANDS = ("demo-data", "evaluate", "predict", "check-data", "bench", "flags")
+COMMANDS = ("demo-data", "evaluate", "predict", "check-data", "lr-find", "bench", "flags")
 
 
 def main(argv=None):
@@ -26,7 +31,14 @@ def main(argv=None):
             sys.exit(2)
         sys.exit(0 if argv else 2)
     command, rest = argv[0], argv[1:]
-    if command == "demo-data":
+    if command in ("evaluate", "check-data") and any(token in ("-h", "--help") for token in rest):
+        # Their arguments are training's, parsed by imgft.args: the help lists the ones they read.
+        from imgft import args
+
+        print(args.help_text(args.EVALUATE_COMMAND if command == "evaluate" else args.CHECK_DATA_COMMAND), end="")
+    elif command == "demo-data":
+        from imgft.commands.demo_data import main as demo_data
+
         exit_on_user_error(demo_data, rest)
     elif command == "evaluate":
         from imgft.commands.evaluate import main as evaluate
@@ -40,6 +52,10 @@ def main(argv=None):
         from imgft.commands.check_data import main as check_data
 
         exit_on_user_error(check_data, rest)
+    elif command == "lr-find":
+        from imgft.commands.lr_find import main as lr_find
+
+        exit_on_user_error(lr_find, rest)
     elif command == "bench":
         from benchmarks.bench import main as bench_main
 
@@ -48,15 +64,3 @@ def main(argv=None):
         from imgft.args import flags_markdown
 
         print(flags_markdown(), end="")
-
-
-def demo_data(argv):
-    from imgft.commands.demo_data import write_digits_imagefolder
-
-    if len(argv) != 1 or argv[0].startswith("-"):
-        raise UserError("usage: python -m imgft demo-data DIR")
-    try:
-        path = write_digits_imagefolder(argv[0])
-    except FileExistsError:
-        raise UserError(f"{argv[0]} already exists; choose a new folder") from None
-    print(f"Wrote the digits demo (train/ and validation/, 10 classes) to {path}")

@@ -1,11 +1,15 @@
-"""The demo's data: scikit-learn's bundled handwritten digits, written out as an imagefolder (no network)."""
+"""The demo's data: scikit-learn's bundled handwritten digits, written out as an imagefolder (no network);
+and `python -m imgft demo-data DIR`, which writes it where asked."""
 
+import argparse
 import os
 import shutil
 import tempfile
 
 import numpy as np
 from PIL import Image
+
+from imgft.errors import UserError
 
 IMAGE_SIZE = 32
 VALIDATION_FRACTION = 0.2
@@ -50,3 +54,23 @@ def ensure_digits_imagefolder(root):
     if not os.path.isdir(os.path.join(root, "train")):
         write_digits_imagefolder(root)
     return os.path.join(root, "train"), os.path.join(root, "validation")
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(
+        prog="python -m imgft demo-data",
+        usage="%(prog)s DIR",
+        description="Write the digits demo (1,797 RGB 32x32 images of handwritten digits, 10 classes, from "
+        "scikit-learn; no download) as an imagefolder: DIR/train/<digit>/*.png and DIR/validation/<digit>/*.png. "
+        "Train on it with: python train_loop.py --train_dir DIR/train --validation_dir DIR/validation",
+    )
+    # Optional to argparse, so that a missing or extra argument is our one-line error, not argparse's exit.
+    parser.add_argument("dir", nargs="?", metavar="DIR", help="the folder to create; it must not exist yet")
+    args, extras = parser.parse_known_args(argv)
+    if extras or not args.dir:
+        raise UserError(f"usage: {parser.prog} DIR (--help for more)")
+    try:
+        path = write_digits_imagefolder(args.dir)
+    except FileExistsError:
+        raise UserError(f"{args.dir} already exists; choose a new folder") from None
+    print(f"Wrote the digits demo (train/ and validation/, 10 classes) to {path}")

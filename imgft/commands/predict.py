@@ -4,9 +4,10 @@
 
 One JSON line per image on stdout, {"path", "label", "score", "top_k": [{"label", "score"}, ...]}, or
 a .jsonl / .csv file with --output. Images get what the model's image processor gives them (the
-evaluation transform training used, see imgft/preprocessing.py), so the answers are pipeline()'s.
-Unreadable files and inputs that match nothing are named on stderr and skipped; the exit code is 0 as
-long as some image was labelled, and 2 when none could be.
+evaluation transform training used, see imgft/preprocessing.py), so the answers are pipeline()'s;
+--tta averages the logits of several views of each (imgft/tta.py), as `python -m imgft evaluate --tta`
+does. Unreadable files and inputs that match nothing are named on stderr and skipped; the exit code
+is 0 as long as some image was labelled, and 2 when none could be.
 """
 
 import argparse
@@ -22,7 +23,7 @@ from imgft.errors import UserError
 OUTPUT_SUFFIXES = (".jsonl", ".csv")
 PROGRESS_MIN_IMAGES = 100  # below this a run takes seconds and a progress bar is only noise
 FLAGS = ("--model_name_or_path", "--image_processor_name", "--top_k", "--per_device_eval_batch_size", "--output")
-FLAGS += ("--cache_dir", "--model_revision", "--trust_remote_code")  # make_parser's flags, for "did you mean"
+FLAGS += ("--cache_dir", "--model_revision", "--trust_remote_code", "--tta")  # make_parser's, for "did you mean"
 GLOB_CHARACTERS = "*?["
 
 
@@ -55,6 +56,13 @@ def make_parser():
         "--model_revision", default="main", metavar="REVISION", help="branch, tag or commit of a Hub checkpoint"
     )
     parser.add_argument("--trust_remote_code", action="store_true", help="run model code from the Hub repository")
+    parser.add_argument(
+        "--tta",
+        choices=("flip", "zoom", "flip_zoom"),
+        help="test-time augmentation, logits averaged over views: flip adds the mirrored crop; zoom the "
+        "image's central 7/8 (of width and height) through the same resize and crop; flip_zoom both and "
+        "the mirrored zoom (4 views)",
+    )
     return parser
 
 
@@ -105,20 +113,21 @@ def find_images(inputs):
     """(image files in input order without repeats, [(input, why it gave nothing)]).
 
     A file named outright is always tried, whatever its extension; files found in folders or by a glob
-    must have an image extension (any case).
+    must have an image extension (any case). A path that exists is taken as it is, even with glob
+    characters in its name (`img [1].png`).
     """
     files, problems = [], []
     for pattern in inputs:
-        if any(char in pattern for char in GLOB_CHARACTERS):
+        if os.path.isdir(pattern):
+            found, reason = images_in_folder(pattern), "holds no image files"
+        elif os.path.isfile(pattern):
+            found, reason = [pattern], ""
+        elif any(char in pattern for char in GLOB_CHARACTERS):
             matches = sorted(glob.glob(pattern, recursive=True))
             found = [m for m in matches if os.path.isfile(m) and is_image_name(os.path.basename(m))]
             for folder in (m for m in matches if os.path.isdir(m)):
                 found += images_in_folder(folder)
             reason = "matches no image file"
-        elif os.path.isdir(pattern):
-            found, reason = images_in_folder(pattern), "holds no image files"
-        elif os.path.isfile(pattern):
-            found, reason = [pattern], ""
         else:
             found, reason = [], "no such file or folder"
         files += found
@@ -134,12 +143,22 @@ def load_image(path):
     return images.decode_file(path, rgb=True)
 
 
-def predict_batch(model, pixel_values, top_k):
-    """[(score, class id) best first, top_k of them] for each image in the batch."""
+def predicted_logits(model, batch, normalize, with_views):
+    """The model's logits for a B x 3 x H x W batch (uint8, or float from a processor run as it is), or with
+    `with_views` (--tta) for a B x V x 3 x H x W batch of views, averaged over the views."""
     import torch
 
+    from imgft.tta import tta_logits
+
     with torch.inference_mode():
-        probabilities = model(pixel_values=pixel_values).logits.float().softmax(dim=-1)
+        if with_views:
+            return tta_logits(model, batch, normalize)
+        return model(pixel_values=normalize(batch).to(next(model.parameters()).dtype)).logits
+
+
+def top_classes(logits, top_k):
+    """[(score, class id) best first, top_k of them] for each image's logits."""
+    probabilities = logits.float().softmax(dim=-1)
     scores, ids = probabilities.topk(min(top_k, probabilities.shape[-1]), dim=-1)
     return [
         list(zip(row_scores.tolist(), row_ids.tolist(), strict=True))
@@ -152,12 +171,14 @@ def to_record(path, ranked, id2label):
     return {"path": path, "label": top_k[0]["label"], "score": top_k[0]["score"], "top_k": top_k}
 
 
-def predict_files(model, transform, normalize, files, batch_size, top_k, progress):
+def predict_files(model, transform, normalize, files, batch_size, top_k, progress, with_views=False):
     """Yield one record per readable file, in order, decoding only one batch of images at a time;
-    unreadable files are named through the progress bar (on stderr, without breaking the bar)."""
+    unreadable files are named through the progress bar (on stderr, without breaking the bar).
+    `with_views`: `transform` gives each image's --tta views (`tta.views_transform`)."""
     from imgft.transforms import stack_images
+    from imgft.tta import stack_views
 
-    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    device = next(model.parameters()).device
     id2label = {int(key): value for key, value in model.config.id2label.items()}
     for start in range(0, len(files), batch_size):
         readable, pixel_values = [], []
@@ -169,8 +190,9 @@ def predict_files(model, transform, normalize, files, batch_size, top_k, progres
             readable.append(path)
             pixel_values.append(transform(image))
         if readable:
-            batch = normalize(stack_images(pixel_values).to(device)).to(dtype)
-            for path, ranked in zip(readable, predict_batch(model, batch, top_k), strict=True):
+            batch = (stack_views if with_views else stack_images)(pixel_values).to(device)
+            logits = predicted_logits(model, batch, normalize, with_views)
+            for path, ranked in zip(readable, top_classes(logits, top_k), strict=True):
                 yield to_record(path, ranked, id2label)
         progress.update(len(files[start : start + batch_size]))
 
@@ -219,6 +241,7 @@ def main(argv):
     from imgft.args import ModelArguments
     from imgft.model import load_saved_classifier
     from imgft.transforms import build_transforms, normalizer
+    from imgft.tta import views_transform
 
     files, problems = find_images(args.paths)
     for pattern, reason in problems:
@@ -235,12 +258,21 @@ def main(argv):
     model, image_processor = load_saved_classifier(model_args)
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     transform = build_transforms(image_processor, None, False, 1.0)[1]
+    if args.tta:
+        transform = views_transform(transform, args.tta)
     normalize = normalizer(image_processor)
 
     progress = tqdm(total=len(files), unit="image", disable=len(files) < PROGRESS_MIN_IMAGES, file=sys.stderr)
     with progress:
         records = predict_files(
-            model, transform, normalize, files, args.per_device_eval_batch_size, args.top_k, progress
+            model,
+            transform,
+            normalize,
+            files,
+            args.per_device_eval_batch_size,
+            args.top_k,
+            progress,
+            with_views=args.tta is not None,
         )
         labelled = write_records(records, args.output)
     skipped = len(files) - labelled

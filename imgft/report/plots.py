@@ -2,18 +2,47 @@
 
 Figures are built with matplotlib's object API (`Figure`, saved through the Agg canvas), never pyplot:
 no global figure state, no display needed, nothing to close, and safe beside a training loop.
+Class names are shortened so that they stay distinct (`short_names`), and drawn in a font that has their
+characters where one is installed (`name_font_families`), else with a warning that they will show as boxes.
 """
 
+import contextlib
 import json
+import logging
 import math
+import os
 
 import numpy as np
+from matplotlib import font_manager
 from matplotlib.figure import Figure
 
 DPI = 100
 ANNOTATE_MAX_CLASSES = 30  # above this, counts in the cells are too small to read and only clutter
 MAX_LABEL_CHARS = 24
 TILE_PIXELS = 224  # mistake thumbnails are shrunk to this before plotting, so huge photos stay cheap
+# Families (as matplotlib names them, matched by prefix) of fonts with Chinese, Japanese and Korean characters,
+# looked for when the default font lacks some characters of the class names.
+CJK_FONT_FAMILIES = (
+    "Noto Sans CJK",
+    "Noto Serif CJK",
+    "Source Han Sans",
+    "WenQuanYi",
+    "Droid Sans Fallback",
+    "AR PL",
+    "IPAexGothic",
+    "IPAGothic",
+    "TakaoGothic",
+    "NanumGothic",
+    "Microsoft YaHei",
+    "SimHei",
+    "Malgun Gothic",
+    "PingFang",
+    "Hiragino Sans",
+    "Apple SD Gothic Neo",
+    "Arial Unicode MS",
+)
+logger = logging.getLogger("imgft")
+_warned_characters = set()  # each character that no font has is warned about once per process
 
 
 def read_metrics_log(path):
@@ -90,9 +119,10 @@ def confusion_matrix_figure(matrix, label_names, title="Confusion matrix"):
     colorbar = figure.colorbar(image, ax=axes, shrink=0.8)
     colorbar.set_label("fraction of the true class", fontsize=text_size)
     colorbar.ax.tick_params(labelsize=text_size * 0.8)
-    names = [_short(name) for name in label_names]
-    axes.set_xticks(range(n), names, rotation=90, fontsize=tick_size)
-    axes.set_yticks(range(n), names, fontsize=tick_size)
+    names = short_names(label_names)
+    font = _font_of(label_names)
+    axes.set_xticks(range(n), names, rotation=90, fontsize=tick_size, **font)
+    axes.set_yticks(range(n), names, fontsize=tick_size, **font)
     axes.set_xlabel("predicted", fontsize=text_size)
     axes.set_ylabel("true", fontsize=text_size)
     total = int(counts.sum())
@@ -108,9 +138,81 @@ def confusion_matrix_figure(matrix, label_names, title="Confusion matrix"):
     return figure
 
 
-def _short(name):
-    name = str(name)
-    return name if len(name) <= MAX_LABEL_CHARS else name[: MAX_LABEL_CHARS - 1] + "…"
+def short_names(names, width=MAX_LABEL_CHARS):
+    """`names` cut to at most `width` characters each and still told apart. A long name keeps its start and
+    its end (`a_rather…g_species_n12`), the end getting the larger share, since names that share a long
+    prefix differ at the end; the split moves where that is not enough. Names told apart only by a middle
+    that no split keeps end in `…#i` instead, i their place in `names` (for a confusion matrix, the class id)."""
+    names = [str(name) for name in names]
+    distinct = len(set(names))
+    preferred_head = width // 3
+    for head in sorted(range(width), key=lambda length: abs(length - preferred_head)):
+        shortened = [_cut(name, head, width) for name in names]
+        if len(set(shortened)) == distinct:
+            return shortened
+    shortened = [_cut(name, preferred_head, width) for name in names]
+    counts = {name: shortened.count(name) for name in shortened}
+    return [
+        cut if counts[cut] == 1 or cut == name else f"{name[: width - 2 - len(str(i))]}…#{i}"
+        for i, (name, cut) in enumerate(zip(names, shortened, strict=True))
+    ]
+
+
+def _cut(name, head, width):
+    if len(name) <= width:
+        return name
+    tail = width - 1 - head
+    return name[:head] + "…" + name[len(name) - tail :]
+
+
+def name_font_families(names):
+    """Font families that draw every character of `names`: None where matplotlib's default font does, else the
+    default then an installed font that has the rest (Chinese, Japanese and Korean fonts are looked for).
+    Where no font has them, a warning (once per character) says they will show as boxes and how to fix it."""
+    default = font_manager.get_font(font_manager.findfont(font_manager.FontProperties()))
+    missing = _lacking("".join(str(name) for name in names), default)
+    if not missing:
+        return None
+    for family, path in _cjk_fonts():
+        if not _lacking("".join(missing), font_manager.get_font(path)):
+            return [default.family_name, family]
+    unwarned = sorted(set(missing) - _warned_characters)
+    if unwarned:
+        _warned_characters.update(unwarned)
+        logger.warning(
+            f"No installed font has the characters {''.join(unwarned[:10])!r} of some class names: the pictures "
+            "will show them as boxes. For Chinese, Japanese or Korean names, install a font that has them, e.g. "
+            "`apt-get install fonts-noto-cjk` on Debian or Ubuntu; "
+            "imgft finds it on the next run."
+        )
+    return None
+
+
+def _font_of(names):
+    """Text properties that draw `names` in a font with their characters ({} for matplotlib's default)."""
+    families = name_font_families(names)
+    return {"fontfamily": families} if families else {}
+
+
+def _lacking(text, font):
+    charmap = font.get_charmap()
+    return "".join(sorted({char for char in text if not char.isspace() and ord(char) not in charmap}))
+
+
+def _cjk_fonts():
+    """(family, file) of the installed CJK fonts, in CJK_FONT_FAMILIES order. A font installed since
+    matplotlib cached its font list is found on disk and added, so that installing one is enough."""
+    known = {os.path.realpath(entry.fname) for entry in font_manager.fontManager.ttflist}
+    for path in font_manager.findSystemFonts():
+        if os.path.realpath(path) not in known:
+            with contextlib.suppress(OSError, RuntimeError, ValueError):  # a file matplotlib cannot read
+                font_manager.fontManager.addfont(path)
+    found = {}
+    for entry in font_manager.fontManager.ttflist:
+        rank = next((i for i, prefix in enumerate(CJK_FONT_FAMILIES) if entry.name.startswith(prefix)), None)
+        if rank is not None:
+            found.setdefault(entry.name, (rank, entry.fname))
+    return [(family, path) for family, (_, path) in sorted(found.items(), key=lambda item: item[1][0])]
 
 
 def plot_mistakes(images, mistakes, png_path):
@@ -142,6 +244,9 @@ def mistakes_figure(images, mistakes, columns=4):
     axes_grid = np.atleast_1d(figure.subplots(rows, columns, squeeze=False)).ravel()
     for axes in axes_grid:
         axes.axis("off")
+    shown = sorted({m["true_label"] for m in mistakes} | {m["predicted_label"] for m in mistakes}, key=str)
+    short = dict(zip(shown, short_names(shown), strict=True))
+    font = _font_of(shown)
     for axes, image, mistake in zip(axes_grid, images, mistakes, strict=False):
         thumbnail = image.copy()
         thumbnail.thumbnail((TILE_PIXELS, TILE_PIXELS))
@@ -149,10 +254,10 @@ def mistakes_figure(images, mistakes, columns=4):
         interpolation = "nearest" if max(thumbnail.size) < 64 else "antialiased"
         axes.imshow(np.asarray(thumbnail), interpolation=interpolation)
         axes.set_title(
-            f"true: {_short(mistake['true_label'])}\npred: {_short(mistake['predicted_label'])} "
-            f"({mistake['score']:.2f})",
+            f"true: {short[mistake['true_label']]}\npred: {short[mistake['predicted_label']]} ({mistake['score']:.2f})",
             fontsize=10,
             color="firebrick",
+            **font,
         )
     return figure
 

@@ -3,7 +3,13 @@
 import os
 
 from imgft import images, metrics
-from imgft.outputs import CONFUSION_MATRIX_FILE, EVAL_RESULTS_FILE, MISTAKES_FILE, TRAINING_CURVES_FILE
+from imgft.outputs import (
+    CONFUSION_MATRIX_FILE,
+    EVAL_RESULTS_FILE,
+    METRICS_LOG,
+    MISTAKES_FILE,
+    TRAINING_CURVES_FILE,
+)
 from imgft.report import model_card, plots
 
 
@@ -27,9 +33,11 @@ def write_evaluation_report(output_dir, results, details, split, image_column):
     ]
 
 
-def write_training_report(output_dir, config, results, details, eval_rows, image_column, metrics_log, num_processes):
-    """After training, on the main process: the evaluation report, the training curves and the model card."""
+def write_training_report(output_dir, config, results, details, eval_rows, image_column, num_processes):
+    """After training, on the main process: the evaluation report, the training curves (from the run's
+    metrics.jsonl) and the model card."""
     write_evaluation_report(output_dir, results, details, eval_rows, image_column)
+    metrics_log = os.path.join(output_dir, METRICS_LOG)
     plots.plot_training_curves(metrics_log, os.path.join(output_dir, TRAINING_CURVES_FILE))
     labels = details["confusion_matrix"]["labels"]
     model_card.write_model_card(output_dir, config, results, labels, details["per_class"], num_processes)
