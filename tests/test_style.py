@@ -86,4 +86,4 @@ def test_the_loop_file_reads_as_the_five_steps_then_the_loop_then_the_save():
     assert [heading.split(".")[0] for heading in headings[:5]] == ["1", "2", "3", "4", "5"], headings
     assert headings[5:] == ["The training loop", "Why the loop ended", "Save a model anyone can load"], headings
     lines = len(LOOP_SOURCE.splitlines())
-    assert 250 <= lines <= 400, f"{lines} lines"
+    assert lines <= 450, f"{lines} lines: move what is not the loop into imgft/"
