@@ -242,7 +242,8 @@ def assert_stopped_for_a_full_disk(process, log, folder):
     assert process.wait(timeout=300) == 2
     output = log.read_text()
     assert "Traceback" not in output, output[-3000:]
-    [message] = [line for line in output.splitlines() if line.startswith("error: ")]
+    # The line may follow a progress bar's last, unfinished line.
+    [message] = [line[line.index("error: ") :] for line in output.splitlines() if "error: " in line]
     assert str(folder) in message and "No space left on device" in message, message
     assert "--resume_from_checkpoint latest" in message, message
     return message

@@ -132,9 +132,8 @@ def confusion_matrix_figure(matrix, label_names, title="Confusion matrix"):
         cell_size = 10 if n <= 10 else 8 if n <= 20 else 6
         for (row, column), count in np.ndenumerate(counts):
             if count or row == column:
-                dark = fractions[row, column] > 0.5
-                axes.text(column, row, str(count), ha="center", va="center", fontsize=cell_size,
-                          color="white" if dark else "black")  # fmt: skip
+                color = "white" if fractions[row, column] > 0.5 else "black"
+                axes.text(column, row, str(count), ha="center", va="center", fontsize=cell_size, color=color)
     return figure
 
 
