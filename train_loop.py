@@ -62,7 +62,9 @@ def main(argv=None):
     # `accelerate launch` sets the process count; the same script runs as plain `python` on one device.
     # The seedable sampler draws the order from (seed, epoch): the same on every process, and on a resume.
     # non_blocking: a batch copies to the GPU (from pinned memory) while the GPU still runs the last step.
-    loader_config = DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train_args.seed, non_blocking=True)
+    loader_config = DataLoaderConfiguration(
+        use_seedable_sampler=True, data_seed=train_args.seed, non_blocking=True
+    )
     try:
         accelerator = Accelerator(
             cpu=runtime.distributed_without_gpu(),
@@ -155,7 +157,9 @@ def main(argv=None):
     max_train_steps = train_args.max_train_steps or train_args.num_train_epochs * steps_per_epoch
     # The schedule counts optimizer steps, so warmup and total mean the same on any number of processes.
     # It is stepped by hand in the loop rather than prepared: a prepared one steps once per process.
-    lr_scheduler = get_scheduler(train_args.lr_scheduler_type, adamw, train_args.num_warmup_steps, max_train_steps)
+    lr_scheduler = get_scheduler(
+        train_args.lr_scheduler_type, adamw, train_args.num_warmup_steps, max_train_steps
+    )
 
     # The loop's counters, in one object. Registered, save_state and load_state carry it and the schedule,
     # beside the model, optimizer, GradScaler, sampler and random states they handle themselves.
@@ -178,7 +182,9 @@ def main(argv=None):
     runtime.log_run_summary(train_rows, eval_rows, label_names, accelerator, train_args, max_train_steps)
 
     # ---------------------------------------------------------------- The training loop
-    progress = tqdm(total=max_train_steps, initial=state.completed_steps, disable=not accelerator.is_local_main_process)
+    progress = tqdm(
+        total=max_train_steps, initial=state.completed_steps, disable=not accelerator.is_local_main_process
+    )
     # SIGTERM/SIGINT finish the step, checkpoint and stop; several processes share the signal over gloo.
     signal_received = runtime.install_signal_handlers_and_start_signal_group(accelerator)
     checkpoint_every = imgft_args.checkpoint_interval(train_args)  # None, a number of steps, or "epoch"
@@ -244,7 +250,9 @@ def main(argv=None):
                 )
                 stop = best.stop_if_no_better(state.best, train_args)
             if stop is None and checkpoint_every == "epoch":
-                save_checkpoint(accelerator, f"epoch_{state.epoch}", state, run_identity, resume_path, train_args)
+                save_checkpoint(
+                    accelerator, f"epoch_{state.epoch}", state, run_identity, resume_path, train_args
+                )
     progress.close()
 
     # ---------------------------------------------------------------- Why the loop ended
@@ -336,7 +344,9 @@ def evaluate_and_record(model, eval_dataloader, normalize, accelerator, state, t
     logger.info(metrics.format_results(record))
     outputs.append_metrics_line(accelerator, train_args.output_dir, record)
     accelerator.log(outputs.tracker_scalars(record), step=state.completed_steps)  # TensorBoard, W&B, ...
-    state.best, improved = best.update(state.best, results, state.completed_steps, state.epoch_position(), train_args)
+    state.best, improved = best.update(
+        state.best, results, state.completed_steps, state.epoch_position(), train_args
+    )
     if improved and train_args.load_best_model_at_end:
         accelerator.unwrap_model(model).save_pretrained(
             os.path.join(train_args.output_dir, outputs.BEST_DIR), is_main_process=accelerator.is_main_process
