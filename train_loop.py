@@ -1,4 +1,4 @@
-"""Fine-tune a 🤗 Transformers image classifier with a training loop written out in PyTorch + 🤗 Accelerate.
+"""Fine-tune a 🤗 Transformers image classifier with a training loop in plain PyTorch + 🤗 Accelerate.
 
     python train_loop.py                                  # the digits demo: CPU or one GPU, no download
     python train_loop.py configs/vit-beans.yaml --learning_rate 3e-5
