@@ -54,10 +54,26 @@ def exit_on_user_error(main, argv=None):
 
 def run_as_script(main):
     """`exit_on_user_error(main)` for a script's `__main__`, then a faster exit (`skip_final_collection`)
-    with main's return value as the exit code."""
-    exit_code = exit_on_user_error(main)
+    with main's return value as the exit code. However main ends, this process leaves its process group
+    first (`leave_process_group`)."""
+    try:
+        exit_code = exit_on_user_error(main)
+    finally:
+        leave_process_group()
     skip_final_collection()
     sys.exit(exit_code or 0)
+
+
+def leave_process_group():
+    """Destroy the torch.distributed process group if one is still open, as `accelerator.end_training()`
+    does at a normal end. A process that exits early with its group open (every process refused the same
+    way, say) can abort in the interpreter's teardown with "terminate called without an active exception":
+    the group's threads are destroyed while still running, and the launcher then reports a crash rather
+    than the exit code 2 the processes chose."""
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def skip_final_collection():
