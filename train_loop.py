@@ -26,7 +26,21 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from imgft import args as imgft_args
-from imgft import best, checkpoint, data, metrics, nonfinite, optimizer, outputs, runtime, transforms
+from imgft import (
+    best,
+    checkpoint,
+    data,
+    ema,
+    losses,
+    metrics,
+    mixing,
+    nonfinite,
+    optimizer,
+    outputs,
+    runtime,
+    sampling,
+    transforms,
+)
 from imgft.errors import UserError, run_as_script
 from imgft.model import check_model_source, load_model, optimizer_param_groups
 from imgft.report import reports
@@ -59,6 +73,7 @@ def main(argv=None):
             log_with=train_args.report_to if train_args.with_tracking else None,
             project_dir=output_dir,
             dataloader_config=loader_config,
+            dynamo_backend="inductor" if train_args.torch_compile else None,  # None: the accelerate config's
         )
     except ValueError as err:  # e.g. bf16 on a GPU that cannot do it
         raise UserError(f"--mixed_precision {train_args.mixed_precision}: {err}") from None
@@ -121,7 +136,12 @@ def main(argv=None):
         "persistent_workers": workers > 0,  # keep the workers alive from one epoch to the next
     }
     batch_size = train_args.per_device_train_batch_size
-    train_dataloader = DataLoader(train_dataset, batch_size, shuffle=True, **loader_options)
+    train_labels = data.labels_of(train_rows, label_column)
+    # --balanced_sampling: every class equally often, in an order fixed by (seed, epoch) like the shuffle's.
+    balanced = sampling.balanced_sampler(train_labels, train_args.seed) if train_args.balanced_sampling else None
+    train_dataloader = DataLoader(
+        train_dataset, batch_size, shuffle=balanced is None, sampler=balanced, **loader_options
+    )
     eval_dataloader = DataLoader(eval_dataset, train_args.per_device_eval_batch_size, **loader_options)
 
     # ---------------------------------------------------------------- 5. Optimizer, schedule, prepare
@@ -129,11 +149,18 @@ def main(argv=None):
         model = model.to(memory_format=torch.channels_last)
     param_groups = optimizer_param_groups(model, train_args.weight_decay)  # no decay on biases and norms
     adamw = optimizer.adamw(param_groups, train_args.learning_rate, accelerator.mixed_precision)
+    ema_model = ema.averaged_copy(model, train_args.ema_decay)  # --ema_decay: the average's copy, else None
     # prepare() moves the model to the device and wraps it in DDP, wraps the optimizer for mixed precision
     # and accumulation, and shards each DataLoader: len(train_dataloader) is then this process's share.
+    # With --torch_compile (or the accelerate config's dynamo_backend), it compiles the model too.
     model, adamw, train_dataloader, eval_dataloader = accelerator.prepare(
         model, adamw, train_dataloader, eval_dataloader
     )
+    if ema_model is not None:  # evaluation only: device and autocast, no DDP; save_state saves it as model_1
+        ema_model = accelerator.prepare_model(ema_model, evaluation_mode=True)
+    # The recipes that change the loss (label smoothing, class weights) and the batch (Mixup, CutMix).
+    loss_options = losses.loss_options(train_args, train_labels, len(label_names), accelerator.device)
+    mix_options = mixing.mix_options(train_args, len(label_names), accelerator.process_index)
     steps_per_epoch = math.ceil(len(train_dataloader) / train_args.gradient_accumulation_steps)
     max_train_steps = train_args.max_train_steps or train_args.num_train_epochs * steps_per_epoch
     # The schedule counts optimizer steps, so warmup and total mean the same on any number of processes.
@@ -182,10 +209,12 @@ def main(argv=None):
         batches = accelerator.skip_first_batches(train_dataloader, state.batch_in_epoch)
         state.start_epoch_clock()
         for batch in runtime.timed(batches, state.epoch_clock):  # timed(): counts the time spent waiting
+            batch = mixing.mix_batch(batch, mix_options, state.epoch, state.batch_in_epoch)  # Mixup/CutMix
             # accumulate() skips DDP's gradient all-reduce until the last batch of each accumulation window
             # and turns optimizer.step() and zero_grad() into no-ops before it.
             with accelerator.accumulate(model):
-                loss = model(pixel_values=normalize(batch["pixel_values"]), labels=batch["labels"]).loss
+                logits = model(pixel_values=normalize(batch["pixel_values"])).logits
+                loss = losses.training_loss(logits, batch["labels"], loss_options)  # cross-entropy + recipes
                 # backward() replaces loss.backward(): it scales the loss for fp16 and divides it by the
                 # accumulation steps, so it must not be divided here again.
                 accelerator.backward(loss)
@@ -201,6 +230,7 @@ def main(argv=None):
             if not accelerator.optimizer_step_was_skipped:  # GradScaler skips a step after an fp16 overflow
                 lr_scheduler.step()
             state.completed_steps += 1
+            ema.update_ema(ema_model, model, state.completed_steps, train_args.ema_decay)
             progress.update(1)
 
             signum = signal_received()
@@ -211,7 +241,7 @@ def main(argv=None):
                 stop = read_losses(accelerator, state, train_args)  # a checkpoint holds the whole loss window
             if stop is None and train_args.eval_steps and state.completed_steps % train_args.eval_steps == 0:
                 eval_results, eval_details = evaluate_and_record(
-                    model, eval_dataloader, normalize, accelerator, state, train_args
+                    model, ema_model, eval_dataloader, normalize, accelerator, state, train_args
                 )
                 stop = best.stop_if_no_better(state.best, train_args)
             if stop is None and checkpoint_now:
@@ -227,7 +257,7 @@ def main(argv=None):
             stop = log_train_loss(accelerator, state, train_args, lr_scheduler, progress)
             if stop is None and not train_args.eval_steps:
                 eval_results, eval_details = evaluate_and_record(
-                    model, eval_dataloader, normalize, accelerator, state, train_args
+                    model, ema_model, eval_dataloader, normalize, accelerator, state, train_args
                 )
                 stop = best.stop_if_no_better(state.best, train_args)
             if stop is None and checkpoint_every == "epoch":
@@ -251,19 +281,26 @@ def main(argv=None):
     train_speed = run_clock.speed(state.samples_seen, accelerator.num_processes)
     if state.evaluated_at != state.completed_steps:  # --eval_steps off the last step, or a run cut mid-epoch
         eval_results, eval_details = evaluate_and_record(
-            model, eval_dataloader, normalize, accelerator, state, train_args
+            model, ema_model, eval_dataloader, normalize, accelerator, state, train_args
         )
     if train_args.load_best_model_at_end and state.best["step"] not in (None, state.completed_steps):
-        outputs.load_weights(accelerator.unwrap_model(model), os.path.join(output_dir, outputs.BEST_DIR))
+        best_dir = os.path.join(output_dir, outputs.BEST_DIR)
+        outputs.load_weights(accelerator.unwrap_model(model, keep_torch_compile=False), best_dir)
         eval_results = None
     if eval_results is None:  # the best model was loaded, or we resumed after the last evaluation
-        eval_results, eval_details = evaluate(model, eval_dataloader, normalize, accelerator)
+        eval_results, eval_details = evaluate_with_ema(
+            model, ema_model, eval_dataloader, normalize, accelerator
+        )
+    saved_weights = ema.choose_weights(eval_results, train_args)  # with --ema_decay: "ema" or "raw"
+    if saved_weights == "ema":  # the EMA weights are saved, and the report describes them
+        model = ema_model
+        eval_details = evaluate(model, eval_dataloader, normalize, accelerator)[1]
 
     # ---------------------------------------------------------------- Save a model anyone can load
     accelerator.wait_for_everyone()
     with outputs.saving_final_files(output_dir):  # a full disk: one line, and the checkpoints stay intact
-        # unwrap_model strips the DDP (and torch.compile) wrappers, so the weights load without imgft.
-        accelerator.unwrap_model(model).save_pretrained(
+        # unwrap_model strips the DDP and torch.compile wrappers, so the weights load without imgft.
+        accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(
             output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save
         )
         if accelerator.is_main_process:
@@ -280,6 +317,7 @@ def main(argv=None):
                 "skipped_nonfinite_steps": state.skipped_steps,
                 "stopped_early": stop is not None,
                 **best.summary(state.best),
+                **ema.summary(saved_weights),
             }
             reports.write_training_report(
                 output_dir, config, results, eval_details, eval_rows, image_column, accelerator.num_processes
@@ -316,10 +354,18 @@ def evaluate(model, eval_dataloader, normalize, accelerator):
     return metrics.finish_tally(tally, label_names)
 
 
-def evaluate_and_record(model, eval_dataloader, normalize, accelerator, state, train_args):
+def evaluate_with_ema(model, ema_model, eval_dataloader, normalize, accelerator):
+    """`evaluate` the model, and with --ema_decay the EMA weights too: their results join as eval_ema_*."""
+    results, details = evaluate(model, eval_dataloader, normalize, accelerator)
+    if ema_model is not None:
+        results.update(ema.ema_results(evaluate(ema_model, eval_dataloader, normalize, accelerator)[0]))
+    return results, details
+
+
+def evaluate_and_record(model, ema_model, eval_dataloader, normalize, accelerator, state, train_args):
     """Evaluate; log one line with the training speed since the epoch began; keep the best model."""
     speed = state.epoch_clock.speed(state.samples_seen, accelerator.num_processes)  # before evaluating
-    results, details = evaluate(model, eval_dataloader, normalize, accelerator)
+    results, details = evaluate_with_ema(model, ema_model, eval_dataloader, normalize, accelerator)
     state.evaluated_at = state.completed_steps
     record = {"step": state.completed_steps, "epoch": state.epoch_position(), **results, **speed}
     logger.info(metrics.format_results(record))
@@ -329,7 +375,7 @@ def evaluate_and_record(model, eval_dataloader, normalize, accelerator, state, t
         state.best, results, state.completed_steps, state.epoch_position(), train_args
     )
     if improved and train_args.load_best_model_at_end:
-        accelerator.unwrap_model(model).save_pretrained(
+        accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(
             os.path.join(train_args.output_dir, outputs.BEST_DIR), is_main_process=accelerator.is_main_process
         )
     return results, details

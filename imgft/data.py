@@ -203,9 +203,13 @@ def encode_labels(dataset, label_column):
     return dataset, names
 
 
+def labels_of(split_dataset, label_column):
+    """The class index of every row, as an int64 array."""
+    return np.asarray(split_dataset.with_format("numpy")[label_column], dtype=np.int64)
+
+
 def label_counts(split_dataset, label_column, num_classes):
-    labels = np.asarray(split_dataset.with_format("numpy")[label_column], dtype=np.int64)
-    return np.bincount(labels, minlength=num_classes)
+    return np.bincount(labels_of(split_dataset, label_column), minlength=num_classes)
 
 
 def _check_class_counts(dataset, label_column, names):
