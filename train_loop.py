@@ -358,6 +358,7 @@ def evaluate_with_ema(model, ema_model, eval_dataloader, normalize, accelerator)
     """`evaluate` the model, and with --ema_decay the EMA weights too: their results join as eval_ema_*."""
     results, details = evaluate(model, eval_dataloader, normalize, accelerator)
     if ema_model is not None:
+        ema.broadcast_ema_buffers(ema_model)  # process 0's BatchNorm statistics, which the checkpoints hold
         results.update(ema.ema_results(evaluate(ema_model, eval_dataloader, normalize, accelerator)[0]))
     return results, details
 

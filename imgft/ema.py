@@ -15,6 +15,7 @@ import itertools
 import logging
 
 import torch
+from accelerate.utils import broadcast
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from imgft.best import greater_is_better, metric_key
@@ -52,6 +53,14 @@ def update_ema(ema_model, model, step, decay):
         else:
             ema_tensor.copy_(tensor)  # e.g. BatchNorm's num_batches_tracked
     get_ema_multi_avg_fn(decay_at(step, decay))(averaged, current, None)
+
+
+def broadcast_ema_buffers(ema_model):
+    """Give every process the EMA buffers of process 0, before an evaluation (a collective: every process
+    calls it). Under DDP each process updates its model's BatchNorm statistics with its own batches, so the
+    averages of them differ between processes (DDP gives the model process 0's at each forward); the
+    checkpoints and the saved model hold process 0's, and all processes evaluate those."""
+    broadcast(list(ema_model.buffers()), from_process=0)
 
 
 def ema_results(results):

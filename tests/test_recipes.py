@@ -4,6 +4,7 @@ label smoothing and class weights (imgft/losses.py), Mixup and CutMix (imgft/mix
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -13,6 +14,25 @@ from safetensors.torch import load_file
 
 from imgft import ema, losses, mixing, sampling
 from imgft.args import TrainArguments
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--label_smoothing_factor", "1", "must lie in [0, 1)"),
+        ("--ema_decay", "-0.1", "must lie in [0, 1)"),
+        ("--mixup_prob", "1.5", "must lie in [0, 1]"),
+        ("--mixup_switch_prob", "nan", "must lie in [0, 1]"),
+        ("--cutmix_alpha", "-1", "must be a non-negative number"),
+    ],
+)
+def test_recipe_values_out_of_range_are_refused_in_one_line(flag, value, message):
+    from imgft.args import parse_args
+    from imgft.errors import UserError
+
+    with pytest.raises(UserError, match=re.escape(f"{flag} {message}")):
+        parse_args([flag, value])
+
 
 # ------------------------------------------------------------------------------------------ losses
 
@@ -49,7 +69,8 @@ def test_class_weights_by_hand_and_the_weighted_loss_is_a_mean_over_images():
     assert loss.item() == pytest.approx((10 / 18 + 10 / 3) / 2 * math.log(4), rel=1e-6)
     # Soft targets are weighted alike: half class 0, half class 2 weighs the average of the two.
     soft = torch.tensor([[0.5, 0.0, 0.5, 0.0]])
-    assert losses.training_loss(torch.zeros(1, 4), soft, options).item() == pytest.approx(loss.item(), rel=1e-6)
+    soft_loss = losses.training_loss(torch.zeros(1, 4), soft, options)
+    assert soft_loss.item() == pytest.approx(loss.item(), rel=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ Mixup, CutMix
@@ -76,7 +97,8 @@ def test_mixup_mixes_images_and_labels_by_the_same_share():
     levels = [10.0, 20.0, 30.0, 40.0]
     for i in range(4):  # image i is mixed with image 3 - i
         partner = 3 - i
-        assert labels[i, i].item() == pytest.approx(share) and labels[i, partner].item() == pytest.approx(1 - share)
+        assert labels[i, i].item() == pytest.approx(share)
+        assert labels[i, partner].item() == pytest.approx(1 - share)
         expected = share * levels[i] + (1 - share) * levels[partner]
         assert torch.allclose(mixed["pixel_values"][i], torch.full((3, 8, 8), expected))
     # The same batch position mixes alike (a resume), another one differently.
@@ -143,14 +165,15 @@ TEN_TO_ONE = [0] * 100 + [1] * 10  # a 10:1 imbalanced training set
 def test_balanced_sampling_draws_a_10_to_1_set_about_evenly():
     sampler = sampling.balanced_sampler(TEN_TO_ONE, seed=42)
     # Each image of the big class is drawn with probability 1/200, each of the small one 1/20: 1/2 a class.
-    assert sampler.probabilities[0] == pytest.approx(1 / 200) and sampler.probabilities[-1] == pytest.approx(1 / 20)
+    assert sampler.probabilities[0] == pytest.approx(1 / 200)
+    assert sampler.probabilities[-1] == pytest.approx(1 / 20)
     counts = np.zeros(2, dtype=int)
     for epoch in range(10):
         sampler.set_epoch(epoch)
         drawn = list(sampler)
         assert len(drawn) == 110
         counts += np.bincount(np.array(TEN_TO_ONE)[drawn], minlength=2)
-    # 1100 draws, 550 expected of each class (a standard deviation of 16.6); a shuffle would give 100 and 1000.
+    # 1100 draws, 550 expected of each class (standard deviation 16.6); a shuffle would give 100 and 1000.
     assert abs(counts[1] - 550) < 50, counts
 
 
@@ -179,7 +202,7 @@ def test_the_balanced_order_depends_only_on_seed_and_epoch_through_accelerate(fr
     prepared = prepare_data_loader(loader, **options)
     prepared.set_epoch(3)
     assert [i for batch in prepared for i in batch.tolist()] == order(42, 3)
-    # A resume that skips the epoch's first 4 batches continues the same order (the loop sets the epoch first).
+    # A resume skipping the epoch's first 4 batches continues the same order (the loop sets the epoch first).
     prepared.set_epoch(3)
     assert [i for batch in skip_first_batches(prepared, 4) for i in batch.tolist()] == order(42, 3)[40:]
     # Two DDP processes take alternate batches of that same order (the 11th batch: the second pads it).
@@ -241,7 +264,7 @@ def plain_run(tmp_path_factory, colors_data, tiny_vit):
     return out
 
 
-def test_ema_is_evaluated_beside_the_weights_and_saved_when_better(train, plain_run, colors_data, tiny_vit, tmp_path):
+def test_ema_is_evaluated_beside_and_saved_when_better(train, plain_run, colors_data, tiny_vit, tmp_path):
     from transformers import AutoModelForImageClassification
 
     out = tmp_path / "ema"
@@ -267,7 +290,7 @@ def test_torch_compile_trains_the_same_and_saves_a_model_transformers_loads(
     from transformers import AutoModelForImageClassification
 
     # Inductor's code generation takes minutes on 2 CPU cores (the benchmark measures it): here the model is
-    # compiled by the same calls with dynamo's eager backend, which captures the graphs and runs them as they are.
+    # compiled by the same calls with dynamo's eager backend, which captures the graphs and runs them as such.
     backends, compile_with_inductor = [], torch.compile
 
     def compile_eagerly(model, **options):
