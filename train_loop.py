@@ -26,23 +26,10 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from imgft import args as imgft_args
-from imgft import (
-    best,
-    checkpoint,
-    data,
-    ema,
-    losses,
-    metrics,
-    mixing,
-    nonfinite,
-    optimizer,
-    outputs,
-    runtime,
-    sampling,
-    transforms,
-)
+from imgft import best, checkpoint, data, losses, metrics, nonfinite, optimizer, outputs, runtime, transforms
 from imgft.errors import UserError, run_as_script
 from imgft.model import check_model_source, load_model, optimizer_param_groups
+from imgft.recipes import ema, mixing, sampling
 from imgft.report import reports
 from imgft.train_state import TrainState
 
@@ -73,7 +60,7 @@ def main(argv=None):
             log_with=train_args.report_to if train_args.with_tracking else None,
             project_dir=output_dir,
             dataloader_config=loader_config,
-            dynamo_backend="inductor" if train_args.torch_compile else None,  # None: the accelerate config's
+            dynamo_backend="inductor" if train_args.torch_compile else None,  # prepare() compiles the model
         )
     except ValueError as err:  # e.g. bf16 on a GPU that cannot do it
         raise UserError(f"--mixed_precision {train_args.mixed_precision}: {err}") from None
@@ -137,10 +124,9 @@ def main(argv=None):
     }
     batch_size = train_args.per_device_train_batch_size
     train_labels = data.labels_of(train_rows, label_column)
-    # --balanced_sampling: every class equally often, in an order fixed by (seed, epoch) like the shuffle's.
-    balanced = sampling.balanced_sampler(train_labels, train_args.seed) if train_args.balanced_sampling else None
+    sampler = sampling.balanced_sampler(train_labels, train_args)  # --balanced_sampling; None: a shuffle
     train_dataloader = DataLoader(
-        train_dataset, batch_size, shuffle=balanced is None, sampler=balanced, **loader_options
+        train_dataset, batch_size, shuffle=sampler is None, sampler=sampler, **loader_options
     )
     eval_dataloader = DataLoader(eval_dataset, train_args.per_device_eval_batch_size, **loader_options)
 
@@ -149,18 +135,16 @@ def main(argv=None):
         model = model.to(memory_format=torch.channels_last)
     param_groups = optimizer_param_groups(model, train_args.weight_decay)  # no decay on biases and norms
     adamw = optimizer.adamw(param_groups, train_args.learning_rate, accelerator.mixed_precision)
-    ema_model = ema.averaged_copy(model, train_args.ema_decay)  # --ema_decay: the average's copy, else None
+    ema_model = ema.averaged_copy(model, train_args.ema_decay)  # --ema_decay's copy of the model, or None
     # prepare() moves the model to the device and wraps it in DDP, wraps the optimizer for mixed precision
     # and accumulation, and shards each DataLoader: len(train_dataloader) is then this process's share.
-    # With --torch_compile (or the accelerate config's dynamo_backend), it compiles the model too.
     model, adamw, train_dataloader, eval_dataloader = accelerator.prepare(
         model, adamw, train_dataloader, eval_dataloader
     )
-    if ema_model is not None:  # evaluation only: device and autocast, no DDP; save_state saves it as model_1
-        ema_model = accelerator.prepare_model(ema_model, evaluation_mode=True)
-    # The recipes that change the loss (label smoothing, class weights) and the batch (Mixup, CutMix).
+    # The EMA copy is for evaluation only (device and autocast, no DDP); save_state saves it as model_1.
+    ema_model = None if ema_model is None else accelerator.prepare_model(ema_model, evaluation_mode=True)
     loss_options = losses.loss_options(train_args, train_labels, len(label_names), accelerator.device)
-    mix_options = mixing.mix_options(train_args, len(label_names), accelerator.process_index)
+    mix_options = mixing.mix_options(train_args, len(label_names), accelerator.process_index)  # Mixup, CutMix
     steps_per_epoch = math.ceil(len(train_dataloader) / train_args.gradient_accumulation_steps)
     max_train_steps = train_args.max_train_steps or train_args.num_train_epochs * steps_per_epoch
     # The schedule counts optimizer steps, so warmup and total mean the same on any number of processes.
@@ -288,9 +272,7 @@ def main(argv=None):
         outputs.load_weights(accelerator.unwrap_model(model, keep_torch_compile=False), best_dir)
         eval_results = None
     if eval_results is None:  # the best model was loaded, or we resumed after the last evaluation
-        eval_results, eval_details = evaluate_with_ema(
-            model, ema_model, eval_dataloader, normalize, accelerator
-        )
+        eval_results, eval_details = evaluate_all(model, ema_model, eval_dataloader, normalize, accelerator)
     saved_weights = ema.choose_weights(eval_results, train_args)  # with --ema_decay: "ema" or "raw"
     if saved_weights == "ema":  # the EMA weights are saved, and the report describes them
         model = ema_model
@@ -354,7 +336,7 @@ def evaluate(model, eval_dataloader, normalize, accelerator):
     return metrics.finish_tally(tally, label_names)
 
 
-def evaluate_with_ema(model, ema_model, eval_dataloader, normalize, accelerator):
+def evaluate_all(model, ema_model, eval_dataloader, normalize, accelerator):
     """`evaluate` the model, and with --ema_decay the EMA weights too: their results join as eval_ema_*."""
     results, details = evaluate(model, eval_dataloader, normalize, accelerator)
     if ema_model is not None:
@@ -366,7 +348,7 @@ def evaluate_with_ema(model, ema_model, eval_dataloader, normalize, accelerator)
 def evaluate_and_record(model, ema_model, eval_dataloader, normalize, accelerator, state, train_args):
     """Evaluate; log one line with the training speed since the epoch began; keep the best model."""
     speed = state.epoch_clock.speed(state.samples_seen, accelerator.num_processes)  # before evaluating
-    results, details = evaluate_with_ema(model, ema_model, eval_dataloader, normalize, accelerator)
+    results, details = evaluate_all(model, ema_model, eval_dataloader, normalize, accelerator)
     state.evaluated_at = state.completed_steps
     record = {"step": state.completed_steps, "epoch": state.epoch_position(), **results, **speed}
     logger.info(metrics.format_results(record))

@@ -2,7 +2,7 @@
 
 imgft computes the loss itself rather than reading the model's `.loss`: with no recipe on it is the very
 same number (transformers' single-label loss is `F.cross_entropy(logits, labels)`), and the recipes need
-what the model's loss cannot take: soft targets (Mixup/CutMix, imgft/mixing.py), a smoothing factor,
+what the model's loss cannot take: soft targets (Mixup/CutMix, imgft/recipes/mixing.py), a smoothing factor,
 class weights. Every loss-side recipe goes through `training_loss`; evaluation's loss stays plain
 cross-entropy (imgft/metrics.py).
 """

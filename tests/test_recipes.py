@@ -1,6 +1,6 @@
 """The fine-tuning recipes (issue 14, training side), each shown to change what it should and nothing else:
-label smoothing and class weights (imgft/losses.py), Mixup and CutMix (imgft/mixing.py), model EMA
-(imgft/ema.py), class-balanced sampling (imgft/sampling.py), and --torch_compile."""
+label smoothing and class weights (imgft/losses.py), Mixup and CutMix (imgft/recipes/mixing.py), model EMA
+(imgft/recipes/ema.py), class-balanced sampling (imgft/recipes/sampling.py), and --torch_compile."""
 
 import json
 import math
@@ -12,8 +12,9 @@ import torch
 from conftest import data_flags, vit_flags, write_color_imagefolder
 from safetensors.torch import load_file
 
-from imgft import ema, losses, mixing, sampling
+from imgft import losses
 from imgft.args import TrainArguments
+from imgft.recipes import ema, mixing, sampling
 
 
 @pytest.mark.parametrize(
@@ -163,7 +164,7 @@ TEN_TO_ONE = [0] * 100 + [1] * 10  # a 10:1 imbalanced training set
 
 
 def test_balanced_sampling_draws_a_10_to_1_set_about_evenly():
-    sampler = sampling.balanced_sampler(TEN_TO_ONE, seed=42)
+    sampler = sampling.balanced_sampler(TEN_TO_ONE, TrainArguments(balanced_sampling=True, seed=42))
     # Each image of the big class is drawn with probability 1/200, each of the small one 1/20: 1/2 a class.
     assert sampler.probabilities[0] == pytest.approx(1 / 200)
     assert sampler.probabilities[-1] == pytest.approx(1 / 20)
@@ -175,6 +176,7 @@ def test_balanced_sampling_draws_a_10_to_1_set_about_evenly():
         counts += np.bincount(np.array(TEN_TO_ONE)[drawn], minlength=2)
     # 1100 draws, 550 expected of each class (standard deviation 16.6); a shuffle would give 100 and 1000.
     assert abs(counts[1] - 550) < 50, counts
+    assert sampling.balanced_sampler(TEN_TO_ONE, TrainArguments()) is None  # off: the DataLoader shuffles
 
 
 @pytest.fixture
@@ -191,12 +193,13 @@ def test_the_balanced_order_depends_only_on_seed_and_epoch_through_accelerate(fr
     from torch.utils.data import DataLoader
 
     def order(seed, epoch):
-        sampler = sampling.balanced_sampler(TEN_TO_ONE, seed)
+        sampler = sampling.balanced_sampler(TEN_TO_ONE, TrainArguments(balanced_sampling=True, seed=seed))
         sampler.set_epoch(epoch)
         return list(sampler)
 
     assert order(42, 3) == order(42, 3) and order(42, 3) != order(42, 4) and order(42, 3) != order(7, 3)
-    loader = DataLoader(range(110), batch_size=10, sampler=sampling.balanced_sampler(TEN_TO_ONE, 42))
+    sampler = sampling.balanced_sampler(TEN_TO_ONE, TrainArguments(balanced_sampling=True, seed=42))
+    loader = DataLoader(range(110), batch_size=10, sampler=sampler)
     # As train_loop.py prepares it: Accelerate's seedable sampler replaces only RandomSamplers.
     options = {"use_seedable_sampler": True, "data_seed": 42, "put_on_device": False}
     prepared = prepare_data_loader(loader, **options)

@@ -13,12 +13,14 @@ import numpy as np
 from torch.utils.data import Sampler
 
 
-def balanced_sampler(labels, seed):
-    """A BalancedSampler over `labels` (one class index per training row)."""
+def balanced_sampler(labels, train_args):
+    """With --balanced_sampling, a BalancedSampler over `labels` (each training row's class); else None."""
+    if not train_args.balanced_sampling:
+        return None
     labels = np.asarray(labels, dtype=np.int64)
     counts = np.bincount(labels)
     probabilities = 1.0 / counts[labels]  # each class's images share the same total
-    return BalancedSampler(probabilities / probabilities.sum(), seed)
+    return BalancedSampler(probabilities / probabilities.sum(), train_args.seed)
 
 
 class BalancedSampler(Sampler):
