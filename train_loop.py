@@ -33,6 +33,7 @@ from imgft import (
     data,
     freezing,
     layer_decay,
+    losses,
     metrics,
     nonfinite,
     optimizer,
@@ -43,6 +44,7 @@ from imgft import (
 )
 from imgft.errors import UserError, run_as_script
 from imgft.model import check_model_source, load_model
+from imgft.recipes import ema, mixing, sampling
 from imgft.report import reports
 from imgft.train_state import TrainState
 
@@ -74,6 +76,7 @@ def main(argv=None):
             project_dir=output_dir,
             dataloader_config=loader_config,
             kwargs_handlers=freezing.ddp_kwargs_handlers(train_args),  # a frozen backbone gets no gradients
+            dynamo_backend="inductor" if train_args.torch_compile else None,  # prepare() compiles the model
         )
     except ValueError as err:  # e.g. bf16 on a GPU that cannot do it
         raise UserError(f"--mixed_precision {train_args.mixed_precision}: {err}") from None
@@ -139,7 +142,11 @@ def main(argv=None):
         "persistent_workers": workers > 0,  # keep the workers alive from one epoch to the next
     }
     batch_size = train_args.per_device_train_batch_size
-    train_dataloader = DataLoader(train_dataset, batch_size, shuffle=True, **loader_options)
+    train_labels = data.labels_of(train_rows, label_column)
+    sampler = sampling.balanced_sampler(train_labels, train_args)  # --balanced_sampling; None: a shuffle
+    train_dataloader = DataLoader(
+        train_dataset, batch_size, shuffle=sampler is None, sampler=sampler, **loader_options
+    )
     eval_dataloader = DataLoader(eval_dataset, train_args.per_device_eval_batch_size, **loader_options)
 
     # ---------------------------------------------------------------- 5. Optimizer, schedule, prepare
@@ -148,11 +155,16 @@ def main(argv=None):
     # No weight decay on biases and norms; --layer_decay and --head_learning_rate give groups their own lr.
     param_groups = layer_decay.param_groups(model, train_args)
     adamw = optimizer.adamw(param_groups, train_args.learning_rate, accelerator.mixed_precision)
+    ema_model = ema.averaged_copy(model, train_args.ema_decay)  # --ema_decay's copy of the model, or None
     # prepare() moves the model to the device and wraps it in DDP, wraps the optimizer for mixed precision
     # and accumulation, and shards each DataLoader: len(train_dataloader) is then this process's share.
     model, adamw, train_dataloader, eval_dataloader = accelerator.prepare(
         model, adamw, train_dataloader, eval_dataloader
     )
+    # The EMA copy is for evaluation only (device and autocast, no DDP); save_state saves it as model_1.
+    ema_model = None if ema_model is None else accelerator.prepare_model(ema_model, evaluation_mode=True)
+    loss_options = losses.loss_options(train_args, train_labels, len(label_names), accelerator.device)
+    mix_options = mixing.mix_options(train_args, len(label_names), accelerator.process_index)  # Mixup, CutMix
     steps_per_epoch = math.ceil(len(train_dataloader) / train_args.gradient_accumulation_steps)
     max_train_steps = train_args.max_train_steps or train_args.num_train_epochs * steps_per_epoch
     # The schedule counts optimizer steps, so warmup and total mean the same on any number of processes.
@@ -201,10 +213,12 @@ def main(argv=None):
         batches = accelerator.skip_first_batches(train_dataloader, state.batch_in_epoch)
         state.start_epoch_clock()
         for batch in runtime.timed(batches, state.epoch_clock):  # timed(): counts the time spent waiting
+            batch = mixing.mix_batch(batch, mix_options, state.epoch, state.batch_in_epoch)  # Mixup/CutMix
             # accumulate() skips DDP's gradient all-reduce until the last batch of each accumulation window
             # and turns optimizer.step() and zero_grad() into no-ops before it.
             with accelerator.accumulate(model):
-                loss = model(pixel_values=normalize(batch["pixel_values"]), labels=batch["labels"]).loss
+                logits = model(pixel_values=normalize(batch["pixel_values"])).logits
+                loss = losses.training_loss(logits, batch["labels"], loss_options)  # cross-entropy + recipes
                 # backward() replaces loss.backward(): it scales the loss for fp16 and divides it by the
                 # accumulation steps, so it must not be divided here again.
                 accelerator.backward(loss)
@@ -220,6 +234,7 @@ def main(argv=None):
             if not accelerator.optimizer_step_was_skipped:  # GradScaler skips a step after an fp16 overflow
                 lr_scheduler.step()
             state.completed_steps += 1
+            ema.update_ema(ema_model, model, state.completed_steps, train_args.ema_decay)
             progress.update(1)
 
             signum = signal_received()
@@ -230,7 +245,7 @@ def main(argv=None):
                 stop = read_losses(accelerator, state, train_args)  # a checkpoint holds the whole loss window
             if stop is None and train_args.eval_steps and state.completed_steps % train_args.eval_steps == 0:
                 eval_results, eval_details = evaluate_and_record(
-                    model, eval_dataloader, normalize, accelerator, state, train_args
+                    model, ema_model, eval_dataloader, normalize, accelerator, state, train_args
                 )
                 stop = best.stop_if_no_better(state.best, train_args)
             if stop is None and checkpoint_now:
@@ -246,7 +261,7 @@ def main(argv=None):
             stop = log_train_loss(accelerator, state, train_args, lr_scheduler, progress)
             if stop is None and not train_args.eval_steps:
                 eval_results, eval_details = evaluate_and_record(
-                    model, eval_dataloader, normalize, accelerator, state, train_args
+                    model, ema_model, eval_dataloader, normalize, accelerator, state, train_args
                 )
                 stop = best.stop_if_no_better(state.best, train_args)
             if stop is None and checkpoint_every == "epoch":
@@ -270,19 +285,24 @@ def main(argv=None):
     train_speed = run_clock.speed(state.samples_seen, accelerator.num_processes)
     if state.evaluated_at != state.completed_steps:  # --eval_steps off the last step, or a run cut mid-epoch
         eval_results, eval_details = evaluate_and_record(
-            model, eval_dataloader, normalize, accelerator, state, train_args
+            model, ema_model, eval_dataloader, normalize, accelerator, state, train_args
         )
     if train_args.load_best_model_at_end and state.best["step"] not in (None, state.completed_steps):
-        outputs.load_weights(accelerator.unwrap_model(model), os.path.join(output_dir, outputs.BEST_DIR))
+        best_dir = os.path.join(output_dir, outputs.BEST_DIR)
+        outputs.load_weights(accelerator.unwrap_model(model, keep_torch_compile=False), best_dir)
         eval_results = None
     if eval_results is None:  # the best model was loaded, or we resumed after the last evaluation
-        eval_results, eval_details = evaluate(model, eval_dataloader, normalize, accelerator)
+        eval_results, eval_details = evaluate_all(model, ema_model, eval_dataloader, normalize, accelerator)
+    saved_weights = ema.choose_weights(eval_results, train_args)  # with --ema_decay: "ema" or "raw"
+    if saved_weights == "ema":  # the EMA weights are saved, and the report describes them
+        model = ema_model
+        eval_details = evaluate(model, eval_dataloader, normalize, accelerator)[1]
 
     # ---------------------------------------------------------------- Save a model anyone can load
     accelerator.wait_for_everyone()
     with outputs.saving_final_files(output_dir):  # a full disk: one line, and the checkpoints stay intact
-        # unwrap_model strips the DDP (and torch.compile) wrappers, so the weights load without imgft.
-        accelerator.unwrap_model(model).save_pretrained(
+        # unwrap_model strips the DDP and torch.compile wrappers, so the weights load without imgft.
+        accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(
             output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save
         )
         if accelerator.is_main_process:
@@ -299,6 +319,7 @@ def main(argv=None):
                 "skipped_nonfinite_steps": state.skipped_steps,
                 "stopped_early": stop is not None,
                 **best.summary(state.best),
+                **ema.summary(saved_weights),
             }
             reports.write_training_report(
                 output_dir, config, results, eval_details, eval_rows, image_column, accelerator.num_processes
@@ -335,10 +356,19 @@ def evaluate(model, eval_dataloader, normalize, accelerator):
     return metrics.finish_tally(tally, label_names)
 
 
-def evaluate_and_record(model, eval_dataloader, normalize, accelerator, state, train_args):
+def evaluate_all(model, ema_model, eval_dataloader, normalize, accelerator):
+    """`evaluate` the model, and with --ema_decay the EMA weights too: their results join as eval_ema_*."""
+    results, details = evaluate(model, eval_dataloader, normalize, accelerator)
+    if ema_model is not None:
+        ema.broadcast_ema_buffers(ema_model)  # process 0's BatchNorm statistics, which the checkpoints hold
+        results.update(ema.ema_results(evaluate(ema_model, eval_dataloader, normalize, accelerator)[0]))
+    return results, details
+
+
+def evaluate_and_record(model, ema_model, eval_dataloader, normalize, accelerator, state, train_args):
     """Evaluate; log one line with the training speed since the epoch began; keep the best model."""
     speed = state.epoch_clock.speed(state.samples_seen, accelerator.num_processes)  # before evaluating
-    results, details = evaluate(model, eval_dataloader, normalize, accelerator)
+    results, details = evaluate_all(model, ema_model, eval_dataloader, normalize, accelerator)
     state.evaluated_at = state.completed_steps
     record = {"step": state.completed_steps, "epoch": state.epoch_position(), **results, **speed}
     logger.info(metrics.format_results(record))
@@ -348,7 +378,7 @@ def evaluate_and_record(model, eval_dataloader, normalize, accelerator, state, t
         state.best, results, state.completed_steps, state.epoch_position(), train_args
     )
     if improved and train_args.load_best_model_at_end:
-        accelerator.unwrap_model(model).save_pretrained(
+        accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(
             os.path.join(train_args.output_dir, outputs.BEST_DIR), is_main_process=accelerator.is_main_process
         )
     return results, details

@@ -5,6 +5,8 @@ Two pairs, on data the benchmark makes itself:
 - digits: the demo's 32 px PNGs, 3 epochs.
 Upstream (`benchmarks/upstream.py`) and imgft alternate, cold (empty datasets cache) then warm (the cache
 the cold run left). Timings are ratios against upstream measured in the same run, never absolute claims.
+`--pairs compile` times imgft on the digits with and without --torch_compile instead, the ratio again
+measured in the same run.
 """
 
 import argparse
@@ -26,6 +28,7 @@ from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAIRS = ("camera", "digits")
+COMPILE = "compile"  # not a pair against upstream: imgft with --torch_compile against imgft without
 
 
 def write_camera_folder(root, train_per_class, validation_per_class, classes=4, size=(2000, 1500), seed=0):
@@ -293,7 +296,13 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=None, help="Runs per pipeline and cache state (default 3).")
     parser.add_argument("--output", default="bench_results.json", help="Where the JSON results go.")
     parser.add_argument("--workdir", default=None, help="Scratch folder (default: a temporary one).")
-    parser.add_argument("--pairs", nargs="+", choices=PAIRS, default=PAIRS, help="Which pairs to run (default: both).")
+    parser.add_argument(
+        "--pairs",
+        nargs="+",
+        choices=(*PAIRS, COMPILE),
+        default=PAIRS,
+        help="What to run (default: camera and digits); compile: imgft with and without --torch_compile.",
+    )
     parser.add_argument("--skip_memory", action="store_true", help="Leave out the 1x/4x peak-memory runs.")
     args = parser.parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 3)
@@ -320,12 +329,67 @@ def main(argv=None):
         print(f"{name}: {epochs} epochs at {image_size} px", flush=True)
         results["pairs"][name] = measure_pair(name, data_dir, work, image_size, epochs, num_labels, repeats)
         _write(args.output, results)  # what is measured so far survives an interrupted benchmark
+    if COMPILE in args.pairs:
+        print(f"compile: digits, {digits_epochs} epochs, with and without --torch_compile", flush=True)
+        results[COMPILE] = measure_compile(digits, work, digits_epochs, repeats)
+        _write(args.output, results)
     if not args.skip_memory:
         results["memory"] = memory_growth(digits, work)
         _write(args.output, results)
     print(format_table(results))
     print(f"Wrote {args.output}")
     return results
+
+
+def measure_compile(data_dir, work, epochs, repeats, batch_size=32):
+    """imgft on `data_dir` without and with --torch_compile, alternating, on a warm datasets cache. Each
+    compiled run starts with an empty inductor cache, as a first run does: its seconds include compiling;
+    the images/s after the first epoch are the compiled code's own speed."""
+    cache = tempfile.mkdtemp(prefix="compile-datasets-cache-", dir=work)
+    env = {**os.environ, "HF_DATASETS_CACHE": cache, "HF_HUB_OFFLINE": "1"}
+    warm_up = tempfile.mkdtemp(prefix="compile-warm-up-", dir=work)  # fills the datasets cache, untimed
+    run_process(
+        [*pipeline_command("imgft", data_dir, warm_up, 32, 1, batch_size), "--max_train_steps", "1"],
+        env,
+        f"{warm_up}.log",
+    )
+    runs = {"eager": [], "compiled": []}
+    for repeat in range(repeats):
+        for variant, flags in (("eager", []), ("compiled", ["--torch_compile"])):
+            out_dir = tempfile.mkdtemp(prefix=f"compile-{variant}-", dir=work)
+            inductor_cache = {"TORCHINDUCTOR_CACHE_DIR": os.path.join(out_dir, "inductor-cache")}
+            command = [*pipeline_command("imgft", data_dir, out_dir, 32, epochs, batch_size), *flags]
+            seconds, peak = run_process(command, {**env, **inductor_cache}, f"{out_dir}.log")
+            epochs_seen = read_epochs(metrics_file("imgft", out_dir))
+            runs[variant].append(
+                {
+                    "seconds": seconds,
+                    "peak_memory_mib": peak,
+                    "images_per_second_by_epoch": [r["train_images_per_second"] for r in epochs_seen],
+                    "eval_accuracy": epochs_seen[-1]["eval_accuracy"],
+                }
+            )
+            print(f"  compile {variant:8} #{repeat + 1}: {seconds:6.1f} s", flush=True)
+            shutil.rmtree(out_dir)
+    summary = {variant: _compile_summary(variant_runs) for variant, variant_runs in runs.items()}
+    eager, compiled = summary["eager"], summary["compiled"]
+    rate = "images_per_second_after_first_epoch"
+    return {
+        "runs": runs,
+        "summary": summary,
+        "compiled_vs_eager_seconds": compiled["seconds"] / eager["seconds"],
+        "compiled_vs_eager_rate_after_first_epoch": compiled[rate] / eager[rate],
+    }
+
+
+def _compile_summary(runs):
+    by_epoch = [run["images_per_second_by_epoch"] for run in runs]
+    after_first_epoch = [rate for rates in by_epoch for rate in (rates[1:] or rates)]
+    return {
+        "seconds": statistics.median(run["seconds"] for run in runs),
+        "images_per_second_after_first_epoch": statistics.median(after_first_epoch),
+        "eval_accuracy": statistics.median(run["eval_accuracy"] for run in runs),
+    }
 
 
 def _write(path, results):
@@ -391,6 +455,16 @@ def format_table(results):
                 f"model-only {model_only:.0f} images/s; {pipeline} reaches "
                 f"{pair['end_to_end_vs_model_only'][pipeline]:.0%} of it | | | |"
             )
+    compiled = results.get(COMPILE)
+    if compiled:
+        eager, fast = compiled["summary"]["eager"], compiled["summary"]["compiled"]
+        rate = "images_per_second_after_first_epoch"
+        lines.append(
+            f"\n--torch_compile on the digits: {fast['seconds']:.1f} s against {eager['seconds']:.1f} s "
+            f"without ({compiled['compiled_vs_eager_seconds']:.2f}x the time, compiling included); after the "
+            f"first epoch {fast[rate]:.0f} against {eager[rate]:.0f} images/s "
+            f"({compiled['compiled_vs_eager_rate_after_first_epoch']:.2f}x)."
+        )
     memory = results.get("memory")
     if memory:
         lines.append(

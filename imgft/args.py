@@ -323,6 +323,49 @@ class TrainArguments:
         default="all",
         metadata={"help": "Trackers: tensorboard, wandb, comet_ml, ... or 'all' installed ones."},
     )
+    label_smoothing_factor: float = field(
+        default=0.0,
+        metadata={"help": "Label smoothing eps: targets are (1 - eps) one-hot + eps / classes (0: off)."},
+    )
+    mixup_alpha: float = field(
+        default=0.0,
+        metadata={"help": "Mixup: blend each batch with its reverse by a Beta(alpha, alpha) share (0: off)."},
+    )
+    cutmix_alpha: float = field(
+        default=0.0,
+        metadata={"help": "CutMix: paste a box of the reversed batch, of Beta(alpha, alpha) area (0: off)."},
+    )
+    mixup_prob: float = field(
+        default=1.0,
+        metadata={"help": "Share of training batches mixed, with --mixup_alpha or --cutmix_alpha."},
+    )
+    mixup_switch_prob: float = field(
+        default=0.5,
+        metadata={"help": "With --mixup_alpha and --cutmix_alpha: the share of mixed batches in CutMix."},
+    )
+    ema_decay: float = field(
+        default=0.0,
+        metadata={
+            "help": "Keep an exponential moving average of the weights with this decay, e.g. 0.999 (0: off), "
+            "warmed up as min(decay, 1 - step^(-2/3)). Evaluated beside the weights (eval_ema_*), and "
+            "saved instead of them when it scores better on --metric_for_best_model."
+        },
+    )
+    balanced_sampling: bool = field(
+        default=False,
+        metadata={"help": "Draw training images with replacement, all classes equally often (imbalance)."},
+    )
+    class_weighted_loss: bool = field(
+        default=False,
+        metadata={
+            "help": "Weigh each class's loss by its rarity in train: images / (classes x the class's "
+            "images), so all classes weigh the same in total (imbalanced data)."
+        },
+    )
+    torch_compile: bool = field(
+        default=False,
+        metadata={"help": "Compile the model with torch.compile (inductor). Default: the accelerate config."},
+    )
     push_to_hub: bool = field(default=False, metadata={"help": "Upload the final model to the Hub."})
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository. Default: output_dir's name."})
     hub_token: str | None = field(
@@ -621,6 +664,8 @@ def check_args(data_args, model_args, train_args):
         "num_warmup_steps": train_args.num_warmup_steps,
         "max_grad_norm": train_args.max_grad_norm,
         "num_workers": data_args.num_workers or 0,
+        "mixup_alpha": train_args.mixup_alpha,
+        "cutmix_alpha": train_args.cutmix_alpha,
     }.items():
         if not math.isfinite(value) or value < 0:
             raise UserError(f"--{name} must be a non-negative number (got {value})")
@@ -648,7 +693,8 @@ def check_args(data_args, model_args, train_args):
 
 
 def _check_recipes(model_args, train_args):
-    """The fine-tuning recipes' ranges: layer decay, the head's learning rate, unfreezing, stochastic depth.
+    """The fine-tuning recipes' ranges: layer decay, the head's learning rate, unfreezing, stochastic depth,
+    label smoothing, EMA and mixing.
     Written as `not inside` so that NaN, for which every comparison is false, is refused too."""
     layer_decay = train_args.layer_decay
     head_rate = train_args.head_learning_rate
@@ -666,6 +712,16 @@ def _check_recipes(model_args, train_args):
             f"--unfreeze_after_epochs {unfreeze} would never unfreeze in {epochs} epochs: "
             "pass fewer, or --freeze_backbone to train only the head"
         )
+    for name, value in {
+        "label_smoothing_factor": train_args.label_smoothing_factor,
+        "ema_decay": train_args.ema_decay,
+    }.items():
+        if not 0 <= value < 1:
+            raise UserError(f"--{name} must lie in [0, 1), 0 for off (got {value})")
+    for name in ("mixup_prob", "mixup_switch_prob"):
+        value = getattr(train_args, name)
+        if not 0 <= value <= 1:
+            raise UserError(f"--{name} must lie in [0, 1] (got {value})")
 
 
 def to_dict(*args_objects):

@@ -367,9 +367,13 @@ def _class_labels(dataset, label_column):
     return dataset.cast_column(label_column, datasets.ClassLabel(names=names)), names
 
 
+def labels_of(split_dataset, label_column):
+    """The class index of every row, as an int64 array."""
+    return np.asarray(split_dataset.with_format("numpy")[label_column], dtype=np.int64)
+
+
 def label_counts(split_dataset, label_column, num_classes):
-    labels = np.asarray(split_dataset.with_format("numpy")[label_column], dtype=np.int64)
-    return np.bincount(labels, minlength=num_classes)
+    return np.bincount(labels_of(split_dataset, label_column), minlength=num_classes)
 
 
 def _check_class_counts(dataset, label_column, names):

@@ -109,3 +109,24 @@ def test_pairs_and_skip_memory_choose_what_runs(tmp_path, monkeypatch):
     assert measured == ["digits"]
     written = json.loads(output.read_text())
     assert list(written["pairs"]) == ["digits"] and "memory" not in written
+
+
+def test_compile_variant_reports_its_ratios_in_the_table(tmp_path, monkeypatch):
+    def run(rates, seconds):
+        return {"seconds": seconds, "images_per_second_by_epoch": rates, "eval_accuracy": 0.9}
+
+    runs = {"eager": [run([80.0, 100.0, 100.0], 60.0)], "compiled": [run([20.0, 150.0, 150.0], 90.0)]}
+    summary = {variant: bench._compile_summary(variant_runs) for variant, variant_runs in runs.items()}
+    assert summary["compiled"]["seconds"] == 90.0 and summary["eager"]["seconds"] == 60.0
+    assert summary["compiled"]["images_per_second_after_first_epoch"] == 150.0  # the first epoch compiles
+    compiled = {"summary": summary, "compiled_vs_eager_seconds": 1.5}
+    compiled["compiled_vs_eager_rate_after_first_epoch"] = 1.5
+    table = bench.format_table({"pairs": {}, bench.COMPILE: compiled})
+    assert "--torch_compile on the digits: 90.0 s against 60.0 s without (1.50x the time" in table
+    assert "after the first epoch 150 against 100 images/s (1.50x)" in table
+
+    monkeypatch.setattr(bench, "measure_compile", lambda *args: compiled)
+    monkeypatch.setattr(bench, "measure_pair", lambda *args: pytest.fail("only compile was asked for"))
+    output = tmp_path / "results.json"
+    bench.main(["--pairs", "compile", "--skip_memory", "--output", str(output), "--workdir", str(tmp_path)])
+    assert json.loads(output.read_text())[bench.COMPILE] == compiled

@@ -5,6 +5,13 @@ import numpy as np
 from imgft import data, images
 from imgft.errors import UserError
 
+# From this ratio of the largest training class to the smallest, the report suggests the imbalance recipes.
+IMBALANCE_HINT_RATIO = 3.0
+IMBALANCE_HINT = (
+    "  The classes are imbalanced: consider --balanced_sampling (draws every class equally often) or "
+    "--class_weighted_loss (weighs each class's loss by its rarity)"
+)
+
 
 def data_report(data_args, cache_dir, seed):
     """(lines to print, refusal message or None): counts, imbalance, sizes, unreadable files, duplicates.
@@ -48,6 +55,8 @@ def _class_lines(dataset, label_column, label_names):
     smallest, largest = counts["train"].min(), counts["train"].max()
     ratio = f"{largest / smallest:.1f}x" if smallest else "a class has no training images"
     lines.append(f"Imbalance (train): largest class {largest}, smallest {smallest} ({ratio})")
+    if smallest and largest / smallest >= IMBALANCE_HINT_RATIO:
+        lines.append(IMBALANCE_HINT)
     return lines
 
 
