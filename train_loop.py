@@ -29,6 +29,7 @@ from imgft import args as imgft_args
 from imgft import best, checkpoint, data, metrics, nonfinite, optimizer, outputs, runtime, transforms
 from imgft.errors import UserError, run_as_script
 from imgft.model import check_model_source, load_model, optimizer_param_groups
+from imgft.peft_model import save_adapter_and_merge
 from imgft.report import reports
 from imgft.train_state import TrainState
 
@@ -263,7 +264,8 @@ def main(argv=None):
     accelerator.wait_for_everyone()
     with outputs.saving_final_files(output_dir):  # a full disk: one line, and the checkpoints stay intact
         # unwrap_model strips the DDP (and torch.compile) wrappers, so the weights load without imgft.
-        accelerator.unwrap_model(model).save_pretrained(
+        # With --use_peft the adapter goes to output_dir/adapter and is merged into the weights saved here.
+        save_adapter_and_merge(accelerator.unwrap_model(model), output_dir, accelerator).save_pretrained(
             output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save
         )
         if accelerator.is_main_process:

@@ -151,6 +151,37 @@ class ModelArguments:
         default=None,
         metadata={"help": "Where downloaded models and datasets are kept."},
     )
+    use_peft: Literal["lora", "loha", "ia3"] | None = field(
+        default=None,
+        metadata={
+            "help": "Train an adapter (🤗 PEFT) beside the frozen weights, and the classifier head, "
+            "instead of all weights: lora, loha or ia3. output_dir gets the model with the adapter "
+            "merged in, output_dir/adapter the adapter alone."
+        },
+    )
+    lora_r: int = field(default=16, metadata={"help": "Rank of the LoRA/LoHa update (--use_peft)."})
+    lora_alpha: int = field(
+        default=16, metadata={"help": "LoRA/LoHa scaling: the update is multiplied by lora_alpha / lora_r."}
+    )
+    lora_dropout: float = field(
+        default=0.1, metadata={"help": "Dropout on the LoRA update's input (LoHa: rank dropout)."}
+    )
+    lora_target_modules: str | None = field(
+        default=None,
+        metadata={
+            "help": "Names of the layers the adapter goes into, separated by commas (e.g. q_proj,v_proj), or "
+            "all-linear. Default by architecture: attention's query and value projections (ViT, DeiT, BEiT, "
+            "DINOv2, Swin...), pwconv1,pwconv2 (ConvNeXt), convolution (ResNet)."
+        },
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep only each layer's input and recompute its activations in the backward pass: "
+            "much less memory for a slower step. For models that support it (ViT, Swin, DINOv2...; "
+            "not ResNet or ConvNeXt)."
+        },
+    )
 
 
 @dataclass(frozen=True)
@@ -531,6 +562,7 @@ def check_args(data_args, model_args, train_args):
         "stored_image_size": data_args.stored_image_size,
         "eval_steps": train_args.eval_steps,
         "early_stopping_patience": train_args.early_stopping_patience,
+        "lora_r": model_args.lora_r,
     }.items():
         if value is not None and value < 1:
             raise UserError(f"--{name} must be at least 1 (got {value})")
@@ -547,6 +579,10 @@ def check_args(data_args, model_args, train_args):
         raise UserError("--learning_rate must be greater than 0")
     if not 0 < data_args.train_val_split < 1:
         raise UserError(f"--train_val_split must lie strictly between 0 and 1 (got {data_args.train_val_split})")
+    if model_args.lora_alpha <= 0:
+        raise UserError(f"--lora_alpha must be greater than 0 (got {model_args.lora_alpha})")
+    if not 0 <= model_args.lora_dropout < 1:
+        raise UserError(f"--lora_dropout must lie in [0, 1) (got {model_args.lora_dropout})")
     if not 0 < data_args.crop_scale_min <= 1:
         raise UserError(f"--crop_scale_min must lie in (0, 1] (got {data_args.crop_scale_min})")
     steps = train_args.checkpointing_steps

@@ -13,6 +13,7 @@ from transformers import (
     ViTImageProcessor,
 )
 
+from imgft import peft_model
 from imgft.args import DEMO_CONFIG_OVERRIDES
 from imgft.errors import UserError
 from imgft.runtime import hub_offline, log_once
@@ -104,6 +105,13 @@ def check_model_source(model_args):
 
 
 def load_model(model_args, label_names):
+    """Return (model, image_processor) ready to train: `load_classifier`'s, with gradient checkpointing
+    turned on and the model wrapped in an adapter where --gradient_checkpointing and --use_peft ask."""
+    model, image_processor = load_classifier(model_args, label_names)
+    return peft_model.prepare_for_training(model, model_args), image_processor
+
+
+def load_classifier(model_args, label_names):
     """Return (model, image_processor), with the class names written into the config.
 
     A pretrained checkpoint keeps its backbone; with `ignore_mismatched_sizes` its head is replaced
