@@ -122,7 +122,10 @@ def main(argv=None):
         "persistent_workers": workers > 0,  # keep the workers alive from one epoch to the next
     }
     batch_size = train_args.per_device_train_batch_size
-    train_dataloader = DataLoader(train_dataset, batch_size, shuffle=True, **loader_options)
+    # Each pass over the data draws a seed for its workers: from a generator of its own, not from the global
+    # RNG that dropout draws from, or a run resumed mid-epoch would draw once more than the run it continues.
+    seeds = torch.Generator().manual_seed(train_args.seed)
+    train_dataloader = DataLoader(train_dataset, batch_size, shuffle=True, generator=seeds, **loader_options)
     eval_dataloader = DataLoader(eval_dataset, train_args.per_device_eval_batch_size, **loader_options)
 
     # ---------------------------------------------------------------- 5. Optimizer, schedule, prepare
