@@ -5,6 +5,8 @@ Two pairs, on data the benchmark makes itself:
 - digits: the demo's 32 px PNGs, 3 epochs.
 Upstream (`benchmarks/upstream.py`) and imgft alternate, cold (empty datasets cache) then warm (the cache
 the cold run left). Timings are ratios against upstream measured in the same run, never absolute claims.
+`--pairs memory` measures something else: the peak training memory and step time of a ViT-B/16 with full
+fine-tuning, LoRA and gradient checkpointing, against full fine-tuning (`benchmarks/memory.py`).
 """
 
 import argparse
@@ -24,8 +26,11 @@ import numpy as np
 import psutil  # an accelerate dependency
 from PIL import Image
 
+from benchmarks import memory as memory_bench
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PAIRS = ("camera", "digits")
+DATA_PAIRS = ("camera", "digits")
+PAIRS = (*DATA_PAIRS, "memory")
 
 
 def write_camera_folder(root, train_per_class, validation_per_class, classes=4, size=(2000, 1500), seed=0):
@@ -293,22 +298,26 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=None, help="Runs per pipeline and cache state (default 3).")
     parser.add_argument("--output", default="bench_results.json", help="Where the JSON results go.")
     parser.add_argument("--workdir", default=None, help="Scratch folder (default: a temporary one).")
-    parser.add_argument("--pairs", nargs="+", choices=PAIRS, default=PAIRS, help="Which pairs to run (default: both).")
+    parser.add_argument(
+        "--pairs", nargs="+", choices=PAIRS, default=DATA_PAIRS, help="Which pairs to run (default: camera digits)."
+    )
     parser.add_argument("--skip_memory", action="store_true", help="Leave out the 1x/4x peak-memory runs.")
     args = parser.parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 3)
     per_class, val_per_class, camera_epochs, digits_epochs = (16, 4, 3, 2) if args.quick else (80, 20, 10, 3)
+    data_pairs = [name for name in args.pairs if name in DATA_PAIRS]
     work = args.workdir or tempfile.mkdtemp(prefix="imgft-bench-")
     os.makedirs(work, exist_ok=True)
-    print(f"Generating data in {work} ...", flush=True)
     camera = os.path.join(work, f"camera_{per_class}")
-    if "camera" in args.pairs and not os.path.isdir(camera):
-        write_camera_folder(camera, per_class, val_per_class)
-    from imgft.commands.demo_data import write_digits_imagefolder
-
     digits = os.path.join(work, "digits")
-    if not os.path.isdir(digits):
-        write_digits_imagefolder(digits)
+    if data_pairs:
+        print(f"Generating data in {work} ...", flush=True)
+        if "camera" in args.pairs and not os.path.isdir(camera):
+            write_camera_folder(camera, per_class, val_per_class)
+        from imgft.commands.demo_data import write_digits_imagefolder
+
+        if not os.path.isdir(digits):
+            write_digits_imagefolder(digits)
 
     results = {"machine": _machine(), "quick": args.quick, "repeats": repeats, "pairs": {}}
     for name, data_dir, image_size, epochs, num_labels in (
@@ -320,8 +329,12 @@ def main(argv=None):
         print(f"{name}: {epochs} epochs at {image_size} px", flush=True)
         results["pairs"][name] = measure_pair(name, data_dir, work, image_size, epochs, num_labels, repeats)
         _write(args.output, results)  # what is measured so far survives an interrupted benchmark
-    if not args.skip_memory:
+    if not args.skip_memory and data_pairs:
         results["memory"] = memory_growth(digits, work)
+        _write(args.output, results)
+    if "memory" in args.pairs:
+        print("memory: training a ViT-B/16 (built from a config) four ways, each in a fresh process", flush=True)
+        results["training_memory"] = memory_bench.measure(steps=2 if args.quick else 3, repeats=repeats)
         _write(args.output, results)
     print(format_table(results))
     print(f"Wrote {args.output}")
@@ -369,11 +382,13 @@ def _machine():
 
 
 def format_table(results):
-    lines = [
-        "| pair | pipeline | cold s | warm s | images/s after epoch 1 | data wait after epoch 1 "
-        "| loader-only images/s | peak memory MiB |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    lines = []
+    if results["pairs"]:
+        lines += [
+            "| pair | pipeline | cold s | warm s | images/s after epoch 1 | data wait after epoch 1 "
+            "| loader-only images/s | peak memory MiB |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
     for name, pair in results["pairs"].items():
         for pipeline, summary in pair["summary"].items():
             cold, warm = summary["cold"], summary["warm"]
@@ -397,4 +412,6 @@ def format_table(results):
             f"\nPeak memory, imgft, 1 epoch: {memory['peak_memory_mib']['1x']:.0f} MiB on the digits, "
             f"{memory['peak_memory_mib']['4x']:.0f} MiB on 4x the images ({memory['ratio_4x_to_1x']:.2f}x)."
         )
+    if results.get("training_memory"):
+        lines += ["", memory_bench.format_table(results["training_memory"])]
     return "\n".join(lines)
