@@ -26,7 +26,7 @@ DEFAULT_TARGET_MODULES = (
     ("pwconv1", "pwconv2"),  # ConvNeXt and ConvNeXt V2: the pointwise layers of each block
     ("convolution",),  # ResNet, RegNet: every convolution
 )
-ALL_LINEAR = "all-linear"  # peft's name for every linear layer but the output layer
+ALL_LINEAR = "all-linear"  # every linear layer outside the head, as peft names that choice
 ADAPTED_TYPES = (torch.nn.Linear, torch.nn.Conv2d)
 
 
@@ -99,28 +99,28 @@ def target_modules(model, requested):
     """The layer names an adapter goes into: `requested` (comma-separated names, or all-linear) checked
     against `model`, else the first group of DEFAULT_TARGET_MODULES that `model` has."""
     head = tuple(head_modules(model))
-    names = {
-        name.rsplit(".", 1)[-1]
+    layers = {  # by the last part of their names, as target_modules names them
+        name.rsplit(".", 1)[-1]: module
         for name, module in model.named_modules()
         if isinstance(module, ADAPTED_TYPES) and not name.startswith(head)
     }
-    if requested == ALL_LINEAR:
-        return ALL_LINEAR
+    if requested == ALL_LINEAR:  # resolved here: peft's own all-linear would take the head in too
+        return sorted(name for name, layer in layers.items() if isinstance(layer, torch.nn.Linear))
     if requested:
         wanted = [name.strip() for name in requested.split(",") if name.strip()]
-        missing = [name for name in wanted if name not in names]
+        missing = [name for name in wanted if name not in layers]
         if missing:
             raise UserError(
                 f"--lora_target_modules: {type(model).__name__} has no layer named {', '.join(missing)}; "
-                f"its linear and convolution layers are named {', '.join(sorted(names))}"
+                f"its linear and convolution layers are named {', '.join(sorted(layers))}"
             )
         return wanted
     for group in DEFAULT_TARGET_MODULES:
-        if set(group) <= names:
+        if set(group) <= layers.keys():
             return list(group)
     raise UserError(
         f"--use_peft: no default layers to adapt in {type(model).__name__}; pass --lora_target_modules with "
-        f"some of {', '.join(sorted(names))}"
+        f"some of {', '.join(sorted(layers))}"
     )
 
 

@@ -145,13 +145,10 @@ def _adapter(method, output_dir):
     """How a --use_peft run was trained, from the adapter config it saved in output_dir/adapter."""
     with open(os.path.join(output_dir, ADAPTER_DIR, "adapter_config.json"), encoding="utf-8") as file:
         adapter = json.load(file)
-    targets = adapter["target_modules"]
-    if isinstance(targets, str):  # one pattern, e.g. all-linear
-        targets = [targets]
     name = ADAPTER_NAMES[method]
     settings = {
         "method": f"{name} (`--use_peft {method}`)",
-        "adapted layers": ", ".join(f"`{target}`" for target in sorted(targets)),
+        "adapted layers": ", ".join(f"`{target}`" for target in sorted(adapter["target_modules"])),
         "fully trained": ", ".join(f"`{module}`" for module in adapter["modules_to_save"]),
     }
     for key in ("r", "lora_alpha", "alpha", "lora_dropout", "rank_dropout"):
