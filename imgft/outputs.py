@@ -17,7 +17,7 @@ from imgft.checkpoint import (
     read_state,
     save_failed_message,
 )
-from imgft.errors import UserError
+from imgft.errors import WRITE_ERRORS, UserError
 from imgft.runtime import hub_offline
 
 RESULTS_FILE = "all_results.json"
@@ -112,6 +112,9 @@ def start_run_files(output_dir, train_args, resume_path, config):
     if train_args.overwrite_output_dir and resume_path is None:
         delete_previous_run_files(output_dir)
     os.makedirs(output_dir, exist_ok=True)
+    # The trackers' history is rebuilt from metrics.jsonl (`replay_metrics_to_trackers`), which holds
+    # exactly what the run logged up to its checkpoint, whereas TensorBoard's own log may hold more.
+    shutil.rmtree(os.path.join(output_dir, TRACKER_DIR), ignore_errors=True)
     metrics_log = os.path.join(output_dir, METRICS_LOG)
     if resume_path is None:
         _keep_first_lines(metrics_log, metrics_log, 0)
@@ -150,7 +153,7 @@ def saving_final_files(output_dir):
     problem. all_results.json, which marks a run as finished, is written last, so such a run is resumable."""
     try:
         yield
-    except OSError as err:
+    except WRITE_ERRORS as err:
         raise UserError(save_failed_message("the final model and results", output_dir, err)) from None
 
 
@@ -169,6 +172,19 @@ def tracker_scalars(record):
         for key, value in record.items()
         if key not in ("step", "epoch")
     }
+
+
+def replay_metrics_to_trackers(accelerator, output_dir):
+    """Log every line of output_dir/metrics.jsonl to the trackers again: after a resume, their history is
+    then what the run left alone would have logged, without the steps an interrupted run logged after its
+    checkpoint (or twice)."""
+    metrics_log = os.path.join(output_dir, METRICS_LOG)
+    if not os.path.exists(metrics_log):
+        return
+    with open(metrics_log, encoding="utf-8") as file:
+        for line in file:
+            record = json.loads(line)
+            accelerator.log(tracker_scalars(record), step=record["step"])
 
 
 def tracker_config(config):

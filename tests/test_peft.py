@@ -127,6 +127,29 @@ def test_lora_trains_adapter_and_head_only_with_decay_on_matrices_alone(caplog):
     assert f"of {total:,} parameters trainable ({share:.2f}%)" in caplog.text
 
 
+def test_layer_decay_and_head_learning_rate_see_through_the_adapter():
+    from imgft import layer_decay
+    from imgft.args import TrainArguments
+
+    model = peft_model.prepare_for_training(tiny_vit_model(), model_args(use_peft="lora", lora_r=4))
+    recipe = {"learning_rate": 0.01, "layer_decay": 0.5, "head_learning_rate": 0.1}
+    groups = layer_decay.param_groups(model, dataclasses.replace(TrainArguments(), **recipe))
+    rate_of = {id(param): group["lr"] for group in groups for param in group["params"]}
+    rates = {name: rate_of[id(param)] for name, param in model.named_parameters() if param.requires_grad}
+    assert rates["base_model.model.classifier.modules_to_save.default.weight"] == 0.1
+    # blocks 1 and 2 of 2, under the top (3): 0.01 * 0.5 ** (3 - block)
+    layers = "base_model.model.vit.layers"
+    assert rates[f"{layers}.0.attention.q_proj.lora_A.default.weight"] == pytest.approx(0.0025)
+    assert rates[f"{layers}.1.attention.v_proj.lora_B.default.weight"] == pytest.approx(0.005)
+
+
+def test_an_adapter_cannot_go_with_freezing_the_backbone():
+    from imgft.args import parse_args
+
+    with pytest.raises(UserError, match="--use_peft already freezes the backbone"):
+        parse_args(["--use_peft", "lora", "--freeze_backbone"])
+
+
 @pytest.mark.parametrize("method", ["lora", "loha", "ia3"])
 def test_merged_model_gives_the_adapter_models_logits(method):
     model = peft_model.prepare_for_training(tiny_vit_model(), model_args(use_peft=method, lora_r=4))
