@@ -99,16 +99,18 @@ def target_modules(model, requested):
     """The layer names an adapter goes into: `requested` (comma-separated names, or all-linear) checked
     against `model`, else the first group of DEFAULT_TARGET_MODULES that `model` has."""
     head = tuple(head_modules(model))
-    layers = {  # by the last part of their names, as target_modules names them
-        name.rsplit(".", 1)[-1]: module
+    full_names = [
+        name
         for name, module in model.named_modules()
         if isinstance(module, ADAPTED_TYPES) and not name.startswith(head)
-    }
+    ]
+    layers = {name.rsplit(".", 1)[-1]: model.get_submodule(name) for name in full_names}  # by their last part
     if requested == ALL_LINEAR:  # resolved here: peft's own all-linear would take the head in too
         return sorted(name for name, layer in layers.items() if isinstance(layer, torch.nn.Linear))
     if requested:
         wanted = [name.strip() for name in requested.split(",") if name.strip()]
-        missing = [name for name in wanted if name not in layers]
+        # peft matches a name against the end of each layer's full name: `q_proj` or `attention.q_proj`
+        missing = [name for name in wanted if not any(f".{full}".endswith(f".{name}") for full in full_names)]
         if missing:
             raise UserError(
                 f"--lora_target_modules: {type(model).__name__} has no layer named {', '.join(missing)}; "
@@ -146,6 +148,7 @@ def head_modules(model):
 
 
 def is_adapter_model(model):
+    """Whether `model` is wrapped in an adapter (a peft model)."""
     peft = sys.modules.get("peft")  # never imported: no model anywhere has an adapter
     return peft is not None and isinstance(model, peft.PeftModel)
 

@@ -98,7 +98,7 @@ def test_default_targets_and_head_per_architecture(model_type, settings, targets
 def test_a_layer_name_the_model_lacks_is_one_line_naming_the_ones_it_has():
     with pytest.raises(UserError, match=r"has no layer named query, value; .* named .*q_proj.*v_proj"):
         peft_model.target_modules(tiny_vit_model(), "query, value")
-    assert peft_model.target_modules(tiny_vit_model(), "k_proj,fc2") == ["k_proj", "fc2"]
+    assert peft_model.target_modules(tiny_vit_model(), "k_proj,mlp.fc2") == ["k_proj", "mlp.fc2"]
     all_linear = ["fc1", "fc2", "k_proj", "o_proj", "q_proj", "v_proj"]  # not the head: it trains whole
     assert peft_model.target_modules(tiny_vit_model(), "all-linear") == all_linear
 
