@@ -44,6 +44,7 @@ from imgft import (
 )
 from imgft.errors import UserError, run_as_script
 from imgft.model import check_model_source, load_model
+from imgft.peft_model import save_adapter_and_merge
 from imgft.recipes import ema, mixing, sampling
 from imgft.report import reports
 from imgft.train_state import TrainState
@@ -144,8 +145,11 @@ def main(argv=None):
     batch_size = train_args.per_device_train_batch_size
     train_labels = data.labels_of(train_rows, label_column)
     sampler = sampling.balanced_sampler(train_labels, train_args)  # --balanced_sampling; None: a shuffle
+    # Each pass over the data draws a seed for its workers: from a generator of its own, not from the global
+    # RNG that dropout draws from, or a run resumed mid-epoch would draw once more than the run it continues.
+    seeds = torch.Generator().manual_seed(train_args.seed)
     train_dataloader = DataLoader(
-        train_dataset, batch_size, shuffle=sampler is None, sampler=sampler, **loader_options
+        train_dataset, batch_size, shuffle=sampler is None, sampler=sampler, generator=seeds, **loader_options
     )
     eval_dataloader = DataLoader(eval_dataset, train_args.per_device_eval_batch_size, **loader_options)
 
@@ -302,7 +306,9 @@ def main(argv=None):
     accelerator.wait_for_everyone()
     with outputs.saving_final_files(output_dir):  # a full disk: one line, and the checkpoints stay intact
         # unwrap_model strips the DDP and torch.compile wrappers, so the weights load without imgft.
-        accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(
+        # With --use_peft the adapter goes to output_dir/adapter and is merged into the weights saved here.
+        plain_model = accelerator.unwrap_model(model, keep_torch_compile=False)
+        save_adapter_and_merge(plain_model, output_dir, accelerator).save_pretrained(
             output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save
         )
         if accelerator.is_main_process:

@@ -199,6 +199,37 @@ class ModelArguments:
             "An architecture without one is refused."
         },
     )
+    use_peft: Literal["lora", "loha", "ia3"] | None = field(
+        default=None,
+        metadata={
+            "help": "Train an adapter (🤗 PEFT) beside the frozen weights, and the classifier head, "
+            "instead of all weights: lora, loha or ia3. output_dir gets the model with the adapter "
+            "merged in, output_dir/adapter the adapter alone."
+        },
+    )
+    lora_r: int = field(default=16, metadata={"help": "Rank of the LoRA/LoHa update (--use_peft)."})
+    lora_alpha: int = field(
+        default=16, metadata={"help": "LoRA/LoHa scaling: the update is multiplied by lora_alpha / lora_r."}
+    )
+    lora_dropout: float = field(
+        default=0.1, metadata={"help": "Dropout on the LoRA update's input (LoHa: rank dropout)."}
+    )
+    lora_target_modules: str | None = field(
+        default=None,
+        metadata={
+            "help": "Names of the layers the adapter goes into, separated by commas (e.g. q_proj,v_proj), or "
+            "all-linear. Default by architecture: attention's query and value projections (ViT, DeiT, BEiT, "
+            "DINOv2, Swin...), pwconv1,pwconv2 (ConvNeXt), convolution (ResNet)."
+        },
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep only each layer's input and recompute its activations in the backward pass: "
+            "much less memory for a slower step. For models that support it (ViT, Swin, DINOv2...; "
+            "not ResNet or ConvNeXt)."
+        },
+    )
 
 
 @dataclass(frozen=True)
@@ -655,6 +686,7 @@ def check_args(data_args, model_args, train_args):
         "eval_steps": train_args.eval_steps,
         "early_stopping_patience": train_args.early_stopping_patience,
         "unfreeze_after_epochs": train_args.unfreeze_after_epochs,
+        "lora_r": model_args.lora_r,
     }.items():
         if value is not None and value < 1:
             raise UserError(f"--{name} must be at least 1 (got {value})")
@@ -674,6 +706,10 @@ def check_args(data_args, model_args, train_args):
     _check_recipes(model_args, train_args)
     if not 0 < data_args.train_val_split < 1:
         raise UserError(f"--train_val_split must lie strictly between 0 and 1 (got {data_args.train_val_split})")
+    if model_args.lora_alpha <= 0:
+        raise UserError(f"--lora_alpha must be greater than 0 (got {model_args.lora_alpha})")
+    if not 0 <= model_args.lora_dropout < 1:
+        raise UserError(f"--lora_dropout must lie in [0, 1) (got {model_args.lora_dropout})")
     if not 0 < data_args.crop_scale_min <= 1:
         raise UserError(f"--crop_scale_min must lie in (0, 1] (got {data_args.crop_scale_min})")
     if not 0 <= data_args.random_erasing <= 1:
@@ -707,6 +743,11 @@ def _check_recipes(model_args, train_args):
         raise UserError(f"--drop_path_rate must lie in [0, 1) (got {drop_rate})")
     unfreeze = train_args.unfreeze_after_epochs
     epochs = train_args.num_train_epochs
+    if model_args.use_peft and (train_args.freeze_backbone or unfreeze is not None):
+        raise UserError(
+            "--use_peft already freezes the backbone and trains an adapter in it; it cannot go with "
+            "--freeze_backbone or --unfreeze_after_epochs"
+        )
     if unfreeze is not None and train_args.max_train_steps is None and unfreeze >= epochs:
         raise UserError(
             f"--unfreeze_after_epochs {unfreeze} would never unfreeze in {epochs} epochs: "

@@ -25,6 +25,7 @@ METRICS_LOG = "metrics.jsonl"
 CONFIG_FILE = "imgft_config.yaml"
 TRACKER_DIR = "imgft"  # accelerate's trackers write under output_dir/<project name>
 BEST_DIR = "best_model"  # the best evaluation's weights, with --load_best_model_at_end
+ADAPTER_DIR = "adapter"  # with --use_peft, the adapter alone (the model beside it has it merged in)
 # The report (imgft.report.reports): also what `python -m imgft evaluate --output_dir` writes.
 EVAL_RESULTS_FILE = "eval_results.json"
 CONFUSION_MATRIX_FILE = "confusion_matrix.png"
@@ -95,7 +96,9 @@ def delete_previous_run_files(output_dir):
         if name in RUN_FILES and os.path.isfile(path):
             os.remove(path)
         elif os.path.isdir(path) and (
-            CHECKPOINT_NAME.match(name) or name.startswith(STAGING_PREFIX) or name in (TRACKER_DIR, BEST_DIR)
+            CHECKPOINT_NAME.match(name)
+            or name.startswith(STAGING_PREFIX)
+            or name in (TRACKER_DIR, BEST_DIR, ADAPTER_DIR)
         ):
             shutil.rmtree(path)
 
@@ -238,7 +241,13 @@ def load_weights(model, folder):
     """Copy the weights saved by save_pretrained in `folder` into `model` (the best evaluation's, at the end).
 
     Loaded through from_pretrained rather than a raw state dict: transformers may save tensors under
-    other names than the live model uses, and maps them back only on that path.
+    other names than the live model uses, and maps them back only on that path. An adapter model saved
+    only its adapter there, and loads only that: its frozen weights never changed.
     """
+    from imgft import peft_model  # imgft.peft_model imports this module
+
+    if peft_model.is_adapter_model(model):
+        peft_model.load_adapter_weights(model, folder)
+        return
     saved = type(model).from_pretrained(folder)
     model.load_state_dict(saved.state_dict())
