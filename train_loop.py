@@ -63,6 +63,7 @@ def main(argv=None):
     except ValueError as err:  # e.g. bf16 on a GPU that cannot do it
         raise UserError(f"--mixed_precision {train_args.mixed_precision}: {err}") from None
     runtime.setup_logging()
+    outputs.check_every_process_sees_output_dir(accelerator, output_dir)  # one folder, on shared storage
     resume_path = checkpoint.resolve_resume(train_args.resume_from_checkpoint, output_dir)
     resuming = train_args.resume_from_checkpoint is not None
     if outputs.check_output_dir(output_dir, resuming, train_args.overwrite_output_dir, config):

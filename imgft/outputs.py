@@ -5,8 +5,11 @@ import json
 import math
 import os
 import shutil
+import socket
+import uuid
 
 import yaml
+from accelerate.utils import broadcast_object_list, gather_object
 
 from imgft.args import ABSOLUTE_PATHS_KEY, absolute_paths
 from imgft.checkpoint import (
@@ -77,6 +80,40 @@ def check_output_dir(output_dir, resume_requested, overwrite, config):
             "to continue it, or --overwrite_output_dir to start over"
         )
     return False
+
+
+SHARED_CHECK_PREFIX = ".imgft-shared-check-"
+
+
+def check_every_process_sees_output_dir(accelerator, output_dir):
+    """Refuse a run whose processes do not all see one output_dir: a folder local to each machine, or a
+    relative path from different working directories. Checkpoints would then be split between machines,
+    and a resume would find a different checkpoint, or none, on each.
+
+    The main process writes a file with a fresh random name into output_dir; every process then looks for
+    it, and every process raises the same UserError naming the hosts that cannot see it.
+    """
+    if accelerator.num_processes == 1:
+        return
+    name = [SHARED_CHECK_PREFIX + uuid.uuid4().hex]
+    if accelerator.is_main_process:
+        os.makedirs(output_dir, exist_ok=True)
+        open(os.path.join(output_dir, name[0]), "w").close()
+    broadcast_object_list(name)  # the main process's name, sent once its file is written
+    marker = os.path.join(output_dir, name[0])
+    here = {"host": socket.gethostname(), "rank": accelerator.process_index, "path": os.path.abspath(output_dir)}
+    views = gather_object([{**here, "sees": os.path.exists(marker)}])
+    if accelerator.is_main_process:
+        os.remove(marker)
+    main = views[0]
+    blind = [view for view in views if not view["sees"]]
+    if blind:
+        where = ", ".join(f"{view['host']} (rank {view['rank']}, {view['path']})" for view in blind)
+        raise UserError(
+            f"--output_dir {output_dir} is not one folder that every process sees: {where} cannot see what "
+            f"{main['host']} (rank 0) wrote in {main['path']}. Put output_dir on storage that all machines "
+            "share (NFS, Lustre...) under the same path, and give it as an absolute path"
+        )
 
 
 def _read_run_config(path):
