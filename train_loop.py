@@ -264,8 +264,12 @@ def main(argv=None):
     accelerator.wait_for_everyone()
     with outputs.saving_final_files(output_dir):  # a full disk: one line, and the checkpoints stay intact
         # unwrap_model strips the DDP (and torch.compile) wrappers, so the weights load without imgft.
+        # get_state_dict gathers whole weights that FSDP or DeepSpeed ZeRO-3 shard over the processes.
         accelerator.unwrap_model(model).save_pretrained(
-            output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save
+            output_dir,
+            is_main_process=accelerator.is_main_process,
+            save_function=accelerator.save,
+            state_dict=accelerator.get_state_dict(model),
         )
         if accelerator.is_main_process:
             image_processor.save_pretrained(output_dir)  # pipeline() reads sizes and normalisation from it
@@ -331,7 +335,9 @@ def evaluate_and_record(model, eval_dataloader, normalize, accelerator, state, t
     )
     if improved and train_args.load_best_model_at_end:
         accelerator.unwrap_model(model).save_pretrained(
-            os.path.join(train_args.output_dir, outputs.BEST_DIR), is_main_process=accelerator.is_main_process
+            os.path.join(train_args.output_dir, outputs.BEST_DIR),
+            is_main_process=accelerator.is_main_process,
+            state_dict=accelerator.get_state_dict(model),  # whole weights, also when FSDP shards them
         )
     return results, details
 

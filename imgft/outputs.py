@@ -10,6 +10,7 @@ import uuid
 
 import yaml
 from accelerate.utils import broadcast_object_list, gather_object
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 from imgft.args import ABSOLUTE_PATHS_KEY, absolute_paths
 from imgft.checkpoint import (
@@ -259,7 +260,8 @@ def load_weights(model, folder):
     """Copy the weights saved by save_pretrained in `folder` into `model` (the best evaluation's, at the end).
 
     Loaded through from_pretrained rather than a raw state dict: transformers may save tensors under
-    other names than the live model uses, and maps them back only on that path.
+    other names than the live model uses, and maps them back only on that path. set_model_state_dict, where
+    FSDP shards the model, gives each process its own part of the whole weights; otherwise it loads them.
     """
     saved = type(model).from_pretrained(folder)
-    model.load_state_dict(saved.state_dict())
+    set_model_state_dict(model, saved.state_dict(), options=StateDictOptions(full_state_dict=True))
