@@ -1,5 +1,6 @@
-"""examples/slurm/train.sbatch, run by bash against a fake `scontrol`, `srun` and `accelerate` that record what
-they are given: the accelerate arguments each node computes, and a SIGTERM that checkpoints, then requeues."""
+"""examples/slurm/train.sbatch, run by bash against a fake `scontrol`, `scancel`, `srun` and `accelerate` that
+record what they are given: the accelerate arguments each node computes; the time-limit warning, which has
+every node checkpoint and then requeues the job; a preemption's SIGTERM, which is waited for."""
 
 import os
 import re
@@ -20,9 +21,15 @@ else  # requeue: record how many nodes had stopped by then
     echo "$* after $(ls "$FAKE_LOG" | grep -c stopped) stopped" >> "$FAKE_LOG/scontrol.txt"
 fi
 """
+# Like `scancel --signal=TERM job`: SIGTERM to every process of the job's steps (here through the fake srun).
+FAKE_SCANCEL = """#!/bin/bash
+echo "$*" >> "$FAKE_LOG/scancel.txt"
+kill -TERM "$(cat "$FAKE_LOG/srun.pid")"
+"""
 # Like srun: the command once per node, with that node's SLURM_NODEID, and a SIGTERM passed on to every task.
 FAKE_SRUN = """#!/bin/bash
 echo "$*" > "$FAKE_LOG/srun.txt"
+echo $$ > "$FAKE_LOG/srun.pid"
 while [[ "$1" == -* ]]; do shift; done
 pids=()
 trap 'kill -TERM "${pids[@]}" 2>/dev/null' TERM
@@ -57,7 +64,8 @@ def fake_cluster(tmp_path):
     bin_dir, log = tmp_path / "bin", tmp_path / "log"
     bin_dir.mkdir()
     log.mkdir()
-    for name, text in {"scontrol": FAKE_SCONTROL, "srun": FAKE_SRUN, "accelerate": FAKE_ACCELERATE}.items():
+    fakes = {"scontrol": FAKE_SCONTROL, "scancel": FAKE_SCANCEL, "srun": FAKE_SRUN}
+    for name, text in {**fakes, "accelerate": FAKE_ACCELERATE}.items():
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     env = {
@@ -76,7 +84,8 @@ def fake_cluster(tmp_path):
 def submit(env, *args):
     """The batch script as SLURM runs it on the first node, from the submit folder."""
     command = ["bash", str(SCRIPT), "configs/vit-beans.yaml", "--output_dir", "/shared/runs/beans", *args]
-    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
+    return subprocess.Popen(command, cwd=REPO, env=env, **output)
 
 
 def wait_for(condition, timeout=30):
@@ -127,16 +136,30 @@ def test_a_failed_run_is_not_requeued(fake_cluster):
     assert "requeue" not in (log / "scontrol.txt").read_text()
 
 
-def test_sigterm_checkpoints_every_node_then_requeues_the_job(fake_cluster):
+def test_the_time_limit_warning_checkpoints_every_node_then_requeues_the_job(fake_cluster):
     env, log = fake_cluster
     job = submit(env)
     wait_for(lambda: (log / "node0.training").exists() and (log / "node1.training").exists())
-    job.send_signal(signal.SIGTERM)  # what --signal=B:TERM@120 sends
+    job.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@120 sends
     assert job.wait(timeout=30) == 0
+    assert (log / "scancel.txt").read_text() == "--signal=TERM 4242\n"  # the run's processes, not the script
     assert (log / "node0.stopped").exists() and (log / "node1.stopped").exists()
     # Requeued only once both nodes had saved and stopped.
     assert (log / "scontrol.txt").read_text().splitlines()[-1] == "requeue 4242 after 2 stopped"
     assert "requeued" in job.stdout.read()
+
+
+def test_a_preemption_is_waited_for_and_signals_no_process_twice(fake_cluster):
+    env, log = fake_cluster
+    job = submit(env)
+    wait_for(lambda: (log / "node0.training").exists() and (log / "node1.training").exists())
+    # A preemption: SIGTERM to the script and to every process of the run, from SLURM.
+    job.send_signal(signal.SIGTERM)
+    os.kill(int((log / "srun.pid").read_text()), signal.SIGTERM)
+    assert job.wait(timeout=30) == 143
+    assert (log / "node0.stopped").exists() and (log / "node1.stopped").exists()
+    assert not (log / "scancel.txt").exists()  # no second SIGTERM
+    assert "requeue" not in (log / "scontrol.txt").read_text()  # SLURM requeues a preempted job itself
 
 
 def test_the_launcher_waits_for_the_checkpoint_within_the_signal_lead_time():
@@ -145,6 +168,6 @@ def test_the_launcher_waits_for_the_checkpoint_within_the_signal_lead_time():
     # sbatch reads #SBATCH lines only before the first command.
     assert all(line.startswith("#") or not line.strip() for line in header.splitlines())
     assert "#SBATCH --requeue" in header
-    lead = int(re.search(r"#SBATCH --signal=B:TERM@(\d+)", header).group(1))
+    lead = int(re.search(r"#SBATCH --signal=B:USR1@(\d+)", header).group(1))
     shutdown = int(re.search(r"TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-(\d+)", text).group(1))
     assert 30 < shutdown < lead  # more than torch's default, and done before SLURM's SIGKILL
