@@ -26,9 +26,23 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from imgft import args as imgft_args
-from imgft import best, checkpoint, data, metrics, nonfinite, optimizer, outputs, runtime, transforms
+from imgft import (
+    augment,
+    best,
+    checkpoint,
+    data,
+    freezing,
+    layer_decay,
+    metrics,
+    nonfinite,
+    optimizer,
+    outputs,
+    run_lock,
+    runtime,
+    transforms,
+)
 from imgft.errors import UserError, run_as_script
-from imgft.model import check_model_source, load_model, optimizer_param_groups
+from imgft.model import check_model_source, load_model
 from imgft.report import reports
 from imgft.train_state import TrainState
 
@@ -59,10 +73,12 @@ def main(argv=None):
             log_with=train_args.report_to if train_args.with_tracking else None,
             project_dir=output_dir,
             dataloader_config=loader_config,
+            kwargs_handlers=freezing.ddp_kwargs_handlers(train_args),  # a frozen backbone gets no gradients
         )
     except ValueError as err:  # e.g. bf16 on a GPU that cannot do it
         raise UserError(f"--mixed_precision {train_args.mixed_precision}: {err}") from None
     runtime.setup_logging()
+    run_lock.take_output_dir_lock_on_main_process(accelerator, output_dir)  # one live run per folder
     outputs.check_every_process_sees_output_dir(accelerator, output_dir)  # one folder, on shared storage
     resume_path = checkpoint.resolve_resume(train_args.resume_from_checkpoint, output_dir)
     resuming = train_args.resume_from_checkpoint is not None
@@ -98,8 +114,10 @@ def main(argv=None):
     train_transform, eval_transform = transforms.build_transforms(
         image_processor, model_args.image_size, data_args.random_flip, data_args.crop_scale_min
     )
+    train_transform = augment.with_auto_augment_and_erasing(train_transform, data_args, image_processor)
     normalize = transforms.normalizer(image_processor, train_args.channels_last)
     train_rows = data.subsample(dataset["train"], data_args.max_train_samples, train_args.seed)
+    data.warn_classes_without_training_images(train_rows, label_column, label_names)
     eval_rows = data.subsample(dataset["validation"], data_args.max_eval_samples, train_args.seed)
     # set_transform, lazily: images are decoded and augmented per batch, in the DataLoader's workers.
     # Augmentation is seeded per image by (seed, epoch, row), the workers reading the epoch from
@@ -128,7 +146,8 @@ def main(argv=None):
     # ---------------------------------------------------------------- 5. Optimizer, schedule, prepare
     if train_args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    param_groups = optimizer_param_groups(model, train_args.weight_decay)  # no decay on biases and norms
+    # No weight decay on biases and norms; --layer_decay and --head_learning_rate give groups their own lr.
+    param_groups = layer_decay.param_groups(model, train_args)
     adamw = optimizer.adamw(param_groups, train_args.learning_rate, accelerator.mixed_precision)
     # prepare() moves the model to the device and wraps it in DDP, wraps the optimizer for mixed precision
     # and accumulation, and shards each DataLoader: len(train_dataloader) is then this process's share.
@@ -159,9 +178,8 @@ def main(argv=None):
         outputs.start_run_files(output_dir, train_args, resume_path, config)
     if train_args.with_tracking:
         # init_trackers starts TensorBoard/W&B/... on the main process only; log() is a no-op elsewhere.
-        # purge_step has TensorBoard drop what an interrupted run logged after the step we start from.
-        tensorboard_options = {"tensorboard": {"purge_step": state.completed_steps + 1}}
-        accelerator.init_trackers(outputs.TRACKER_DIR, outputs.tracker_config(config), tensorboard_options)
+        accelerator.init_trackers(outputs.TRACKER_DIR, outputs.tracker_config(config))
+        outputs.replay_metrics_to_trackers(accelerator, output_dir)  # a resumed run's history, as logged
     runtime.log_run_summary(train_rows, eval_rows, label_names, accelerator, train_args, max_train_steps)
 
     # ---------------------------------------------------------------- The training loop
@@ -176,6 +194,7 @@ def main(argv=None):
     run_clock = runtime.SpeedClock(state.samples_seen)
     while state.completed_steps < max_train_steps and stop is None:
         model.train()
+        freezing.apply_unfreeze_schedule(accelerator.unwrap_model(model), state.epoch, train_args)
         train_dataloader.set_epoch(state.epoch)  # reshuffle, in an order fixed by (seed, epoch)
         augmentation_epoch.fill_(state.epoch)
         # skip_first_batches replaces "iterate and discard" after a resume: the sampler jumps ahead

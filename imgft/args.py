@@ -51,6 +51,13 @@ class DataArguments:
         },
     )
     validation_dir: str | None = field(default=None, metadata={"help": "An imagefolder of validation images."})
+    eval_split: str | None = field(
+        default=None,
+        metadata={
+            "help": "Which split of --dataset_name to evaluate on (e.g. test). Default: validation, valid or val, "
+            "else test, else a seeded part of train (--train_val_split)."
+        },
+    )
     train_val_split: float = field(
         default=0.15,
         metadata={"help": "Fraction of train held out (seeded) when the dataset has no validation split."},
@@ -78,6 +85,39 @@ class DataArguments:
     crop_scale_min: float = field(
         default=0.6,
         metadata={"help": "Smallest area fraction RandomResizedCrop keeps of a training image (torchvision: 0.08)."},
+    )
+    auto_augment: Literal["randaugment", "trivialaugment", "autoaugment", "augmix"] | None = field(
+        default=None,
+        metadata={
+            "help": "An automatic augmentation policy for each training crop, seeded per image: "
+            "torchvision v2 RandAugment, TrivialAugmentWide, AutoAugment (ImageNet policy) or AugMix. "
+            "Default: none."
+        },
+    )
+    randaugment_num_ops: int = field(
+        default=2,
+        metadata={"help": "With --auto_augment randaugment: operations per image (torchvision num_ops)."},
+    )
+    randaugment_magnitude: int = field(
+        default=9,
+        metadata={"help": "With --auto_augment randaugment: their strength, 0-30 (torchvision magnitude)."},
+    )
+    random_erasing: float = field(
+        default=0.0,
+        metadata={
+            "help": "Probability of erasing a random rectangle of each training crop (torchvision "
+            "RandomErasing), after --auto_augment, filled with the processor's mean colour: zero after "
+            "normalisation, as torchvision's default."
+        },
+    )
+    tta: Literal["flip", "zoom", "flip_zoom"] | None = field(
+        default=None,
+        metadata={
+            "help": "Test-time augmentation for `python -m imgft evaluate` and `predict`, logits averaged "
+            "over views: flip adds the mirrored evaluation crop; zoom the image's central 7/8 (of width and "
+            "height) through the same resize and crop; flip_zoom both and the mirrored zoom (4 views). "
+            "Training ignores it."
+        },
     )
     num_workers: int | None = field(
         default=None,
@@ -151,6 +191,14 @@ class ModelArguments:
         default=None,
         metadata={"help": "Where downloaded models and datasets are kept."},
     )
+    drop_path_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Stochastic depth: the rate at which the deepest residual block is skipped in training, "
+            "set on the config's drop_path_rate (or its own name for it). Default: the config's own value. "
+            "An architecture without one is refused."
+        },
+    )
 
 
 @dataclass(frozen=True)
@@ -188,6 +236,33 @@ class TrainArguments:
         "constant_with_warmup",
     ] = field(default="linear", metadata={"help": "Learning-rate schedule after warmup."})
     num_warmup_steps: int = field(default=0, metadata={"help": "Optimizer steps of linear warmup."})
+    layer_decay: float | None = field(
+        default=None,
+        metadata={
+            "help": "Layer-wise learning-rate decay (BEiT, timm), e.g. 0.75: layer i of L gets "
+            "learning_rate * layer_decay ** (L + 1 - i); embeddings are layer 0, the final norm and head "
+            "L + 1. For encoders whose blocks match the config's depths or num_hidden_layers (ViT, DeiT, "
+            "BEiT, Swin, ConvNeXt, ResNet, ...); any other is refused."
+        },
+    )
+    head_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Learning rate of the classifier head. Default: --learning_rate."},
+    )
+    freeze_backbone: bool = field(
+        default=False,
+        metadata={
+            "help": "Train only the classifier head (a linear probe); BatchNorm statistics still adapt. "
+            "See --unfreeze_after_epochs."
+        },
+    )
+    unfreeze_after_epochs: int | None = field(
+        default=None,
+        metadata={
+            "help": "Train only the head for this many epochs, then the whole model (fastai's fine_tune), "
+            "under one learning-rate schedule. Implies --freeze_backbone until then."
+        },
+    )
     on_nonfinite_loss: Literal["stop", "skip"] = field(
         default="stop",
         metadata={
@@ -282,7 +357,7 @@ EVALUATE_COMMAND = Command(
     "Evaluate a saved model on the validation split, read as training reads it; with --output_dir, also write "
     f"eval_results.json and pictures of the errors there. {CONFIG_NOTE} Training flags not listed are ignored.",
     DATA_FLAGS
-    + ("resize_once", "stored_image_size", "max_eval_samples")
+    + ("resize_once", "stored_image_size", "max_eval_samples", "tta")
     + ("model_name_or_path", "image_processor_name", "image_size", "cache_dir", "model_revision", "trust_remote_code")
     + ("per_device_eval_batch_size", "mixed_precision", "seed", "output_dir"),
 )
@@ -313,6 +388,11 @@ def make_parser(command=TRAIN_COMMAND):
 
 def help_text(command):
     return make_parser(command).format_help()
+
+
+def field_defaults():
+    """{flag name: default} for every argument (the hub token left out, as in `to_dict`)."""
+    return to_dict(*(cls() for cls in ARG_CLASSES))
 
 
 def field_names():
@@ -531,6 +611,7 @@ def check_args(data_args, model_args, train_args):
         "stored_image_size": data_args.stored_image_size,
         "eval_steps": train_args.eval_steps,
         "early_stopping_patience": train_args.early_stopping_patience,
+        "unfreeze_after_epochs": train_args.unfreeze_after_epochs,
     }.items():
         if value is not None and value < 1:
             raise UserError(f"--{name} must be at least 1 (got {value})")
@@ -545,10 +626,18 @@ def check_args(data_args, model_args, train_args):
             raise UserError(f"--{name} must be a non-negative number (got {value})")
     if train_args.learning_rate == 0:
         raise UserError("--learning_rate must be greater than 0")
+    _check_recipes(model_args, train_args)
     if not 0 < data_args.train_val_split < 1:
         raise UserError(f"--train_val_split must lie strictly between 0 and 1 (got {data_args.train_val_split})")
     if not 0 < data_args.crop_scale_min <= 1:
         raise UserError(f"--crop_scale_min must lie in (0, 1] (got {data_args.crop_scale_min})")
+    if not 0 <= data_args.random_erasing <= 1:
+        raise UserError(f"--random_erasing must lie in [0, 1] (got {data_args.random_erasing})")
+    if data_args.randaugment_num_ops < 1:
+        raise UserError(f"--randaugment_num_ops must be at least 1 (got {data_args.randaugment_num_ops})")
+    magnitude = data_args.randaugment_magnitude
+    if not 0 <= magnitude <= 30:
+        raise UserError(f"--randaugment_magnitude must lie in [0, 30] (got {magnitude})")
     steps = train_args.checkpointing_steps
     if steps is not None and steps != "epoch" and not (_is_whole_number(steps) and int(steps) > 0):
         raise UserError(f"--checkpointing_steps must be a positive whole number or 'epoch' (got '{steps}')")
@@ -556,6 +645,27 @@ def check_args(data_args, model_args, train_args):
         raise UserError("give either --dataset_name or --train_dir/--validation_dir, not both")
     if data_args.validation_dir and not data_args.train_dir:
         raise UserError("--validation_dir needs --train_dir")
+
+
+def _check_recipes(model_args, train_args):
+    """The fine-tuning recipes' ranges: layer decay, the head's learning rate, unfreezing, stochastic depth.
+    Written as `not inside` so that NaN, for which every comparison is false, is refused too."""
+    layer_decay = train_args.layer_decay
+    head_rate = train_args.head_learning_rate
+    drop_rate = model_args.drop_path_rate
+    if layer_decay is not None and not 0 < layer_decay <= 1:
+        raise UserError(f"--layer_decay must lie in (0, 1] (got {layer_decay})")
+    if head_rate is not None and not 0 < head_rate < math.inf:
+        raise UserError(f"--head_learning_rate must be a positive number (got {head_rate})")
+    if drop_rate is not None and not 0 <= drop_rate < 1:
+        raise UserError(f"--drop_path_rate must lie in [0, 1) (got {drop_rate})")
+    unfreeze = train_args.unfreeze_after_epochs
+    epochs = train_args.num_train_epochs
+    if unfreeze is not None and train_args.max_train_steps is None and unfreeze >= epochs:
+        raise UserError(
+            f"--unfreeze_after_epochs {unfreeze} would never unfreeze in {epochs} epochs: "
+            "pass fewer, or --freeze_backbone to train only the head"
+        )
 
 
 def to_dict(*args_objects):

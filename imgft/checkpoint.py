@@ -6,7 +6,8 @@ import os
 import re
 import shutil
 
-from imgft.errors import UserError
+from imgft.args import field_defaults
+from imgft.errors import WRITE_ERRORS, UserError, write_failure_reason
 
 STATE_FILE = "imgft_state.json"
 CHECKPOINT_NAME = re.compile(r"^(step|epoch)_\d+$")
@@ -23,6 +24,7 @@ SAFE_TO_CHANGE = {
     "num_workers",
     "per_device_eval_batch_size",
     "max_eval_samples",
+    "tta",
     "num_train_epochs",
     "max_train_steps",
     "logging_steps",
@@ -54,7 +56,10 @@ EXPECTED_CHANGES = {"output_dir", "overwrite_output_dir", "resume_from_checkpoin
 def compare_runs(saved, current):
     """(changes that make a resume inexact, harmless changes worth a warning), each as 'name: then -> now'."""
     unsafe, safe = [], []
-    saved_config, config = saved.get("config", {}), current.get("config", {})
+    # A flag added to imgft after the checkpoint was saved is missing from it: the run had its default.
+    defaults = field_defaults()
+    saved_config = {**defaults, **saved.get("config", {})}
+    config = {**defaults, **current.get("config", {})}
     for key in sorted(set(saved_config) | set(config)):
         if saved_config.get(key) != config.get(key):
             change = f"{key}: {saved_config.get(key)!r} -> {config.get(key)!r}"
@@ -132,7 +137,7 @@ def staged_checkpoint(accelerator, output_dir, name, completed_steps, identity, 
             if os.path.exists(final_path):
                 shutil.rmtree(final_path)
             os.rename(staging_path, final_path)
-    except OSError as err:
+    except WRITE_ERRORS as err:
         if accelerator.is_main_process:
             shutil.rmtree(staging_path, ignore_errors=True)
         raise UserError(save_failed_message(f"checkpoint {name}", output_dir, err)) from None
@@ -143,7 +148,7 @@ def save_failed_message(what, output_dir, err):
     checkpoints = list_checkpoints(output_dir)
     kept = f"the last complete checkpoint is {checkpoints[-1]}" if checkpoints else "there is no checkpoint"
     return (
-        f"cannot save {what} in {output_dir}: {err.strerror or err}; {kept}. "
+        f"cannot save {what} in {output_dir}: {write_failure_reason(err, output_dir)}; {kept}. "
         "Free some space, then rerun the same command with --resume_from_checkpoint latest"
     )
 

@@ -1,5 +1,6 @@
-"""Step 2: the dataset and its labels: Hub name or imagefolders, the validation split, label names, and the
-one decode pass that sets unreadable images aside (and stores the rest shrunk). No transforms: see transforms.py."""
+"""Step 2: the dataset and its labels: Hub name or imagefolders (classes from their top-level folders, or from
+metadata files), the split to evaluate on, label names, and the one decode pass that sets unreadable images
+aside (and stores the rest shrunk). No transforms: see transforms.py."""
 
 import logging
 import os
@@ -23,10 +24,34 @@ def load_labeled_dataset(data_args, cache_dir, seed):
 
     Labels become a ClassLabel shared by both splits. With no dataset named, the digits demo is used.
     """
-    dataset = load_raw_datasets(data_args, cache_dir, seed, demo_dir_for(data_args))
+    dataset, validation_source = load_raw_datasets(data_args, cache_dir, seed, demo_dir_for(data_args))
+    log_once(logging.INFO, f"Evaluating on {validation_source}")
     image_column, label_column = find_columns(dataset, data_args.image_column_name, data_args.label_column_name)
     dataset, label_names = encode_labels(dataset, label_column)
     return dataset, image_column, label_column, label_names
+
+
+def load_evaluation_split(data_args, cache_dir, seed, label2id):
+    """(split, image_column, label_column) to evaluate a trained model on, labelled with the model's ids.
+
+    Needs no training data: the labels come from the model (`label2id`), matched by class name. The split
+    is --validation_dir alone, else the one training evaluates on (`load_raw_datasets`' choice), which
+    is part of train only when the dataset has no split to evaluate on.
+    """
+    if data_args.validation_dir:
+        flag = "--validation_dir"
+        dataset = _load_imagefolders({"validation": (data_args.validation_dir, flag)}, data_args, cache_dir, 1)
+        split, source = dataset["validation"], f"{flag} {data_args.validation_dir}"
+    elif data_args.dataset_name:
+        _, split, source = _named_splits(_load_named(data_args, cache_dir), data_args, seed)
+    else:
+        dataset, source = load_raw_datasets(data_args, cache_dir, seed, demo_dir_for(data_args))
+        split = dataset["validation"]
+    log_once(logging.INFO, f"Evaluating on {source}")
+    dataset = datasets.DatasetDict(validation=split)
+    image_column, label_column = find_columns(dataset, data_args.image_column_name, data_args.label_column_name)
+    dataset, label_names = _class_labels(dataset, label_column)
+    return relabel(dataset["validation"], label_column, label_names, label2id), image_column, label_column
 
 
 def preprocessing_processes(data_args):
@@ -65,7 +90,7 @@ def decode_once_dropping_unreadable(dataset, image_column, label_column, label_n
         verdict_columns = [c for c in (images.ERROR_COLUMN, images.PATH_COLUMN) if c in part.column_names]
         kept[split] = part.remove_columns(verdict_columns)
     kept = datasets.DatasetDict(kept)
-    if problems:  # a class may have lost all its training images
+    if problems and "train" in kept:  # a class may have lost all its training images
         _check_class_counts(kept, label_column, label_names)
     return kept, len(problems)
 
@@ -81,37 +106,72 @@ def demo_dir_for(data_args):
 
 
 def load_raw_datasets(data_args, cache_dir, seed, demo_dir):
-    """A DatasetDict with exactly `train` and `validation`, from the Hub, a dataset folder or imagefolders.
+    """(DatasetDict with exactly `train` and `validation`, where validation came from, said for a person).
 
-    `demo_dir` holds the digits demo, used when no dataset is named (see `demo_dir_for`).
+    From the Hub, a dataset folder or imagefolders; `demo_dir` holds the digits demo, used when no dataset
+    is named (see `demo_dir_for`). Validation is --validation_dir, --eval_split, the dataset's validation
+    split, else its test split, else a seeded part of train.
     """
     if data_args.dataset_name:
-        dataset = _load_named(data_args.dataset_name, data_args.dataset_config_name, cache_dir)
+        dataset = _load_named(data_args, cache_dir)
+        _train_split(dataset)  # refuses a dataset without one: evaluate needs none, training does
+        if data_args.eval_split == "train":
+            raise UserError("--eval_split train: training would be evaluated on its own images")
+        train, validation, source = _named_splits(dataset, data_args, seed)
+        return datasets.DatasetDict(train=train, validation=validation), source
+    if data_args.eval_split:
+        raise UserError("--eval_split names a split of --dataset_name; with folders, give --validation_dir")
+    train_dir, validation_dir = (data_args.train_dir, data_args.validation_dir)
+    if not train_dir:
+        train_dir, validation_dir = (os.path.join(demo_dir, "train"), os.path.join(demo_dir, "validation"))
+    folders = {"train": (train_dir, "--train_dir")}
+    if validation_dir:
+        folders["validation"] = (validation_dir, "--validation_dir")
+    dataset = _load_imagefolders(folders, data_args, cache_dir, 2)
+    if validation_dir:
+        given = "--validation_dir" if data_args.train_dir else "the digits demo's validation images in"
+        return dataset, f"{given} {validation_dir}"
+    held_out, source = _hold_out(dataset["train"], data_args, seed, f"--train_dir {train_dir}")
+    return datasets.DatasetDict(train=held_out["train"], validation=held_out["test"]), source
+
+
+def _named_splits(dataset, data_args, seed):
+    """(train, the split to evaluate on, where that came from) of a --dataset_name: --eval_split, else a
+    validation split, else `test`, else a seeded part of train. train is None where the dataset has none."""
+    if data_args.eval_split and data_args.eval_split not in dataset:
+        raise UserError(
+            f"--eval_split {data_args.eval_split}: the dataset has no such split (it has: {', '.join(dataset)})"
+        )
+    name = data_args.eval_split or next((n for n in (*VALIDATION_SPLIT_NAMES, "test") if n in dataset), None)
+    if name is None:
+        held_out, source = _hold_out(_train_split(dataset), data_args, seed, "'train'")
+        return held_out["train"], held_out["test"], source
+    if data_args.eval_split:
+        source = f"the dataset's '{name}' split (--eval_split)"
+    elif name == "test":
+        source = "the dataset's 'test' split (it has no validation split)"
     else:
-        train_dir, validation_dir = (data_args.train_dir, data_args.validation_dir)
-        if not train_dir:
-            train_dir, validation_dir = (
-                os.path.join(demo_dir, "train"),
-                os.path.join(demo_dir, "validation"),
-            )
-        data_files = {"train": _image_files(train_dir, "--train_dir")}
-        if validation_dir:
-            data_files["validation"] = _image_files(validation_dir, "--validation_dir")
-        # imagefolder turns each file's parent folder name into its label.
-        dataset = datasets.load_dataset("imagefolder", data_files=data_files, cache_dir=cache_dir)
+        source = f"the dataset's '{name}' split"
+    return dataset.get("train"), dataset[name], source
+
+
+def _train_split(dataset):
     if "train" not in dataset:
         raise UserError(f"the dataset has no 'train' split (it has: {', '.join(dataset)})")
-    validation_name = next((name for name in VALIDATION_SPLIT_NAMES if name in dataset), None)
-    if validation_name:
-        return datasets.DatasetDict(train=dataset["train"], validation=dataset[validation_name])
+    return dataset["train"]
+
+
+def _hold_out(train, data_args, seed, whole):
+    """(train_test_split's train and test, where the held-out part came from, said for a person)."""
     # Seeded, so every process and every rerun holds out the same images.
-    split = dataset["train"].train_test_split(test_size=data_args.train_val_split, seed=seed)
-    return datasets.DatasetDict(train=split["train"], validation=split["test"])
+    split = train.train_test_split(test_size=data_args.train_val_split, seed=seed)
+    return split, f"{data_args.train_val_split:.0%} of {whole}, held out at random (seed {seed})"
 
 
-def _load_named(name, config_name, cache_dir):
+def _load_named(data_args, cache_dir):
+    name = data_args.dataset_name
     try:
-        return datasets.load_dataset(name, config_name, cache_dir=cache_dir)
+        dataset = datasets.load_dataset(name, data_args.dataset_config_name, cache_dir=cache_dir)
     except (
         FileNotFoundError,
         ConnectionError,
@@ -119,36 +179,129 @@ def _load_named(name, config_name, cache_dir):
     ) as err:
         offline = " (HF_HUB_OFFLINE is set: Hub datasets cannot be downloaded)" if hub_offline() else ""
         raise UserError(f"cannot load dataset '{name}'{offline}: {err}") from None
+    if os.path.isdir(name):
+        _refuse_metadata_without_labels(dataset, data_args.label_column_name, [name])
+    return dataset
 
 
-def _image_files(folder, flag):
-    """Every image file under `folder`, whatever the case of its extension; hidden files and folders
-    (.DS_Store, ._photo.jpg) and macOS archive leftovers (__MACOSX/) are passed over quietly."""
+def _load_imagefolders(folders, data_args, cache_dir, min_classes):
+    """A DatasetDict of `folders` ({split: (folder, flag)}) read by the imagefolder loader.
+
+    Each image's class is the top-level subfolder of its split's folder that holds it, at any depth, as
+    torchvision's ImageFolder has it (the loader's own labels are its parent folder's name, and none at all
+    when files lie at different depths). Folders with metadata files (metadata.csv, .jsonl, .parquet) take
+    their rows and columns, labels included, from them instead, as `load_dataset(folder)` does.
+    """
+    found = {split: _folder_files(folder, flag) for split, (folder, flag) in folders.items()}
+    with_metadata = [split for split, (_, metadata) in found.items() if metadata]
+    if 0 < len(with_metadata) < len(found):  # the loader would read the folder without metadata as empty
+        has = with_metadata[0]
+        lacks = next(split for split in found if split != has)
+        raise UserError(
+            f"{folders[has][1]} {folders[has][0]} has metadata ({', '.join(found[has][1])}) but "
+            f"{folders[lacks][1]} {folders[lacks][0]} has none: give both folders metadata files, or neither"
+        )
+    if not with_metadata:
+        for split, (folder, flag) in folders.items():
+            _check_class_folders(found[split][0], folder, flag, min_classes)
+    data_files = {split: images + metadata for split, (images, metadata) in found.items()}
+    try:
+        # drop_labels: the loader's labels would be the images' parent folders (see above).
+        dataset = datasets.load_dataset("imagefolder", data_files=data_files, drop_labels=True, cache_dir=cache_dir)
+    except ValueError as err:  # the loader's word on metadata files it cannot use
+        raise UserError(f"cannot read the metadata files: {err}") from None
+    if with_metadata:
+        _refuse_metadata_without_labels(dataset, data_args.label_column_name, [f for f, _ in folders.values()])
+        return dataset
+    return _label_by_class_folder(dataset, {split: folder for split, (folder, _) in folders.items()})
+
+
+def _label_by_class_folder(dataset, folders):
+    """`dataset` with a `label` ClassLabel: each image's top-level subfolder of its split's folder in `folders`.
+
+    The classes of all splits make one sorted list, so a validation class missing from train is seen.
+    """
+    classes = {}
+    for split, part in dataset.items():
+        root = os.path.abspath(folders[split])  # the loader stores absolute paths
+        classes[split] = [os.path.relpath(path, root).split(os.sep)[0] for path in _image_paths(part)]
+    names = sorted({name for split_classes in classes.values() for name in split_classes})
+    ids = {name: i for i, name in enumerate(names)}
+    feature = datasets.ClassLabel(names=names)
+    return datasets.DatasetDict(
+        {
+            split: part.add_column("label", [ids[name] for name in classes[split]], feature=feature)
+            for split, part in dataset.items()
+        }
+    )
+
+
+def _image_paths(split_dataset, image_column="image"):
+    """Each row's file path, read without decoding the images."""
+    undecoded = split_dataset.cast_column(image_column, datasets.Image(decode=False))
+    return [image["path"] for image in undecoded[image_column]]
+
+
+def _folder_files(folder, flag):
+    """(image files, metadata files) under `folder`, whatever the case of the images' extensions."""
     if not os.path.isdir(folder):
         raise UserError(f"{flag} {folder} is not a folder")
+    files = _visible_files(folder)
+    images = [path for path in files if os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS]
+    if not images:
+        raise UserError(f"{flag} {folder} holds no images: put each class's images in a subfolder named after it")
+    return images, [path for path in files if os.path.basename(path) in ImageFolder.METADATA_FILENAMES]
+
+
+def _visible_files(folder):
+    """Every file under `folder`, sorted; hidden files and folders (.DS_Store, ._photo.jpg) and macOS archive
+    leftovers (__MACOSX/) are passed over quietly."""
     files = []
     for root, folders, names in os.walk(folder):
         folders[:] = sorted(name for name in folders if not name.startswith(".") and name != "__MACOSX")
-        files += [
-            os.path.join(root, name)
-            for name in sorted(names)
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-        ]
-    if not files:
-        raise UserError(f"{flag} {folder} holds no images: put each class's images in a subfolder named after it")
-    classes = sorted({os.path.basename(os.path.dirname(path)) for path in files})
-    if os.path.normpath(os.path.dirname(files[0])) == os.path.normpath(folder) or len(classes) < 2:
-        found = f"a single class ({classes[0]})" if len(classes) == 1 else "images outside class subfolders"
+        files += [os.path.join(root, name) for name in sorted(names) if not name.startswith(".")]
+    return files
+
+
+def _check_class_folders(images, folder, flag, min_classes):
+    """Refuse images outside class subfolders (their class would be their own file name), and fewer classes
+    than `min_classes`."""
+    relative = [os.path.relpath(path, folder) for path in images]
+    loose = [path for path in relative if os.sep not in path]
+    if loose:
         raise UserError(
-            f"{flag} {folder}: found {found}; classification needs at least two classes, "
+            f"{flag} {folder}: found images outside class subfolders ({', '.join(loose[:3])}); "
+            "put each class's images in a subfolder named after it, or name their classes in a metadata.csv"
+        )
+    classes = sorted({path.split(os.sep)[0] for path in relative})
+    if len(classes) < min_classes:
+        raise UserError(
+            f"{flag} {folder}: found a single class ({classes[0]}); classification needs at least two classes, "
             "one subfolder of images per class"
         )
-    return files
+
+
+def _refuse_metadata_without_labels(dataset, label_column, folders):
+    """A dataset read from metadata files with no label column: refused naming the files, which hold the columns."""
+    features = next(iter(dataset.values())).features
+    if label_column or _default_label_column(features):
+        return
+    metadata = [
+        path
+        for folder in folders
+        for path in _visible_files(folder)
+        if os.path.basename(path) in ImageFolder.METADATA_FILENAMES
+    ]
+    if metadata:
+        raise UserError(
+            f"no label column found in the metadata ({', '.join(metadata)}; columns: {', '.join(features)}): "
+            "name it with --label_column_name"
+        )
 
 
 def find_columns(dataset, image_column, label_column):
     """The image and label column names: the ones given, else the Image / ClassLabel features."""
-    features = dataset["train"].features
+    features = next(iter(dataset.values())).features
     columns = list(features)
     if image_column is None:
         image_column = next(
@@ -158,10 +311,7 @@ def find_columns(dataset, image_column, label_column):
         if image_column is None:
             raise UserError(f"no image column found; name it with --image_column_name (columns: {', '.join(columns)})")
     if label_column is None:
-        label_column = next(
-            (name for name, feature in features.items() if isinstance(feature, datasets.ClassLabel)),
-            next((name for name in ("label", "labels") if name in features), None),
-        )
+        label_column = _default_label_column(features)
         if label_column is None:
             raise UserError(f"no label column found; name it with --label_column_name (columns: {', '.join(columns)})")
     for flag, name in (
@@ -174,33 +324,47 @@ def find_columns(dataset, image_column, label_column):
     return image_column, label_column
 
 
+def _default_label_column(features):
+    """The ClassLabel column, else one named label or labels; None if there is none."""
+    return next(
+        (name for name, feature in features.items() if isinstance(feature, datasets.ClassLabel)),
+        next((name for name in ("label", "labels") if name in features), None),
+    )
+
+
 def encode_labels(dataset, label_column):
-    """Make the label column a ClassLabel shared by both splits; return the dataset and the class names.
+    """Make the label column a ClassLabel shared by both splits; return the dataset and the class names."""
+    feature = dataset["train"].features[label_column]
+    if isinstance(feature, datasets.ClassLabel):
+        other = dataset["validation"].features[label_column]
+        if not isinstance(other, datasets.ClassLabel) or other.names != feature.names:
+            raise UserError(f"the validation split's '{label_column}' classes differ from train's")
+    dataset, names = _class_labels(dataset, label_column)
+    _check_class_counts(dataset, label_column, names)
+    return dataset, names
+
+
+def _class_labels(dataset, label_column):
+    """(dataset, class names) with the label column a ClassLabel in every split, as it is or made from its values.
 
     String labels keep their text as the class name; integer labels are sorted numerically.
     """
-    feature = dataset["train"].features[label_column]
+    feature = next(iter(dataset.values())).features[label_column]
     if isinstance(feature, datasets.ClassLabel):
-        names = feature.names
-        other = dataset["validation"].features[label_column]
-        if not isinstance(other, datasets.ClassLabel) or other.names != names:
-            raise UserError(f"the validation split's '{label_column}' classes differ from train's")
+        return dataset, feature.names
+    values = set()
+    for split_dataset in dataset.values():
+        values.update(split_dataset.unique(label_column))
+    if None in values:
+        raise UserError(f"the label column '{label_column}' has empty values")
+    if all(isinstance(value, (int, np.integer)) for value in values):
+        ordered = sorted(values)
     else:
-        values = set()
-        for split_dataset in dataset.values():
-            values.update(split_dataset.unique(label_column))
-        if None in values:
-            raise UserError(f"the label column '{label_column}' has empty values")
-        if all(isinstance(value, (int, np.integer)) for value in values):
-            ordered = sorted(values)
-        else:
-            ordered = sorted(str(value) for value in values)
-        names = [str(value) for value in ordered]
-        # Cast through strings so that integer labels map by name, not by their raw value.
-        dataset = dataset.cast_column(label_column, datasets.Value("string"))
-        dataset = dataset.cast_column(label_column, datasets.ClassLabel(names=names))
-    _check_class_counts(dataset, label_column, names)
-    return dataset, names
+        ordered = sorted(str(value) for value in values)
+    names = [str(value) for value in ordered]
+    # Cast through strings so that integer labels map by name, not by their raw value.
+    dataset = dataset.cast_column(label_column, datasets.Value("string"))
+    return dataset.cast_column(label_column, datasets.ClassLabel(names=names)), names
 
 
 def label_counts(split_dataset, label_column, num_classes):
@@ -244,3 +408,16 @@ def subsample(split_dataset, max_samples, seed):
     if max_samples is None or max_samples >= len(split_dataset):
         return split_dataset
     return split_dataset.shuffle(seed=seed).select(range(max_samples))
+
+
+def warn_classes_without_training_images(train_dataset, label_column, label_names):
+    """One warning naming how many classes have no training image (after --max_train_samples, say), and a few."""
+    counts = label_counts(train_dataset, label_column, len(label_names))
+    empty = [name for name, count in zip(label_names, counts, strict=True) if count == 0]
+    if empty:
+        more = f" and {len(empty) - 5} more" if len(empty) > 5 else ""
+        log_once(
+            logging.WARNING,
+            f"{len(empty)} of {len(label_names)} classes have no training image (the model cannot learn them): "
+            f"{', '.join(empty[:5])}{more}",
+        )

@@ -3,11 +3,33 @@
 import errno
 import gc
 import os
+import shutil
 import sys
+
+from safetensors import SafetensorError
 
 
 class UserError(Exception):
     """Bad input that the user can fix: printed as one message, never as a traceback."""
+
+
+# What a failed write raises: the OS itself, torch.save ("PytorchStreamWriter failed writing file ...") and
+# safetensors ("Error while serializing: IoError(...)") each in their own way.
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+DISK_NEARLY_FULL = 16 * 2**20  # a failed write leaves less than one more chunk of the file free
+
+
+def write_failure_reason(err, folder):
+    """Why a write into `folder` failed, in a few words: torch and safetensors hide a full disk in their
+    own messages, so a failure with the disk (nearly) full says so plainly."""
+    reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
+    try:
+        nearly_full = shutil.disk_usage(folder).free < DISK_NEARLY_FULL
+    except OSError:
+        nearly_full = False
+    if nearly_full and "No space left on device" not in reason:
+        reason = f"No space left on device ({reason})"
+    return reason
 
 
 def exit_on_user_error(main, argv=None):

@@ -14,6 +14,7 @@ from transformers import (
 )
 
 from imgft.args import DEMO_CONFIG_OVERRIDES
+from imgft.drop_path import set_drop_path_rate
 from imgft.errors import UserError
 from imgft.runtime import hub_offline, log_once
 
@@ -127,6 +128,7 @@ def load_model(model_args, label_names):
         except ValueError:
             raise UserError(f"--model_type '{model_args.model_type}' is not a transformers model type") from None
         _apply_overrides(config, overrides)
+        set_drop_path_rate(config, model_args.drop_path_rate)
         model = AutoModelForImageClassification.from_config(config)
         if model_args.image_processor_name:
             image_processor = _load_processor(model_args.image_processor_name, hub)
@@ -146,6 +148,7 @@ def load_model(model_args, label_names):
         raise _load_error("model", path, err) from None
     if model_args.config_overrides != DEMO_CONFIG_OVERRIDES:
         _apply_overrides(config, overrides)
+    set_drop_path_rate(config, model_args.drop_path_rate)
     try:
         model = AutoModelForImageClassification.from_pretrained(
             path,

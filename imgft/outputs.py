@@ -21,7 +21,7 @@ from imgft.checkpoint import (
     read_state,
     save_failed_message,
 )
-from imgft.errors import UserError
+from imgft.errors import WRITE_ERRORS, UserError
 from imgft.runtime import hub_offline
 
 RESULTS_FILE = "all_results.json"
@@ -92,11 +92,13 @@ def check_every_process_sees_output_dir(accelerator, output_dir):
     and a resume would find a different checkpoint, or none, on each.
 
     The main process writes a file with a fresh random name into output_dir; every process then looks for
-    it, and every process raises the same UserError naming the hosts that cannot see it.
+    it, and every process raises the same UserError naming the hosts that cannot see it. The file goes, and
+    so does the folder if the check made it: a run refused later leaves nothing behind.
     """
     if accelerator.num_processes == 1:
         return
     name = [SHARED_CHECK_PREFIX + uuid.uuid4().hex]
+    made_folder = accelerator.is_main_process and not os.path.isdir(output_dir)
     if accelerator.is_main_process:
         os.makedirs(output_dir, exist_ok=True)
         open(os.path.join(output_dir, name[0]), "w").close()
@@ -106,6 +108,8 @@ def check_every_process_sees_output_dir(accelerator, output_dir):
     views = gather_object([{**here, "sees": os.path.exists(marker)}])
     if accelerator.is_main_process:
         os.remove(marker)
+        if made_folder:
+            os.rmdir(output_dir)
     main = views[0]
     blind = [view for view in views if not view["sees"]]
     if blind:
@@ -147,6 +151,9 @@ def start_run_files(output_dir, train_args, resume_path, config):
     if train_args.overwrite_output_dir and resume_path is None:
         delete_previous_run_files(output_dir)
     os.makedirs(output_dir, exist_ok=True)
+    # The trackers' history is rebuilt from metrics.jsonl (`replay_metrics_to_trackers`), which holds
+    # exactly what the run logged up to its checkpoint, whereas TensorBoard's own log may hold more.
+    shutil.rmtree(os.path.join(output_dir, TRACKER_DIR), ignore_errors=True)
     metrics_log = os.path.join(output_dir, METRICS_LOG)
     if resume_path is None:
         _keep_first_lines(metrics_log, metrics_log, 0)
@@ -185,7 +192,7 @@ def saving_final_files(output_dir):
     problem. all_results.json, which marks a run as finished, is written last, so such a run is resumable."""
     try:
         yield
-    except OSError as err:
+    except WRITE_ERRORS as err:
         raise UserError(save_failed_message("the final model and results", output_dir, err)) from None
 
 
@@ -204,6 +211,19 @@ def tracker_scalars(record):
         for key, value in record.items()
         if key not in ("step", "epoch")
     }
+
+
+def replay_metrics_to_trackers(accelerator, output_dir):
+    """Log every line of output_dir/metrics.jsonl to the trackers again: after a resume, their history is
+    then what the run left alone would have logged, without the steps an interrupted run logged after its
+    checkpoint (or twice)."""
+    metrics_log = os.path.join(output_dir, METRICS_LOG)
+    if not os.path.exists(metrics_log):
+        return
+    with open(metrics_log, encoding="utf-8") as file:
+        for line in file:
+            record = json.loads(line)
+            accelerator.log(tracker_scalars(record), step=record["step"])
 
 
 def tracker_config(config):

@@ -81,7 +81,7 @@ def log_run_summary(train_dataset, eval_dataset, label_names, accelerator, train
         f"{len(train_dataset)} training / {len(eval_dataset)} validation examples, {len(label_names)} classes; "
         f"{processes} process(es) on {accelerator.device.type}, mixed precision {accelerator.mixed_precision}; "
         f"batch {images_per_step} = {per_device} per device x {processes} process(es) x "
-        f"{min(accumulation, batches_per_epoch)} accumulated; {max_train_steps} optimizer steps",
+        f"{min(accumulation, batches_per_epoch)} accumulation; {max_train_steps} optimizer steps",
     )
     if warning:
         log_once(logging.WARNING, warning)

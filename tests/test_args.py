@@ -201,6 +201,10 @@ def test_list_value_for_a_scalar_flag_is_refused(tmp_path):
         (["--checkpointing_steps", "abc"], "--checkpointing_steps"),
         (["--checkpointing_steps", "0"], "--checkpointing_steps"),
         (["--checkpointing_steps", "-3"], "--checkpointing_steps"),
+        (["--random_erasing", "1.5"], "--random_erasing must lie in [0, 1] (got 1.5)"),
+        (["--random_erasing", "-0.1"], "--random_erasing must lie in [0, 1] (got -0.1)"),
+        (["--randaugment_num_ops", "0"], "--randaugment_num_ops must be at least 1 (got 0)"),
+        (["--randaugment_magnitude", "31"], "--randaugment_magnitude must lie in [0, 30] (got 31)"),
     ],
 )
 def test_out_of_range_values_are_refused(argv, flag):
@@ -284,6 +288,8 @@ def test_bool_flag_refuses_a_non_bool():
     [
         (["--mixed_precision", "fp8"], "--mixed_precision", "'fp8'"),
         (["--lr_scheduler_type", "foo"], "--lr_scheduler_type", "'foo'"),
+        (["--auto_augment", "cutmix"], "--auto_augment", "'cutmix'"),
+        (["--tta", "rotate"], "--tta", "'rotate'"),
     ],
 )
 def test_choices_are_enforced(argv, flag, bad):

@@ -92,3 +92,13 @@ def test_finished_run_with_other_settings_is_not_silently_kept(train, tmp_path, 
     train(common)
     with pytest.raises(UserError, match="finished run with other settings"):
         train(common + ["--resume_from_checkpoint", "latest", "--seed", "7"])
+
+
+def test_a_flag_added_after_the_checkpoint_counts_as_its_default():
+    from imgft.args import field_defaults
+
+    now = field_defaults()
+    saved = {key: value for key, value in now.items() if key != "learning_rate"}  # an older imgft's config
+    assert checkpoint.compare_runs({"config": saved}, {"config": now}) == ([], [])
+    unsafe, _ = checkpoint.compare_runs({"config": saved}, {"config": {**now, "learning_rate": 1.0}})
+    assert unsafe == [f"learning_rate: {now['learning_rate']!r} -> 1.0"]

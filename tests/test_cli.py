@@ -65,7 +65,7 @@ def test_help_lists_every_flag():
 @pytest.mark.parametrize(
     ("command", "listed", "left_out"),
     [
-        ("evaluate", ["--model_name_or_path", "--per_device_eval_batch_size", "--seed"], ["--learning_rate"]),
+        ("evaluate", ["--model_name_or_path", "--per_device_eval_batch_size", "--tta"], ["--auto_augment"]),
         ("check-data", ["--train_dir", "--strict_data"], ["--learning_rate", "--model_name_or_path"]),
         ("demo-data", ["DIR", "the digits demo"], ["error"]),
     ],

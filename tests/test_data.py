@@ -1,5 +1,7 @@
 """imgft.data: labels, columns, splits, image sizes, transforms and batches, on tiny in-memory datasets."""
 
+import json
+import os
 import random
 
 import datasets
@@ -229,7 +231,8 @@ def image_paths(split_dataset):
 
 def load_split(train_folder, tmp_path, seed, split=0.2):
     data_args = DataArguments(train_dir=str(train_folder), train_val_split=split)
-    return load_raw_datasets(data_args, str(tmp_path / "cache"), seed, str(tmp_path / "no_demo"))
+    dataset, _ = load_raw_datasets(data_args, str(tmp_path / "cache"), seed, str(tmp_path / "no_demo"))
+    return dataset
 
 
 def test_load_raw_datasets_holds_out_a_seeded_validation_split(train_folder, tmp_path):
@@ -260,7 +263,8 @@ def test_load_raw_datasets_split_size_follows_train_val_split(train_folder, tmp_
 def test_load_raw_datasets_uses_the_validation_dir(train_folder, tmp_path):
     validation = write_color_imagefolder(tmp_path / "validation", CLASSES, 2, seed=5)
     data_args = DataArguments(train_dir=str(train_folder), validation_dir=str(validation))
-    dataset = load_raw_datasets(data_args, str(tmp_path / "cache"), 0, str(tmp_path / "no_demo"))
+    dataset, source = load_raw_datasets(data_args, str(tmp_path / "cache"), 0, str(tmp_path / "no_demo"))
+    assert source == f"--validation_dir {validation}"
     assert len(dataset["train"]) == len(CLASSES) * PER_CLASS
     assert len(dataset["validation"]) == len(CLASSES) * 2
     assert all(path.startswith(str(validation)) for path in image_paths(dataset["validation"]))
@@ -625,3 +629,241 @@ def test_decode_pass_counts_the_bytes_of_images_stored_in_the_dataset():
     one_megabyte = {"bytes": b"x" * 2**20, "path": None}
     assert worth_processes(4, datasets.Dataset.from_dict({"image": [one_megabyte] * 70}), "image") == 2
     assert worth_processes(4, datasets.Dataset.from_dict({"image": [one_megabyte] * 60}), "image") is None
+
+
+# --- imagefolders: classes from the top-level folders, metadata files -------------------------------------------------
+
+
+def class_of_each_row(split_dataset, root):
+    """(class name, top-level folder under `root`) of each row: the two must agree."""
+    names = split_dataset.features["label"].names
+    return [
+        (names[label], os.path.relpath(path, root).split(os.sep)[0])
+        for label, path in zip(split_dataset["label"], image_paths(split_dataset), strict=True)
+    ]
+
+
+def nested_imagefolder(root, per_batch=(2, 3, 4, 1, 3)):
+    """root/digit<k>/batch_<x>/*.png: 3 classes whose batch folders share names (batch_a in every class), all
+    at one depth; digit0 holds per_batch[0] + per_batch[1] images, digit1 per_batch[2], digit2 the last two."""
+    layout = [("digit0", "batch_a"), ("digit0", "batch_b"), ("digit1", "batch_a"), ("digit2", "batch_a")]
+    layout.append(("digit2", "batch_b"))
+    for seed, ((name, batch), count) in enumerate(zip(layout, per_batch, strict=True)):
+        if count:
+            write_color_imagefolder(root / name, [batch], count, seed=seed)
+    return root
+
+
+def test_nested_folders_take_their_class_from_the_top_level_folder(tmp_path):
+    train_dir = nested_imagefolder(tmp_path / "train")
+    validation_dir = nested_imagefolder(tmp_path / "validation", per_batch=(1, 1, 1, 0, 1))
+    data_args = DataArguments(train_dir=str(train_dir), validation_dir=str(validation_dir))
+    dataset, _, label_column, names = load_labeled_dataset(data_args, str(tmp_path / "cache"), 0)
+    assert label_column == "label" and names == ["digit0", "digit1", "digit2"]
+    assert np.bincount(ids(dataset["train"]), minlength=3).tolist() == [5, 4, 4]
+    assert np.bincount(ids(dataset["validation"]), minlength=3).tolist() == [2, 1, 1]
+    for split, root in (("train", train_dir), ("validation", validation_dir)):
+        assert all(name == folder for name, folder in class_of_each_row(dataset[split], str(root)))
+
+
+@pytest.mark.parametrize(
+    ("train_dir", "validation_dir"),
+    [
+        ("data/train", "elsewhere/held/out/val"),
+        ("data/train", "ABSOLUTE/elsewhere/held/out/val"),
+        ("data/train", "./data/validation"),
+        ("data/train", "data//validation"),
+        ("./data/train", "data/validation/"),
+    ],
+)
+def test_train_and_validation_folders_at_different_depths_keep_their_labels(
+    tmp_path, monkeypatch, train_dir, validation_dir
+):
+    monkeypatch.chdir(tmp_path)
+    write_color_imagefolder(tmp_path / "data" / "train", CLASSES, 3, seed=1)
+    validation_dir = validation_dir.replace("ABSOLUTE", str(tmp_path))
+    write_color_imagefolder(tmp_path / validation_dir, ["c", "a"], 2, seed=2)
+    data_args = DataArguments(train_dir=train_dir, validation_dir=validation_dir)
+    dataset, _, label_column, names = load_labeled_dataset(data_args, str(tmp_path / "cache"), 0)
+    assert label_column == "label" and names == CLASSES
+    assert np.bincount(ids(dataset["train"]), minlength=3).tolist() == [3, 3, 3]
+    assert np.bincount(ids(dataset["validation"]), minlength=3).tolist() == [2, 0, 2]
+    rows = class_of_each_row(dataset["validation"], str(tmp_path / validation_dir))
+    assert all(name == folder for name, folder in rows)
+
+
+def test_images_outside_class_folders_are_refused_naming_them(tmp_path):
+    write_color_imagefolder(tmp_path / "train", ["cat", "dog"], 2)
+    (tmp_path / "train" / "loose.png").write_bytes((tmp_path / "train" / "cat" / "000.png").read_bytes())
+    with pytest.raises(UserError, match=r"--train_dir .*: found images outside class subfolders \(loose.png\)"):
+        load_raw_datasets(DataArguments(train_dir=str(tmp_path / "train")), str(tmp_path / "cache"), 0, None)
+
+
+def write_metadata_folder(root, label_column="species", kind="csv", per_class=3, seed=0):
+    """root/<n>.png, all in one folder, with their classes (red, green) only in root/metadata.<kind>."""
+    rows = []
+    write_color_imagefolder(root / "flat", ["red", "green"], per_class, seed=seed)
+    for name in ("red", "green"):
+        for image in sorted((root / "flat" / name).iterdir()):
+            image.rename(root / f"{name}_{image.name}")
+            rows.append({"file_name": f"{name}_{image.name}", label_column: name})
+    for name in ("red", "green"):
+        (root / "flat" / name).rmdir()
+    (root / "flat").rmdir()
+    if kind == "csv":
+        lines = [f"file_name,{label_column}"] + [f"{row['file_name']},{row[label_column]}" for row in rows]
+        (root / "metadata.csv").write_text("\n".join(lines) + "\n")
+    else:
+        (root / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return root
+
+
+def labels_by_file(split_dataset, label_column):
+    names = split_dataset.features[label_column].names
+    return sorted(
+        (os.path.basename(path), names[label])
+        for path, label in zip(image_paths(split_dataset), split_dataset[label_column], strict=True)
+    )
+
+
+def test_metadata_labels_are_used_the_same_through_train_dir_and_dataset_name(tmp_path):
+    write_metadata_folder(tmp_path / "meta" / "train", per_class=3, seed=1)
+    write_metadata_folder(tmp_path / "meta" / "validation", per_class=2, seed=2)
+    folders = DataArguments(
+        train_dir=str(tmp_path / "meta" / "train"),
+        validation_dir=str(tmp_path / "meta" / "validation"),
+        label_column_name="species",
+    )
+    named = DataArguments(dataset_name=str(tmp_path / "meta"), label_column_name="species")
+    loaded = [load_labeled_dataset(args, str(tmp_path / "cache"), 0) for args in (folders, named)]
+    for dataset, _, label_column, names in loaded:
+        assert label_column == "species" and names == ["green", "red"]
+        assert len(dataset["train"]) == 6 and len(dataset["validation"]) == 4
+        # Each file's class is the one its metadata row gives (its name starts with it).
+        for split in ("train", "validation"):
+            assert all(file.startswith(label) for file, label in labels_by_file(dataset[split], "species"))
+    for split in ("train", "validation"):
+        assert labels_by_file(loaded[0][0][split], "species") == labels_by_file(loaded[1][0][split], "species")
+
+
+def test_metadata_jsonl_label_column_is_found_without_a_flag(tmp_path):
+    write_metadata_folder(tmp_path / "train", label_column="label", kind="jsonl", per_class=5)
+    data_args = DataArguments(train_dir=str(tmp_path / "train"), train_val_split=0.2)
+    dataset, _, label_column, names = load_labeled_dataset(data_args, str(tmp_path / "cache"), 0)
+    assert label_column == "label" and names == ["green", "red"]
+    assert len(dataset["train"]) + len(dataset["validation"]) == 10
+    assert all(file.startswith(label) for file, label in labels_by_file(dataset["train"], "label"))
+
+
+def test_metadata_without_a_label_column_says_so_naming_the_file(tmp_path):
+    write_metadata_folder(tmp_path / "train", label_column="caption")
+    with pytest.raises(UserError) as refused:
+        load_labeled_dataset(DataArguments(train_dir=str(tmp_path / "train")), str(tmp_path / "cache"), 0)
+    message = str(refused.value)
+    assert "no label column" in message and "metadata.csv" in message and "--label_column_name" in message
+    assert "columns: image, caption" in message
+
+
+def test_metadata_in_only_one_of_train_and_validation_is_refused(tmp_path):
+    write_metadata_folder(tmp_path / "train")
+    write_color_imagefolder(tmp_path / "validation", ["red", "green"], 2)
+    data_args = DataArguments(train_dir=str(tmp_path / "train"), validation_dir=str(tmp_path / "validation"))
+    with pytest.raises(UserError, match=r"--train_dir .*metadata.csv.* --validation_dir .* has none"):
+        load_labeled_dataset(data_args, str(tmp_path / "cache"), 0)
+
+
+# --- which split evaluates --------------------------------------------------------------------------------------------
+
+
+def write_parquet_dataset(root, sizes):
+    """root/<split>.parquet for each split in `sizes` ({split: rows}), labels cat/dog alternating."""
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("string")})
+    for index, (split, rows) in enumerate(sizes.items()):
+        columns = {
+            "image": small_images(rows, seed=index),
+            "label": ["cat", "dog"] * (rows // 2) + ["cat"] * (rows % 2),
+        }
+        datasets.Dataset.from_dict(columns, features=features).to_parquet(str(root / f"{split}.parquet"))
+    return root
+
+
+def test_a_test_split_evaluates_when_there_is_no_validation_split(tmp_path, caplog):
+    import logging
+
+    root = write_parquet_dataset(tmp_path / "data", {"train": 12, "test": 5})
+    caplog.set_level(logging.INFO, logger="imgft")
+    dataset, _, _, names = load_labeled_dataset(DataArguments(dataset_name=str(root)), str(tmp_path / "cache"), 0)
+    assert (len(dataset["train"]), len(dataset["validation"])) == (12, 5)  # all of train, all of test
+    assert names == ["cat", "dog"]
+    said = [record.getMessage() for record in caplog.records if "'test' split" in record.getMessage()]
+    assert len(said) == 1 and said[0].startswith("Evaluating on")
+
+
+def test_eval_split_overrides_the_validation_split(tmp_path):
+    root = write_parquet_dataset(tmp_path / "data", {"train": 12, "validation": 4, "test": 6})
+    data_args = DataArguments(dataset_name=str(root))
+    dataset, source = load_raw_datasets(data_args, str(tmp_path / "cache"), 0, None)
+    assert len(dataset["validation"]) == 4 and "'validation' split" in source
+    data_args = DataArguments(dataset_name=str(root), eval_split="test")
+    dataset, source = load_raw_datasets(data_args, str(tmp_path / "cache"), 0, None)
+    assert (len(dataset["train"]), len(dataset["validation"])) == (12, 6) and "'test' split" in source
+    with pytest.raises(UserError, match=r"--eval_split holdout: the dataset has no such split \(it has: "):
+        load_raw_datasets(DataArguments(dataset_name=str(root), eval_split="holdout"), None, 0, None)
+    with pytest.raises(UserError, match="--eval_split train"):
+        load_raw_datasets(DataArguments(dataset_name=str(root), eval_split="train"), None, 0, None)
+
+
+def test_eval_split_is_refused_with_folders(train_folder, tmp_path):
+    data_args = DataArguments(train_dir=str(train_folder), eval_split="test")
+    with pytest.raises(UserError, match="--eval_split names a split of --dataset_name"):
+        load_raw_datasets(data_args, str(tmp_path / "cache"), 0, None)
+
+
+# --- classes left without training images ---------------------------------------------------------------------------
+
+
+def test_classes_left_without_training_images_are_named_once(caplog):
+    import logging
+
+    from imgft.data import warn_classes_without_training_images
+
+    names = [f"class{i:03d}" for i in range(120)]
+    train = class_label_split(names, [i % 50 for i in range(50)])  # 50 images, one each of classes 0-49
+    caplog.set_level(logging.WARNING, logger="imgft")
+    warn_classes_without_training_images(train, "label", names)
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "70 of 120 classes have no training image" in warnings[0]
+    assert "class050, class051, class052" in warnings[0] and "class049" not in warnings[0]
+    caplog.clear()
+    warn_classes_without_training_images(class_label_split(["a", "b"], [0, 1, 1]), "label", ["a", "b"])
+    assert not caplog.records
+
+
+# --- check-data ------------------------------------------------------------------------------------------------------
+
+
+def test_check_data_reports_the_top_level_classes_of_nested_folders(tmp_path):
+    from imgft.commands.check_data import data_report
+
+    nested_imagefolder(tmp_path / "train")
+    write_color_imagefolder(tmp_path / "train" / "digit2" / "batch_c", ["deeper"], 2, seed=7)  # digit2: 4 + 2
+    write_color_imagefolder(tmp_path / "validation", ["digit0", "digit1", "digit2"], 1, seed=8)
+    data_args = DataArguments(train_dir=str(tmp_path / "train"), validation_dir=str(tmp_path / "validation"))
+    lines, refusal = data_report(data_args, str(tmp_path / "cache"), 0)
+    assert refusal is None
+    assert "Classes (3), train / validation:" in lines
+    counts = [line.split() for line in lines if line.strip().startswith(("digit", "batch"))]
+    assert counts == [["digit0", "5", "/", "1"], ["digit1", "4", "/", "1"], ["digit2", "6", "/", "1"]]
+    assert f"Evaluation images: --validation_dir {tmp_path / 'validation'}" in lines
+
+
+def test_check_data_names_the_split_that_evaluates(tmp_path):
+    from imgft.commands.check_data import data_report
+
+    root = write_parquet_dataset(tmp_path / "data", {"train": 12, "test": 5})
+    lines, refusal = data_report(DataArguments(dataset_name=str(root)), str(tmp_path / "cache"), 0)
+    assert refusal is None and "Images: 12 train, 5 validation" in lines
+    assert [line for line in lines if line.startswith("Evaluation images:")] == [
+        "Evaluation images: the dataset's 'test' split (it has no validation split)"
+    ]

@@ -293,6 +293,23 @@ def test_model_card_of_a_local_run_has_no_hub_links(tmp_path, tiny_vit):
     assert "resnet trained from scratch" in text
 
 
+def test_model_card_says_what_the_data_was(tmp_path):
+    parquet_folder = tmp_path / "leaves_parquet"
+    parquet_folder.mkdir()
+    folder_run = {**RUN_CONFIG, "dataset_name": str(parquet_folder)}
+    model_card.write_model_card(tmp_path, folder_run, {"eval_accuracy": 0.5}, ["a", "b"])
+    meta, text = front_matter(tmp_path / "README.md")
+    dataset = meta["model-index"][0]["results"][0]["dataset"]
+    assert dataset["name"] == "leaves_parquet (local dataset folder)" and "imagefolder" not in str(dataset)
+    assert f"trained on the local dataset folder `{parquet_folder}`" in text and "image folder" not in text
+
+    imagefolders = {**RUN_CONFIG, "dataset_name": None, "train_dir": "my_data/train", "validation_dir": "my/val"}
+    model_card.write_model_card(tmp_path, imagefolders, {"eval_accuracy": 0.5}, ["a", "b"])
+    meta, text = front_matter(tmp_path / "README.md")
+    assert meta["model-index"][0]["results"][0]["dataset"]["name"] == "local image folders"
+    assert "trained on the local image folders `my_data/train` (train) and `my/val` (validation)" in text
+
+
 @pytest.fixture(scope="module")
 def confident_colors_model(tmp_path_factory):
     """An untrained 5-colour ViT whose answers vary from image to image, many of them wrong."""
@@ -346,7 +363,7 @@ def test_evaluate_writes_the_report_and_matches_on_two_processes(
 
 
 def test_evaluate_report_from_a_config_file(colors_data, confident_colors_model, tmp_path, capsys):
-    # A run's imgft_config.yaml names an output_dir: the report goes there.
+    # A run's imgft_config.yaml names the output_dir training wrote to: evaluate leaves it alone.
     config = tmp_path / "run.yaml"
     config.write_text(
         yaml.safe_dump(
@@ -360,5 +377,9 @@ def test_evaluate_report_from_a_config_file(colors_data, confident_colors_model,
         )
     )
     results = run_evaluate([config], capsys)
-    report = json.loads((tmp_path / "from_config" / "eval_results.json").read_text())
-    assert results["eval_samples"] == 7 == sum(map(sum, report["confusion_matrix"]["matrix"]))
+    assert results["eval_samples"] == 7
+    assert not (tmp_path / "from_config").exists()
+    # An --output_dir on the command line is where the report goes.
+    assert run_evaluate([config, "--output_dir", tmp_path / "told"], capsys) == results
+    report = json.loads((tmp_path / "told" / "eval_results.json").read_text())
+    assert sum(map(sum, report["confusion_matrix"]["matrix"])) == 7

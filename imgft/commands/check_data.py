@@ -11,7 +11,7 @@ def data_report(data_args, cache_dir, seed):
 
     The image pass is the one training makes (cached by datasets), so checking first costs training nothing.
     """
-    dataset = data.load_raw_datasets(data_args, cache_dir, seed, data.demo_dir_for(data_args))
+    dataset, validation_source = data.load_raw_datasets(data_args, cache_dir, seed, data.demo_dir_for(data_args))
     image_column, label_column = data.find_columns(dataset, data_args.image_column_name, data_args.label_column_name)
     refusal, label_names = None, None
     try:
@@ -22,7 +22,10 @@ def data_report(data_args, cache_dir, seed):
     # own inspection below is this one, read back from the datasets cache rather than a second decode.
     num_proc = data.preprocessing_processes(data_args)
     inspected = {split: images.inspect_images(part, image_column, num_proc) for split, part in dataset.items()}
-    lines = [f"Images: {len(dataset['train'])} train, {len(dataset['validation'])} validation"]
+    lines = [
+        f"Images: {len(dataset['train'])} train, {len(dataset['validation'])} validation",
+        f"Evaluation images: {validation_source}",
+    ]
     if label_names is not None:
         try:
             kept, _ = data.decode_once_dropping_unreadable(dataset, image_column, label_column, label_names, data_args)

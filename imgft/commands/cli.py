@@ -3,11 +3,14 @@
 Each command's --help says more.
 
 demo-data DIR                 write the digits demo as an imagefolder
-evaluate [CONFIG] [flags]     evaluate a saved model on the validation split (same data flags as training);
-                              with --output_dir, also write eval_results.json and pictures of the errors
+evaluate [CONFIG] [flags]     evaluate a saved model on --validation_dir alone, --eval_split of --dataset_name,
+                              or the split training evaluates on; with --output_dir, also write
+                              eval_results.json and pictures of the errors
 predict --model_name_or_path MODEL PATH...
                               label image files, folders or globs; one JSON line per image (--help for more)
 check-data [CONFIG] [flags]   report on the data as training would see it; exit 2 where training would refuse it
+lr-find [CONFIG] [flags]      sweep the learning rate over a few training steps; write
+                              output_dir/lr_find.png and print a suggested --learning_rate
 bench [--quick] [--output F]  time imgft's data path against the upstream example's, whole processes
 flags                         print the flags table
 """
@@ -16,7 +19,7 @@ import sys
 
 from imgft.errors import exit_on_user_error
 
-COMMANDS = ("demo-data", "evaluate", "predict", "check-data", "bench", "flags")
+COMMANDS = ("demo-data", "evaluate", "predict", "check-data", "lr-find", "bench", "flags")
 
 
 def main(argv=None):
@@ -49,6 +52,10 @@ def main(argv=None):
         from imgft.commands.check_data import main as check_data
 
         exit_on_user_error(check_data, rest)
+    elif command == "lr-find":
+        from imgft.commands.lr_find import main as lr_find
+
+        exit_on_user_error(lr_find, rest)
     elif command == "bench":
         from benchmarks.bench import main as bench_main
 

@@ -4,8 +4,9 @@
 
 One JSON line per image on stdout, {"path", "label", "score", "top_k": [{"label", "score"}, ...]}, or
 a .jsonl / .csv file with --output. Images get the model's own evaluation transforms, the ones
-training evaluated with. Unreadable files and inputs that match nothing are named on stderr and
-skipped; the exit code is 0 as long as some image was labelled, and 2 when none could be.
+training evaluated with; --tta averages the logits of several views of each (imgft/tta.py), as
+`python -m imgft evaluate --tta` does. Unreadable files and inputs that match nothing are named on
+stderr and skipped; the exit code is 0 as long as some image was labelled, and 2 when none could be.
 """
 
 import argparse
@@ -21,7 +22,7 @@ from imgft.errors import UserError
 OUTPUT_SUFFIXES = (".jsonl", ".csv")
 PROGRESS_MIN_IMAGES = 100  # below this a run takes seconds and a progress bar is only noise
 FLAGS = ("--model_name_or_path", "--top_k", "--per_device_eval_batch_size", "--output", "--cache_dir")
-FLAGS += ("--model_revision", "--trust_remote_code")  # make_parser's flags, for "did you mean"
+FLAGS += ("--model_revision", "--trust_remote_code", "--tta")  # make_parser's flags, for "did you mean"
 GLOB_CHARACTERS = "*?["
 
 
@@ -49,6 +50,13 @@ def make_parser():
         "--model_revision", default="main", metavar="REVISION", help="branch, tag or commit of a Hub checkpoint"
     )
     parser.add_argument("--trust_remote_code", action="store_true", help="run model code from the Hub repository")
+    parser.add_argument(
+        "--tta",
+        choices=("flip", "zoom", "flip_zoom"),
+        help="test-time augmentation, logits averaged over views: flip adds the mirrored crop; zoom the "
+        "image's central 7/8 (of width and height) through the same resize and crop; flip_zoom both and "
+        "the mirrored zoom (4 views)",
+    )
     return parser
 
 
@@ -129,12 +137,22 @@ def load_image(path):
     return images.decode_file(path, rgb=True)
 
 
-def predict_batch(model, pixel_values, top_k):
-    """[(score, class id) best first, top_k of them] for each image in the batch."""
+def predicted_logits(model, uint8_batch, normalize, with_views):
+    """The model's logits for a B x 3 x H x W uint8 batch, or with `with_views` (--tta) for a
+    B x V x 3 x H x W batch of views, averaged over the views."""
     import torch
 
+    from imgft.tta import tta_logits
+
     with torch.inference_mode():
-        probabilities = model(pixel_values=pixel_values).logits.float().softmax(dim=-1)
+        if with_views:
+            return tta_logits(model, uint8_batch, normalize)
+        return model(pixel_values=normalize(uint8_batch).to(next(model.parameters()).dtype)).logits
+
+
+def top_classes(logits, top_k):
+    """[(score, class id) best first, top_k of them] for each image's logits."""
+    probabilities = logits.float().softmax(dim=-1)
     scores, ids = probabilities.topk(min(top_k, probabilities.shape[-1]), dim=-1)
     return [
         list(zip(row_scores.tolist(), row_ids.tolist(), strict=True))
@@ -147,12 +165,14 @@ def to_record(path, ranked, id2label):
     return {"path": path, "label": top_k[0]["label"], "score": top_k[0]["score"], "top_k": top_k}
 
 
-def predict_files(model, transform, normalize, files, batch_size, top_k, progress):
+def predict_files(model, transform, normalize, files, batch_size, top_k, progress, with_views=False):
     """Yield one record per readable file, in order, decoding only one batch of images at a time;
-    unreadable files are named through the progress bar (on stderr, without breaking the bar)."""
+    unreadable files are named through the progress bar (on stderr, without breaking the bar).
+    `with_views`: `transform` gives each image's --tta views (`tta.views_transform`)."""
     from imgft.transforms import stack_images
+    from imgft.tta import stack_views
 
-    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    device = next(model.parameters()).device
     id2label = {int(key): value for key, value in model.config.id2label.items()}
     for start in range(0, len(files), batch_size):
         readable, pixel_values = [], []
@@ -164,9 +184,9 @@ def predict_files(model, transform, normalize, files, batch_size, top_k, progres
             readable.append(path)
             pixel_values.append(transform(image))
         if readable:
-            uint8_batch = stack_images(pixel_values).to(device)
-            batch = normalize(uint8_batch).to(dtype)
-            for path, ranked in zip(readable, predict_batch(model, batch, top_k), strict=True):
+            uint8_batch = (stack_views if with_views else stack_images)(pixel_values).to(device)
+            logits = predicted_logits(model, uint8_batch, normalize, with_views)
+            for path, ranked in zip(readable, top_classes(logits, top_k), strict=True):
                 yield to_record(path, ranked, id2label)
         progress.update(len(files[start : start + batch_size]))
 
@@ -215,6 +235,7 @@ def main(argv):
     from imgft.args import ModelArguments
     from imgft.model import load_saved_classifier
     from imgft.transforms import build_transforms, normalizer
+    from imgft.tta import views_transform
 
     files, problems = find_images(args.paths)
     for pattern, reason in problems:
@@ -230,12 +251,21 @@ def main(argv):
     model, image_processor = load_saved_classifier(model_args)
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     transform = build_transforms(image_processor, None, False, 1.0)[1]
+    if args.tta:
+        transform = views_transform(transform, args.tta)
     normalize = normalizer(image_processor)
 
     progress = tqdm(total=len(files), unit="image", disable=len(files) < PROGRESS_MIN_IMAGES, file=sys.stderr)
     with progress:
         records = predict_files(
-            model, transform, normalize, files, args.per_device_eval_batch_size, args.top_k, progress
+            model,
+            transform,
+            normalize,
+            files,
+            args.per_device_eval_batch_size,
+            args.top_k,
+            progress,
+            with_views=args.tta is not None,
         )
         labelled = write_records(records, args.output)
     skipped = len(files) - labelled

@@ -46,8 +46,10 @@ def write_model_card(output_dir, config, results, label_names, per_class=None, n
 
     config: the run's arguments as one flat dict, as `imgft.args.to_dict` gives and imgft_config.yaml holds.
         `model_name_or_path` becomes `base_model` when it is a Hub id (a local folder is only mentioned),
-        `dataset_name` becomes `datasets` when it is a Hub id, `hub_model_id` (else output_dir's name)
-        names the model, and the training keys fill the hyperparameters table.
+        `dataset_name` becomes `datasets` when it is a Hub id (else the card says which local data it was:
+        a dataset folder, image folders or the demo), `eval_split` names the split of the results,
+        `hub_model_id` (else output_dir's name) names the model, and the training keys fill the
+        hyperparameters table.
     results: the numbers of all_results.json (eval_accuracy, eval_macro_f1, ..., train_loss); the eval_*
         metrics also go into the model-index metadata.
     label_names: the class names in id order.
@@ -68,7 +70,7 @@ def write_model_card(output_dir, config, results, label_names, per_class=None, n
         pipeline_tag="image-classification",
         tags=list(TAGS),
         metrics=sorted({row[2][0] for row in RESULT_ROWS if row[2] and row[0] in results}) or None,
-        eval_results=_eval_results(results, dataset, config.get("dataset_config_name")) or None,
+        eval_results=_eval_results(results, config, dataset) or None,
     )
     sections = [
         f"# {model_name}",
@@ -101,15 +103,16 @@ def _hub_id(name):
     return name
 
 
-def _eval_results(results, dataset, dataset_config):
+def _eval_results(results, config, dataset):
+    dataset_type, dataset_name = _local_data_names(config) if dataset is None else (dataset, dataset)
     return [
         EvalResult(
             task_type="image-classification",
             task_name="Image Classification",
-            dataset_type=dataset or "imagefolder",
-            dataset_name=dataset or "local imagefolder",
-            dataset_config=dataset_config if dataset else None,
-            dataset_split="validation",
+            dataset_type=dataset_type,
+            dataset_name=dataset_name,
+            dataset_config=config.get("dataset_config_name") if dataset else None,
+            dataset_split=config.get("eval_split") or "validation",
             metric_type=metric[0],
             metric_name=label,
             metric_args=metric[1],
@@ -118,6 +121,16 @@ def _eval_results(results, dataset, dataset_config):
         for key, label, metric in RESULT_ROWS
         if metric and isinstance(results.get(key), (int, float))
     ]
+
+
+def _local_data_names(config):
+    """(type, name) of data on this machine for model-index: a dataset folder read by load_dataset
+    (--dataset_name), image folders (--train_dir), or the digits demo."""
+    if config.get("dataset_name"):
+        return "local", f"{os.path.basename(os.path.normpath(config['dataset_name']))} (local dataset folder)"
+    if config.get("train_dir"):
+        return "imagefolder", "local image folders"
+    return "imagefolder", "imgft digits demo"
 
 
 def _origin(config, base_model, dataset, num_classes):
@@ -131,9 +144,12 @@ def _origin(config, base_model, dataset, num_classes):
     if dataset:
         data = f"the [{dataset}](https://huggingface.co/datasets/{dataset}) dataset"
     elif config.get("dataset_name"):
-        data = f"the local dataset `{config['dataset_name']}`"
+        data = f"the local dataset folder `{config['dataset_name']}`"
+    elif config.get("train_dir"):
+        folders = [f"`{config[key]}` ({key[:-4]})" for key in ("train_dir", "validation_dir") if config.get(key)]
+        data = f"the local image folder{'s' if len(folders) > 1 else ''} {' and '.join(folders)}"
     else:
-        data = "a local image folder"
+        data = "imgft's digits demo"
     return f"This image classifier ({num_classes} classes) is {model}, trained on {data} with imgft's `train_loop.py`."
 
 

@@ -1,0 +1,79 @@
+"""Test-time augmentation (--tta) for `python -m imgft evaluate` and `predict`: the views each image is
+seen in, built around the evaluation transform, and the model's logits averaged over them. Training's own
+evaluation (`train_loop.evaluate`) never uses it.
+
+The views, each of the evaluation crop's size:
+    centre         the evaluation transform's output, as without --tta
+    flip           its mirror image (left-right)
+    zoom           the image's central ZOOM of width and height, through the same transform: zoomed in
+    zoom_flip      the mirror image of zoom
+"""
+
+from functools import partial
+
+import numpy as np
+import torch
+from torchvision.transforms.v2 import functional as F
+
+from imgft import metrics
+
+ZOOM = 0.875  # the usual centre-crop margin, taken once more
+VIEWS = {
+    "flip": ("centre", "flip"),
+    "zoom": ("centre", "zoom"),
+    "flip_zoom": ("centre", "flip", "zoom", "zoom_flip"),
+}
+
+
+def views_transform(eval_transform, tta):
+    """The transform --tta `tta` evaluates with: PIL image -> V x H x W x 3 uint8 array of its views."""
+    return partial(image_views, eval_transform=eval_transform, views=VIEWS[tta])
+
+
+def image_views(image, eval_transform, views):
+    """The image's `views` (names above), as one V x H x W x 3 uint8 array."""
+    centre = eval_transform(image)
+    arrays = {"centre": centre, "flip": centre[:, ::-1]}
+    if "zoom" in views:
+        zoomed = eval_transform(F.center_crop(image, [round(image.height * ZOOM), round(image.width * ZOOM)]))
+        arrays.update(zoom=zoomed, zoom_flip=zoomed[:, ::-1])
+    return np.stack([arrays[name] for name in views])
+
+
+def stack_views(arrays):
+    """V x H x W x 3 uint8 arrays (what `image_views` gives) -> one B x V x 3 x H x W uint8 tensor."""
+    return torch.from_numpy(np.stack(arrays)).permute(0, 1, 4, 2, 3)
+
+
+def collate_views(examples):
+    """`transforms.collate_fn` for `image_views`' outputs: B x V x 3 x H x W uint8 pixel values, B labels."""
+    return {
+        "pixel_values": stack_views([example["pixel_values"] for example in examples]),
+        "labels": torch.tensor([example["labels"] for example in examples], dtype=torch.long),
+    }
+
+
+def tta_logits(model, pixel_values, normalize):
+    """B x classes float32 logits: the mean over views of the model's logits for each B x V x 3 x H x W uint8
+    batch's view. One forward pass per view, so memory stays that of a batch without --tta."""
+    dtype = next(model.parameters()).dtype  # float32 under mixed precision, which autocasts the forward
+    view_logits = [
+        model(pixel_values=normalize(pixel_values[:, view]).to(dtype)).logits.float()
+        for view in range(pixel_values.shape[1])
+    ]
+    return torch.stack(view_logits).mean(dim=0)
+
+
+@torch.no_grad()
+def evaluate(model, dataloader, normalize, accelerator):
+    """`train_loop.evaluate` on batches of views (`collate_views`), scoring each image's averaged logits:
+    the same metrics and details, gathered with gather_for_metrics, so exact on any number of processes."""
+    id2label = accelerator.unwrap_model(model).config.id2label
+    label_names = [id2label[i] for i in range(len(id2label))]
+    model.eval()
+    tally = metrics.start_tally(label_names, accelerator.device)
+    for batch in dataloader:
+        logits = tta_logits(model, batch["pixel_values"], normalize)
+        logits, labels = accelerator.gather_for_metrics((logits, batch["labels"]))
+        metrics.add_batch(tally, logits, labels)
+    return metrics.finish_tally(tally, label_names)
