@@ -283,12 +283,9 @@ def main(argv=None):
     accelerator.wait_for_everyone()
     with outputs.saving_final_files(output_dir):  # a full disk: one line, and the checkpoints stay intact
         # unwrap_model strips the DDP (and torch.compile) wrappers, so the weights load without imgft.
-        # get_state_dict gathers whole weights that FSDP or DeepSpeed ZeRO-3 shard over the processes.
+        whole_weights = accelerator.get_state_dict(model)  # gathered, where FSDP or ZeRO-3 shard them
         accelerator.unwrap_model(model).save_pretrained(
-            output_dir,
-            is_main_process=accelerator.is_main_process,
-            save_function=accelerator.save,
-            state_dict=accelerator.get_state_dict(model),
+            output_dir, is_main_process=accelerator.is_main_process, state_dict=whole_weights
         )
         if accelerator.is_main_process:
             image_processor.save_pretrained(output_dir)  # pipeline() reads sizes and normalisation from it
@@ -353,11 +350,7 @@ def evaluate_and_record(model, eval_dataloader, normalize, accelerator, state, t
         state.best, results, state.completed_steps, state.epoch_position(), train_args
     )
     if improved and train_args.load_best_model_at_end:
-        accelerator.unwrap_model(model).save_pretrained(
-            os.path.join(train_args.output_dir, outputs.BEST_DIR),
-            is_main_process=accelerator.is_main_process,
-            state_dict=accelerator.get_state_dict(model),  # whole weights, also when FSDP shards them
-        )
+        outputs.save_best_model(accelerator, model, train_args.output_dir)
     return results, details
 
 

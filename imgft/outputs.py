@@ -104,8 +104,8 @@ def check_every_process_sees_output_dir(accelerator, output_dir):
         open(os.path.join(output_dir, name[0]), "w").close()
     broadcast_object_list(name)  # the main process's name, sent once its file is written
     marker = os.path.join(output_dir, name[0])
-    here = {"host": socket.gethostname(), "rank": accelerator.process_index, "path": os.path.abspath(output_dir)}
-    views = gather_object([{**here, "sees": os.path.exists(marker)}])
+    here = {"host": socket.gethostname(), "rank": accelerator.process_index}
+    views = gather_object([{**here, "path": os.path.abspath(output_dir), "sees": os.path.exists(marker)}])
     if accelerator.is_main_process:
         os.remove(marker)
         if made_folder:
@@ -274,6 +274,15 @@ def push_to_hub(train_args):
         ignore_patterns=["step_*", "epoch_*", STAGING_PREFIX + "*", BEST_DIR + "/*"],
     )
     return repo_id
+
+
+def save_best_model(accelerator, model, output_dir):
+    """Save the model's weights, gathered whole where FSDP shards them, to output_dir/best_model (every
+    process calls it; the main process writes), for `load_weights` to load back at the end of the run."""
+    best_dir = os.path.join(output_dir, BEST_DIR)
+    accelerator.unwrap_model(model).save_pretrained(
+        best_dir, is_main_process=accelerator.is_main_process, state_dict=accelerator.get_state_dict(model)
+    )
 
 
 def load_weights(model, folder):

@@ -89,7 +89,7 @@ def log_run_summary(train_dataset, eval_dataset, label_names, accelerator, train
     if fsdp_requested and accelerator.distributed_type != DistributedType.FSDP:
         log_once(
             logging.WARNING,
-            f"FSDP was asked for, but Accelerate shards only over GPUs: on {accelerator.device.type} this run "
+            f"FSDP was asked for, but Accelerate shards only on GPUs: on {accelerator.device.type} this run "
             "is plain data parallel, every process holding the whole model and optimizer state",
         )
 

@@ -71,7 +71,7 @@ def test_fsdp_asked_for_on_cpu_is_said_to_run_as_plain_data_parallel(monkeypatch
     cpu = {"num_processes": 2, "device": torch.device("cpu"), "mixed_precision": "no"}
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets for fsdp.yaml
     [warning] = run_summary(SimpleNamespace(**cpu, distributed_type=DistributedType.MULTI_CPU), caplog)
-    assert warning.startswith("FSDP was asked for, but Accelerate shards only over GPUs: on cpu this run is")
+    assert warning.startswith("FSDP was asked for, but Accelerate shards only on GPUs: on cpu this run is")
     caplog.clear()
     assert run_summary(SimpleNamespace(**cpu, distributed_type=DistributedType.FSDP), caplog) == []
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
