@@ -83,6 +83,7 @@ def main(argv=None):
         raise UserError(f"--mixed_precision {train_args.mixed_precision}: {err}") from None
     runtime.setup_logging()
     run_lock.take_output_dir_lock_on_main_process(accelerator, output_dir)  # one live run per folder
+    outputs.check_every_process_sees_output_dir(accelerator, output_dir)  # one folder, on shared storage
     resume_path = checkpoint.resolve_resume(train_args.resume_from_checkpoint, output_dir)
     resuming = train_args.resume_from_checkpoint is not None
     if outputs.check_output_dir(output_dir, resuming, train_args.overwrite_output_dir, config):
@@ -308,8 +309,9 @@ def main(argv=None):
         # unwrap_model strips the DDP and torch.compile wrappers, so the weights load without imgft.
         # With --use_peft the adapter goes to output_dir/adapter and is merged into the weights saved here.
         plain_model = accelerator.unwrap_model(model, keep_torch_compile=False)
+        whole_weights = outputs.gathered_weights(accelerator, model)  # get_state_dict, where FSDP shards them
         save_adapter_and_merge(plain_model, output_dir, accelerator).save_pretrained(
-            output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save
+            output_dir, is_main_process=accelerator.is_main_process, state_dict=whole_weights
         )
         if accelerator.is_main_process:
             image_processor.save_pretrained(output_dir)  # pipeline() reads sizes and normalisation from it
@@ -384,9 +386,7 @@ def evaluate_and_record(model, ema_model, eval_dataloader, normalize, accelerato
         state.best, results, state.completed_steps, state.epoch_position(), train_args
     )
     if improved and train_args.load_best_model_at_end:
-        accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(
-            os.path.join(train_args.output_dir, outputs.BEST_DIR), is_main_process=accelerator.is_main_process
-        )
+        outputs.save_best_model(accelerator, model, train_args.output_dir)
     return results, details
 
 

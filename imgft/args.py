@@ -748,6 +748,9 @@ def _check_recipes(model_args, train_args):
             "--use_peft already freezes the backbone and trains an adapter in it; it cannot go with "
             "--freeze_backbone or --unfreeze_after_epochs"
         )
+    sharded = [name for name in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{name}") == "true"]
+    if model_args.use_peft and sharded:  # merging the adapter needs the whole weights on one process
+        raise UserError(f"--use_peft cannot go with {sharded[0]} yet: launch it with DDP (multi_gpu)")
     if unfreeze is not None and train_args.max_train_steps is None and unfreeze >= epochs:
         raise UserError(
             f"--unfreeze_after_epochs {unfreeze} would never unfreeze in {epochs} epochs: "

@@ -10,10 +10,17 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from accelerate.utils import DistributedType
 
 from imgft.batches import effective_batch
 
-QUIET_LOGGERS = ("httpx", "datasets", "accelerate.checkpointing", "accelerate.accelerator")
+QUIET_LOGGERS = (
+    "httpx",
+    "datasets",
+    "accelerate.checkpointing",
+    "accelerate.accelerator",
+    "accelerate.utils.fsdp_utils",  # a line per saved shard at every FSDP checkpoint
+)
 
 
 def hub_offline():
@@ -62,7 +69,8 @@ def dataloader_workers(requested, device, num_processes):
 
 def log_run_summary(train_dataset, eval_dataset, label_names, accelerator, train_args, max_train_steps):
     """Log what the run is about to do: data, classes, processes, precision, the real batch and the steps;
-    and warn when accumulation spans more batches than an epoch has (`batches.effective_batch`)."""
+    and warn when accumulation spans more batches than an epoch has (`batches.effective_batch`), or when
+    FSDP was asked for where Accelerate cannot shard (it does so only on GPUs and other accelerators)."""
     per_device = train_args.per_device_train_batch_size
     accumulation = train_args.gradient_accumulation_steps
     processes = accelerator.num_processes
@@ -77,6 +85,13 @@ def log_run_summary(train_dataset, eval_dataset, label_names, accelerator, train
     )
     if warning:
         log_once(logging.WARNING, warning)
+    fsdp_requested = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if fsdp_requested and accelerator.distributed_type != DistributedType.FSDP:
+        log_once(
+            logging.WARNING,
+            f"FSDP was asked for, but Accelerate shards only on GPUs: on {accelerator.device.type} this run "
+            "is plain data parallel, every process holding the whole model and optimizer state",
+        )
 
 
 def install_signal_handlers_and_start_signal_group(accelerator):

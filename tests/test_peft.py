@@ -150,6 +150,18 @@ def test_an_adapter_cannot_go_with_freezing_the_backbone():
         parse_args(["--use_peft", "lora", "--freeze_backbone"])
 
 
+@pytest.mark.parametrize(
+    "launcher_variable, name", [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED")]
+)
+def test_an_adapter_is_refused_under_sharded_training_before_any_work(monkeypatch, launcher_variable, name):
+    from imgft.args import parse_args
+
+    parse_args(["--use_peft", "lora"])  # under DDP or one process: accepted
+    monkeypatch.setenv(launcher_variable, "true")  # what accelerate launch sets for an FSDP/DeepSpeed config
+    with pytest.raises(UserError, match=f"--use_peft cannot go with {name} yet"):
+        parse_args(["--use_peft", "lora"])
+
+
 @pytest.mark.parametrize("method", ["lora", "loha", "ia3"])
 def test_merged_model_gives_the_adapter_models_logits(method):
     model = peft_model.prepare_for_training(tiny_vit_model(), model_args(use_peft=method, lora_r=4))
