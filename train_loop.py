@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from imgft import args as imgft_args
-from imgft import best, checkpoint, data, metrics, nonfinite, optimizer, outputs, runtime, transforms
+from imgft import best, checkpoint, data, metrics, nonfinite, optimizer, outputs, runtime, stream, transforms
 from imgft.errors import UserError, run_as_script
 from imgft.model import check_model_source, load_model, optimizer_param_groups
 from imgft.report import reports
@@ -122,7 +122,10 @@ def main(argv=None):
         "persistent_workers": workers > 0,  # keep the workers alive from one epoch to the next
     }
     batch_size = train_args.per_device_train_batch_size
-    train_dataloader = DataLoader(train_dataset, batch_size, shuffle=True, **loader_options)
+    if data_args.streaming:  # this process's share of the stream, resumable mid-pass: imgft/stream.py
+        train_dataloader = stream.StreamLoader(train_dataset, batch_size, loader_options, accelerator)
+    else:
+        train_dataloader = DataLoader(train_dataset, batch_size, shuffle=True, **loader_options)
     eval_dataloader = DataLoader(eval_dataset, train_args.per_device_eval_batch_size, **loader_options)
 
     # ---------------------------------------------------------------- 5. Optimizer, schedule, prepare
@@ -135,8 +138,11 @@ def main(argv=None):
     model, adamw, train_dataloader, eval_dataloader = accelerator.prepare(
         model, adamw, train_dataloader, eval_dataloader
     )
-    steps_per_epoch = math.ceil(len(train_dataloader) / train_args.gradient_accumulation_steps)
-    max_train_steps = train_args.max_train_steps or train_args.num_train_epochs * steps_per_epoch
+    # A stream has no length (None): its epoch ends when it runs out, and --max_train_steps is required.
+    batches_per_epoch = None if data_args.streaming else len(train_dataloader)
+    max_train_steps = train_args.max_train_steps or train_args.num_train_epochs * math.ceil(
+        batches_per_epoch / train_args.gradient_accumulation_steps
+    )
     # The schedule counts optimizer steps, so warmup and total mean the same on any number of processes.
     # It is stepped by hand in the loop rather than prepared: a prepared one steps once per process.
     lr_scheduler = get_scheduler(
@@ -145,10 +151,14 @@ def main(argv=None):
 
     # The loop's counters, in one object. Registered, save_state and load_state carry it and the schedule,
     # beside the model, optimizer, GradScaler, sampler and random states they handle themselves.
-    state = TrainState(device=accelerator.device, batches_per_epoch=len(train_dataloader))
+    state = TrainState(device=accelerator.device, batches_per_epoch=batches_per_epoch)
     accelerator.register_for_checkpointing(lr_scheduler, state)
+    if data_args.streaming:  # every process's position in the stream
+        accelerator.register_for_checkpointing(train_dataloader)
     # A resume must continue the same run: the same arguments, data and launch. Anything else is refused.
-    run_identity = checkpoint.run_identity(config, label_names, len(train_rows), accelerator, max_train_steps)
+    run_identity = checkpoint.run_identity(
+        config, label_names, data.num_rows(train_rows), accelerator, max_train_steps
+    )
     if resume_path:
         for change in checkpoint.check_resumable(resume_path, run_identity):
             logger.warning(f"Changed since the checkpoint, which does not change training: {change}")
@@ -179,8 +189,11 @@ def main(argv=None):
         train_dataloader.set_epoch(state.epoch)  # reshuffle, in an order fixed by (seed, epoch)
         augmentation_epoch.fill_(state.epoch)
         # skip_first_batches replaces "iterate and discard" after a resume: the sampler jumps ahead
-        # without loading a single image.
-        batches = accelerator.skip_first_batches(train_dataloader, state.batch_in_epoch)
+        # without loading a single image. A stream's loader needs none: load_state restored its position.
+        if data_args.streaming:
+            batches = train_dataloader
+        else:
+            batches = accelerator.skip_first_batches(train_dataloader, state.batch_in_epoch)
         state.start_epoch_clock()
         for batch in runtime.timed(batches, state.epoch_clock):  # timed(): counts the time spent waiting
             # accumulate() skips DDP's gradient all-reduce until the last batch of each accumulation window
@@ -275,7 +288,7 @@ def main(argv=None):
                 "train_steps": state.completed_steps,
                 "train_loss": state.mean_train_loss(),
                 "train_runtime": train_runtime,
-                "train_samples": len(train_rows),
+                "train_samples": data.num_rows(train_rows),
                 "train_samples_per_second": train_speed["train_images_per_second"],
                 "unreadable_images": unreadable_images,
                 "skipped_nonfinite_steps": state.skipped_steps,
