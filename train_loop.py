@@ -99,6 +99,7 @@ def main(argv=None):
     )
     normalize = transforms.normalizer(image_processor, train_args.channels_last)
     train_rows = data.subsample(dataset["train"], data_args.max_train_samples, train_args.seed)
+    train_samples = data.num_rows(train_rows)  # None for a stream: its length is unknown until it is read
     data.warn_classes_without_training_images(train_rows, label_column, label_names)
     eval_rows = data.subsample(dataset["validation"], data_args.max_eval_samples, train_args.seed)
     # set_transform, lazily: images are decoded and augmented per batch, in the DataLoader's workers.
@@ -135,6 +136,7 @@ def main(argv=None):
     adamw = optimizer.adamw(param_groups, train_args.learning_rate, accelerator.mixed_precision)
     # prepare() moves the model to the device and wraps it in DDP, wraps the optimizer for mixed precision
     # and accumulation, and shards each DataLoader: len(train_dataloader) is then this process's share.
+    # (A StreamLoader is no DataLoader: prepare passes it through, split and placed on the device already.)
     model, adamw, train_dataloader, eval_dataloader = accelerator.prepare(
         model, adamw, train_dataloader, eval_dataloader
     )
@@ -156,9 +158,7 @@ def main(argv=None):
     if data_args.streaming:  # every process's position in the stream
         accelerator.register_for_checkpointing(train_dataloader)
     # A resume must continue the same run: the same arguments, data and launch. Anything else is refused.
-    run_identity = checkpoint.run_identity(
-        config, label_names, data.num_rows(train_rows), accelerator, max_train_steps
-    )
+    run_identity = checkpoint.run_identity(config, label_names, train_samples, accelerator, max_train_steps)
     if resume_path:
         for change in checkpoint.check_resumable(resume_path, run_identity):
             logger.warning(f"Changed since the checkpoint, which does not change training: {change}")
@@ -288,7 +288,7 @@ def main(argv=None):
                 "train_steps": state.completed_steps,
                 "train_loss": state.mean_train_loss(),
                 "train_runtime": train_runtime,
-                "train_samples": data.num_rows(train_rows),
+                "train_samples": train_samples,
                 "train_samples_per_second": train_speed["train_images_per_second"],
                 "unreadable_images": unreadable_images,
                 "skipped_nonfinite_steps": state.skipped_steps,

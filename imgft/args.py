@@ -114,22 +114,23 @@ class DataArguments:
     streaming: bool = field(
         default=False,
         metadata={
-            "help": "Read --dataset_name (a Hub dataset, or a folder of parquet or webdataset .tar shards) as a "
-            "stream, never written to disk. Needs --max_train_steps; an epoch is one pass over the stream."
+            "help": "Read --dataset_name (a Hub dataset, or a folder of parquet or webdataset .tar "
+            "shards) as a stream, never written to disk. Needs --max_train_steps; an epoch is one pass "
+            "over the stream."
         },
     )
     shuffle_buffer_size: int = field(
         default=1000,
         metadata={
-            "help": "With --streaming: examples held in the shuffle buffer each DataLoader worker draws from. 0: "
-            "no buffer, only the shards' order is shuffled, and a resume is exact."
+            "help": "With --streaming: examples held in the shuffle buffer each DataLoader worker draws "
+            "from. 0: no buffer, only the shards' order is shuffled, and a resume is exact."
         },
     )
     label_names: str | None = field(
         default=None,
         metadata={
-            "help": "With --streaming: the class names, comma-separated (label i is the i-th), when the label "
-            "column is not a ClassLabel. Text labels are matched by name."
+            "help": "With --streaming: the class names, comma-separated (label i is the i-th), when the "
+            "label column is not a ClassLabel. Text labels are matched by name."
         },
     )
 
@@ -598,18 +599,19 @@ def check_streaming_args(data_args, train_args):
     if train_args.max_train_steps is None:
         raise UserError("--streaming needs --max_train_steps: a stream has no length to count epochs in")
     if not data_args.dataset_name:
-        raise UserError("--streaming reads --dataset_name: a Hub dataset, or a folder of parquet or .tar shards")
+        raise UserError("--streaming reads --dataset_name: a Hub dataset, or a folder of parquet/.tar shards")
     if data_args.max_train_samples is not None:
         raise UserError("--max_train_samples cannot cut a stream: --max_train_steps sets how much is read")
     if data_args.strict_data:
         raise UserError("--strict_data checks every image before training, which a stream is not: drop it")
     if train_args.checkpointing_steps == "epoch" and train_args.gradient_accumulation_steps > 1:
         raise UserError(
-            "--streaming with --gradient_accumulation_steps: a pass over a stream can end inside an accumulation "
-            "window, so checkpoint every N steps (--checkpointing_steps N) rather than every epoch"
+            "--streaming with --gradient_accumulation_steps: a pass over a stream can end inside an "
+            "accumulation window, so checkpoint every N steps (--checkpointing_steps N), not every epoch"
         )
-    if data_args.label_names is not None and len(label_names_list(data_args.label_names)) < 2:
-        raise UserError(f"--label_names needs at least two comma-separated names (got '{data_args.label_names}')")
+    names = data_args.label_names
+    if names is not None and len(label_names_list(names)) < 2:
+        raise UserError(f"--label_names needs at least two comma-separated names (got '{names}')")
 
 
 def label_names_list(text):

@@ -35,7 +35,7 @@ def load_labeled_dataset(data_args, cache_dir, seed):
 
 
 def load_labeled_stream(data_args, cache_dir, seed):
-    """`load_labeled_dataset` for --streaming: train and validation as IterableDatasets, read as they are used.
+    """`load_labeled_dataset` for --streaming: train and validation as IterableDatasets, read when used.
 
     Nothing is read here but the features: the class names come from a ClassLabel column or --label_names,
     since finding them in the data would take a pass over it. Labels become ids on the fly; an example whose
@@ -45,7 +45,8 @@ def load_labeled_stream(data_args, cache_dir, seed):
     """
     name = data_args.dataset_name
     try:
-        streams = datasets.load_dataset(name, data_args.dataset_config_name, cache_dir=cache_dir, streaming=True)
+        config_name = data_args.dataset_config_name
+        streams = datasets.load_dataset(name, config_name, cache_dir=cache_dir, streaming=True)
     except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as err:
         offline = " (HF_HUB_OFFLINE is set: Hub datasets cannot be streamed)" if hub_offline() else ""
         raise UserError(f"cannot stream dataset '{name}'{offline}: {err}") from None
@@ -54,15 +55,16 @@ def load_labeled_stream(data_args, cache_dir, seed):
         raise UserError("--eval_split train: training would be evaluated on its own images")
     if not data_args.eval_split and not any(n in streams for n in (*VALIDATION_SPLIT_NAMES, "test")):
         raise UserError(
-            f"--streaming: the dataset has no validation or test split (it has: {', '.join(streams)}), and a stream "
-            "cannot be split at random: name the split to evaluate on with --eval_split"
+            f"--streaming: the dataset has no validation or test split (it has: {', '.join(streams)}), "
+            "and a stream cannot be split at random: name the split to evaluate on with --eval_split"
         )
     _, validation, source = _named_splits(streams, data_args, seed)
     log_once(logging.INFO, f"Evaluating on {source}, streamed")
     dataset = datasets.IterableDatasetDict(train=train, validation=validation)
     if any(split.features is None for split in dataset.values()):
-        raise UserError(f"--streaming: the columns of '{name}' are unknown before reading it; store it as parquet")
-    image_column, label_column = find_columns(dataset, data_args.image_column_name, data_args.label_column_name)
+        raise UserError(f"--streaming: the columns of '{name}' are unknown before reading; store as parquet")
+    columns = find_columns(dataset, data_args.image_column_name, data_args.label_column_name)
+    image_column, label_column = columns
     label_names = stream_label_names(train.features[label_column], label_column, data_args.label_names)
     # Images stay undecoded until the transform, which names the unreadable ones instead of failing on them.
     if isinstance(train.features[image_column], datasets.Image):
@@ -90,20 +92,21 @@ def stream_label_names(feature, label_column, label_names_flag):
     if isinstance(feature, datasets.ClassLabel):
         if given and given != feature.names:
             raise UserError(
-                f"--label_names {label_names_flag} differs from the classes the dataset names in '{label_column}': "
-                f"{', '.join(feature.names)}; drop --label_names"
+                f"--label_names {label_names_flag} differs from the classes the dataset names in "
+                f"'{label_column}': {', '.join(feature.names)}; drop --label_names"
             )
         return feature.names
     if not given:
         raise UserError(
-            f"--streaming: the label column '{label_column}' does not name its classes (it is not a ClassLabel), "
-            "and finding them would take a pass over the stream: give them with --label_names a,b,c"
+            f"--streaming: the label column '{label_column}' does not name its classes (it is not a "
+            "ClassLabel), and finding them would take a pass over the stream: give them with "
+            "--label_names a,b,c"
         )
     return given
 
 
 def _label_ids_on_the_fly(split, label_column, label_names):
-    """The stream with its label column a ClassLabel of `label_names`: names become ids as examples are read."""
+    """The stream with its label column a ClassLabel of `label_names`: ids made as examples are read."""
     features = split.features.copy()
     if isinstance(features[label_column], datasets.ClassLabel):
         return split
@@ -120,8 +123,8 @@ _labels_named = set()  # the labels this process has already warned about
 
 
 def _label_ids_batch(batch, label_column, label_names):
-    """Ids for a batch of labels: a text label is matched by name, a number is the id itself. Rows with a label
-    that is not a class are dropped, each such label named once per process."""
+    """Ids for a batch of labels: a text label is matched by name, a number is the id itself. Rows with a
+    label that is not a class are dropped, each such label named once per process."""
     ids = {name: i for i, name in enumerate(label_names)}
     keep = []
     for row, value in enumerate(batch[label_column]):
@@ -132,7 +135,7 @@ def _label_ids_batch(batch, label_column, label_names):
         elif repr(value) not in _labels_named:
             _labels_named.add(repr(value))
             logging.getLogger("imgft").warning(
-                f"Skipping examples labelled {value!r}: not one of the {len(label_names)} classes of --label_names"
+                f"Skipping examples labelled {value!r}: not one of the {len(label_names)} --label_names"
             )
     return {column: [values[row] for row in keep] for column, values in batch.items()}
 

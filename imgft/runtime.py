@@ -70,8 +70,8 @@ def log_run_summary(train_dataset, eval_dataset, label_names, accelerator, train
     if isinstance(train_dataset, IterableDataset):  # a stream: its length is unknown
         log_once(
             logging.INFO,
-            f"Streaming training and validation examples, {len(label_names)} classes; {processes} process(es) on "
-            f"{accelerator.device.type}, mixed precision {accelerator.mixed_precision}; batch "
+            f"Streaming training and validation examples, {len(label_names)} classes; {processes} "
+            f"process(es) on {accelerator.device.type}, mixed precision {accelerator.mixed_precision}; batch "
             f"{per_device * processes * accumulation} = {per_device} per device x {processes} process(es) x "
             f"{accumulation} accumulated; {max_train_steps} optimizer steps",
         )
@@ -161,8 +161,8 @@ class SpeedClock:
 
 
 def timed(batches, clock):
-    """Yield from `batches`, adding the seconds spent waiting for each one to `clock.data_wait` (a SpeedClock),
-    and noting in `clock.batches_ran_out` when they run out: the end of a stream's epoch."""
+    """Yield from `batches`, adding the seconds spent waiting for each one to `clock.data_wait` (a
+    SpeedClock), and noting in `clock.batches_ran_out` when they run out: the end of a stream's epoch."""
     iterator = iter(batches)
     while True:
         start = time.perf_counter()

@@ -1,11 +1,12 @@
-"""Training on a stream (--streaming): the DataLoader that reads this process's share of it and resumes mid-pass.
+"""Training on a stream (--streaming): the DataLoader that reads this process's share, resumable mid-pass.
 
 Each process reads its own shards (`datasets.distributed.split_dataset_by_node`) through torchdata's
-StatefulDataLoader, whose state (the datasets IterableDataset's position in each worker) every checkpoint saves
-for every process, so that a resume continues with the next unseen example. A pass over the stream ends for all
-processes together, when one of them runs out: shares differ in length, and DDP needs every process to take the
-same steps. Accelerate 1.15 would split the stream again in `prepare`, and its `save_state` writes every process's
-loader state to one file (huggingface/accelerate#4164): hence this loader, which `prepare` passes through.
+StatefulDataLoader, whose state (the datasets IterableDataset's position in each worker) every checkpoint
+saves for every process, so that a resume continues with the next unseen example. A pass over the stream
+ends for all processes together, when one of them runs out: shares differ in length, and DDP needs every
+process to take the same steps. Accelerate 1.15 would split the stream again in `prepare`, and its
+`save_state` writes every process's loader state to one file (huggingface/accelerate#4164): hence this
+loader, which `prepare` passes through. Also here: reading a streamed evaluation split's images again.
 """
 
 import logging
@@ -39,8 +40,8 @@ class StreamLoader:
         self.share = split_dataset_by_node(
             stream, self.rank, self.processes, strategy=split_strategy(stream.num_shards, self.processes)
         )
-        # drop_last: each worker ends its part of a pass with a partial batch (a batch of one breaks BatchNorm);
-        # the next pass reads the shards in another order, and so leaves other examples out.
+        # drop_last: each worker ends its part of a pass with a partial batch (a batch of one breaks
+        # BatchNorm); the next pass reads the shards in another order, and so leaves other examples out.
         self.loader = StatefulDataLoader(self.share, batch_size, drop_last=True, **loader_options)
         self.device = accelerator.device
         self.non_blocking = loader_options.get("pin_memory", False)  # a non_blocking copy needs pinned memory
@@ -59,8 +60,8 @@ class StreamLoader:
             yield send_to_device(batch, self.device, non_blocking=self.non_blocking)
 
     def state_dict(self):
-        """Every process's loader state, gathered: `save_state` writes a registered object's state from the main
-        process only. A collective: every process calls it, as `save_state` does."""
+        """Every process's loader state, gathered: `save_state` writes a registered object's state from the
+        main process only. A collective: every process calls it, as `save_state` does."""
         state = {"workers": self.loader.num_workers, "loader": self.loader.state_dict()}
         if self.group is None:
             return {"processes": [state]}
@@ -72,8 +73,8 @@ class StreamLoader:
         state = saved["processes"][self.rank]
         if state["workers"] != self.loader.num_workers:  # each worker's position is its own
             raise UserError(
-                f"the stream was read with {state['workers']} DataLoader worker(s) per process, and resuming it "
-                f"exactly needs as many: rerun with --num_workers {state['workers']}"
+                f"the stream was read with {state['workers']} DataLoader worker(s) per process, and resuming "
+                f"it exactly needs as many: rerun with --num_workers {state['workers']}"
             )
         self.loader.load_state_dict(state["loader"])
 
@@ -92,8 +93,8 @@ def split_strategy(num_shards, processes):
         return "shards"
     log_once(
         logging.WARNING,
-        f"The stream has {num_shards} shard(s) for {processes} processes: each process reads and decodes every "
-        f"example to keep one in {processes}. Write at least {processes} shards.",
+        f"The stream has {num_shards} shard(s) for {processes} processes: each process reads and decodes "
+        f"every example to keep one in {processes}. Write at least {processes} shards.",
     )
     return "examples"
 

@@ -209,7 +209,7 @@ def with_stream_transform(stream, image_transform, image_column, label_column, s
         batch_size=STREAM_MAP_BATCH,
         remove_columns=list(stream.features),
         fn_kwargs={
-            "image_transform": image_transform,
+            "transform": image_transform,
             "image_column": image_column,
             "label_column": label_column,
             "seed": seed,
@@ -222,40 +222,43 @@ def with_stream_transform(stream, image_transform, image_column, label_column, s
 _unreadable_named = set()  # the unreadable images this process has already named
 
 
-def transform_streamed_batch(batch, indices, image_transform, image_column, label_column, seed, epoch, process):
-    """{"pixel_values", "labels"} for the readable examples of a batch read from a stream."""
+def transform_streamed_batch(batch, indices, transform, image_column, label_column, seed, epoch, process):
+    """{"pixel_values", "labels"} for the readable examples of a batch read from a stream. `process` is the
+    (index, count) of the launch's processes."""
     worker = torch.utils.data.get_worker_info()
     worker_id, workers = (worker.id, worker.num_workers) if worker else (0, 1)
     process_index, processes = process
     epoch_now = None if epoch is None else int(epoch)
     pixel_values, labels = [], []
-    for row, (value, label, index) in enumerate(zip(batch[image_column], batch[label_column], indices, strict=True)):
+    examples = zip(batch[image_column], batch[label_column], indices, strict=True)
+    for row, (value, label, index) in enumerate(examples):
         image, reason = images.decode_value(value)
         if image is None:
-            where = streamed_example_name(batch, image_column, row, index, process_index, worker_id, epoch_now)
+            reader = (process_index, worker_id)
+            where = streamed_example_name(batch, image_column, row, index, reader, epoch_now)
             if where not in _unreadable_named:
                 _unreadable_named.add(where)
                 logging.getLogger("imgft").warning(f"Skipping unreadable image {where}: {reason}")
             continue
         if seed is None:
-            pixel_values.append(image_transform(image))
+            pixel_values.append(transform(image))
         else:
             position = (index * workers + worker_id) * processes + process_index
-            pixel_values.append(image_transform(image, random.Random(sample_seed(seed, epoch_now, position))))
+            pixel_values.append(transform(image, random.Random(sample_seed(seed, epoch_now, position))))
         labels.append(label)
     return {"pixel_values": pixel_values, "labels": labels}
 
 
-def streamed_example_name(batch, image_column, row, index, process_index, worker_id, epoch):
-    """What names a streamed example for a person: its file name, or webdataset key, and shard; else its place
-    in the stream (the `index`-th example worker `worker_id` of process `process_index` read in pass `epoch`)."""
+def streamed_example_name(batch, image_column, row, index, reader, epoch):
+    """What names a streamed example for a person: its file name, or webdataset key, and shard; else its
+    place in the stream: the `index`-th example that `reader` (process, worker) read in pass `epoch`."""
     value = batch[image_column][row]
     path = value.get("path") if isinstance(value, dict) else None
     key = path or (batch["__key__"][row] if "__key__" in batch else None)
     shard = batch["__url__"][row] if "__url__" in batch else None
     if key:
         return f"{key} (in {shard})" if shard else key
-    return f"#{index} read by worker {worker_id} of process {process_index} in pass {epoch or 0}"
+    return f"#{index} read by worker {reader[1]} of process {reader[0]} in pass {epoch or 0}"
 
 
 def collate_fn(examples):

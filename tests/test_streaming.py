@@ -71,11 +71,14 @@ def assert_same_run(reference, resumed):
     weights, resumed_weights = load_file(reference / "model.safetensors"), load_file(resumed / "model.safetensors")
     for name, tensor in weights.items():
         assert torch.equal(tensor, resumed_weights[name]), name
-    metrics = [without_timing(map(json.loads, (d / "metrics.jsonl").read_text().splitlines())) for d in (reference, resumed)]
-    assert metrics[0] == metrics[1]
+    assert metrics_lines(reference) == metrics_lines(resumed)
     results, resumed_results = (json.loads((d / "all_results.json").read_text()) for d in (reference, resumed))
     for key in ("eval_accuracy", "eval_loss", "eval_samples", "train_loss", "train_steps", "epoch"):
         assert resumed_results[key] == results[key], key
+
+
+def metrics_lines(out):
+    return without_timing(map(json.loads, (out / "metrics.jsonl").read_text().splitlines()))
 
 
 @pytest.mark.parametrize("workers", ["0", "2"])
@@ -85,8 +88,7 @@ def test_sigkill_at_a_random_step_then_resume_latest_is_bitwise_identical(shards
     results = json.loads((reference / "all_results.json").read_text())
     assert results["train_steps"] == 12 and results["epoch"] == 2
     assert results["eval_samples"] == 24
-    evaluated_at = [line["step"] for line in map(json.loads, (reference / "metrics.jsonl").read_text().splitlines())
-                    if "eval_accuracy" in line]
+    evaluated_at = [line["step"] for line in metrics_lines(reference) if "eval_accuracy" in line]
     # The end of pass 1 (9 batches: 4 steps and a batch into the 5th), of pass 2 (18 batches), of the run.
     assert evaluated_at == [4, 9, 12]
     if workers == "0":  # named by this process (with workers, by the worker that read it)
@@ -104,23 +106,24 @@ def test_sigkill_at_a_random_step_then_resume_latest_is_bitwise_identical(shards
     assert_same_run(reference, out)
 
 
-def test_two_processes_read_their_own_shares_and_resume_exactly(shards, tmp_path):
-    # 3 shards on 2 processes: one reads two, the other one; a pass ends for both when the second runs out.
+def test_two_processes_read_their_own_shares_and_resume_exactly(tmp_path):
+    # 3 shards of 16 on 2 processes: one reads two shards, the other one. A pass ends for both when the second
+    # runs out: 2 batches of 8 each. 6 steps: 3 passes.
     three = tmp_path / "three"
-    (three / "train").mkdir(parents=True)
-    write_shards(three / "train", 3, 40, seed=3)
-    (three / "validation").symlink_to(shards / "validation")
-    flags = ["--streaming", "--max_train_steps", "8", "--per_device_train_batch_size", "8", "--logging_steps", "1"]
+    for split in ("train", "validation"):
+        (three / split).mkdir(parents=True)
+    write_shards(three / "train", 3, 16, seed=3)
+    write_shards(three / "validation", 1, 24, seed=2)
+    flags = ["--streaming", "--max_train_steps", "6", "--per_device_train_batch_size", "8", "--logging_steps", "1"]
     flags += ["--shuffle_buffer_size", "0", "--num_workers", "0", "--random_flip", "--dataset_name", three]
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     done = launch_two_processes(["train_loop.py", *flags, "--output_dir", whole, "--checkpointing_steps", "3"])
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((whole / "all_results.json").read_text())
-    assert results["eval_samples"] == 24  # every validation example once, though both processes evaluate
-    assert results["epoch"] == 1  # a pass: 5 batches of the one-shard process (40 / 8), and so 5 of the other's
-    done = launch_two_processes(
-        ["train_loop.py", *flags, "--output_dir", resumed, "--resume_from_checkpoint", whole / "step_6"]
-    )
+    # Passes of 2 steps; the third is not counted as done: the run stops before its end is seen.
+    assert results["epoch"] == 2 and results["eval_samples"] == 24  # each validation image once, not twice
+    resume = ["--output_dir", resumed, "--checkpointing_steps", "3", "--resume_from_checkpoint", whole / "step_3"]
+    done = launch_two_processes(["train_loop.py", *flags, *resume])
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_run(whole, resumed)
 
@@ -190,3 +193,66 @@ def test_a_changed_worker_count_is_refused_on_resume():
 def test_streaming_flags_are_checked(flags, message):
     with pytest.raises(UserError, match=message):
         parse_args(flags)
+
+
+# --- Labels and names, read from the stream without training.
+
+
+def write_rows(path, rows):
+    """One parquet shard of {"image": file bytes, "label": text} rows: labels that name no classes."""
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("string")})
+    datasets.Dataset.from_list(rows, features=features).to_parquet(str(path))
+
+
+def png(color):
+    image = io.BytesIO()
+    Image.new("RGB", (8, 8), color).save(image, "PNG")
+    return image.getvalue()
+
+
+def read_stream(folder, *flags):
+    from imgft import data, transforms
+
+    data_args, _, _ = parse_args(["--dataset_name", str(folder), "--streaming", "--max_train_steps", "1", *flags])
+    dataset, image_column, label_column, label_names = data.load_labeled_dataset(data_args, None, 0)
+    crop = transforms.build_transforms(SimpleNamespace(size={"height": 8, "width": 8}), 8, False, 1.0)[1]
+    examples = transforms.with_image_transform(dataset["train"], crop, image_column, label_column)
+    return label_names, [example["labels"] for example in examples]
+
+
+def test_text_labels_are_matched_to_label_names_and_unknown_ones_skipped(tmp_path, caplog):
+    for split in ("train", "validation"):
+        (tmp_path / split).mkdir()
+        rows = [{"image": png("red"), "label": name} for name in ("dog", "cat", "zebra", "dog", "zebra")]
+        write_rows(tmp_path / split / "part-0.parquet", rows)
+    with pytest.raises(UserError, match="give them with --label_names a,b,c"):
+        read_stream(tmp_path)
+    label_names, labels = read_stream(tmp_path, "--label_names", "cat, dog", "--shuffle_buffer_size", "0")
+    assert label_names == ["cat", "dog"] and labels == [1, 0, 1]
+    assert [r.message for r in caplog.records if "zebra" in r.message] == [
+        "Skipping examples labelled 'zebra': not one of the 2 --label_names"
+    ]
+
+
+def test_an_unreadable_image_in_a_webdataset_shard_is_skipped_and_named_with_its_shard(tmp_path, caplog):
+    import tarfile
+
+    for split in ("train", "validation"):
+        (tmp_path / split).mkdir()
+        with tarfile.open(tmp_path / split / "shard-0.tar", "w") as tar:
+            for key, (image, label) in enumerate([(png("red"), b"0"), (b"truncated", b"1"), (png("blue"), b"1")]):
+                for suffix, content in (("png", image), ("cls", label)):
+                    member = tarfile.TarInfo(f"{key:03d}.{suffix}")
+                    member.size = len(content)
+                    tar.addfile(member, io.BytesIO(content))
+    flags = ["--label_column_name", "cls", "--label_names", "red,blue", "--shuffle_buffer_size", "0"]
+    assert read_stream(tmp_path, *flags) == (["red", "blue"], [0, 1])
+    shard = tmp_path / "train" / "shard-0.tar"
+    assert f"Skipping unreadable image 001.png (in {shard}): not an image PIL can identify" in caplog.text
+
+
+def test_a_stream_without_a_split_to_evaluate_on_is_refused(tmp_path):
+    (tmp_path / "train").mkdir()
+    write_rows(tmp_path / "train" / "part-0.parquet", [{"image": png("red"), "label": "cat"}])
+    with pytest.raises(UserError, match="name the split to evaluate on with --eval_split"):
+        read_stream(tmp_path, "--label_names", "cat,dog")
