@@ -26,13 +26,14 @@ CLASSES = list(COLORS)[:3]
 BROKEN = "broken.png"
 
 
-def write_shards(folder, shards, per_shard, seed, broken=False):
-    """folder/part-N.parquet: noisy coloured squares with a ClassLabel; with `broken`, one file that is no image."""
+def write_shards(folder, sizes, seed, broken=False):
+    """folder/part-N.parquet of sizes[N] noisy coloured squares with a ClassLabel; with `broken`, one file in
+    part-1 is no image."""
     rng = np.random.default_rng(seed)
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASSES)})
-    for shard in range(shards):
+    for shard, size in enumerate(sizes):
         images, labels = [], []
-        for n in range(per_shard):
+        for n in range(size):
             label = (shard + n) % len(CLASSES)
             pixels = np.array(COLORS[CLASSES[label]]) + rng.integers(-25, 26, size=(16, 16, 3))
             png = io.BytesIO()
@@ -52,8 +53,8 @@ def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("shards")
     (root / "train").mkdir()
     (root / "validation").mkdir()
-    write_shards(root / "train", 4, 20, seed=1, broken=True)
-    write_shards(root / "validation", 1, 24, seed=2)
+    write_shards(root / "train", [20] * 4, seed=1, broken=True)
+    write_shards(root / "validation", [24], seed=2)
     return root
 
 
@@ -107,21 +108,21 @@ def test_sigkill_at_a_random_step_then_resume_latest_is_bitwise_identical(shards
 
 
 def test_two_processes_read_their_own_shares_and_resume_exactly(tmp_path):
-    # 3 shards of 16 on 2 processes: one reads two shards, the other one. A pass ends for both when the second
-    # runs out: 2 batches of 8 each. 6 steps: 3 passes.
+    # 3 shards on 2 processes: one reads two, the other one (its pass is then 4 batches of 8). An unreadable
+    # image in the second shard puts the processes' positions at step 3 apart: 24 examples read against 25.
+    # Loading the other process's position would skip or repeat one (checked: the test then fails).
     three = tmp_path / "three"
     for split in ("train", "validation"):
         (three / split).mkdir(parents=True)
-    write_shards(three / "train", 3, 16, seed=3)
-    write_shards(three / "validation", 1, 24, seed=2)
+    write_shards(three / "train", [24, 40, 32], seed=3, broken=True)
+    write_shards(three / "validation", [24], seed=2)
     flags = ["--streaming", "--max_train_steps", "6", "--per_device_train_batch_size", "8", "--logging_steps", "1"]
     flags += ["--shuffle_buffer_size", "0", "--num_workers", "0", "--random_flip", "--dataset_name", three]
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     done = launch_two_processes(["train_loop.py", *flags, "--output_dir", whole, "--checkpointing_steps", "3"])
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((whole / "all_results.json").read_text())
-    # Passes of 2 steps; the third is not counted as done: the run stops before its end is seen.
-    assert results["epoch"] == 2 and results["eval_samples"] == 24  # each validation image once, not twice
+    assert results["epoch"] == 1 and results["eval_samples"] == 24  # each validation image once, not twice
     resume = ["--output_dir", resumed, "--checkpointing_steps", "3", "--resume_from_checkpoint", whole / "step_3"]
     done = launch_two_processes(["train_loop.py", *flags, *resume])
     assert done.returncode == 0, done.stderr[-3000:]
