@@ -34,6 +34,12 @@ def load_labeled_dataset(data_args, cache_dir, seed):
     return dataset, image_column, label_column, label_names
 
 
+def refuse_streaming(data_args, command):
+    """`command` loads datasets whole (into the datasets cache): never quietly, for a dataset meant to stream."""
+    if data_args.streaming:
+        raise UserError(f"{command} loads the dataset whole, it does not stream it: pass --streaming false")
+
+
 def load_labeled_stream(data_args, cache_dir, seed):
     """`load_labeled_dataset` for --streaming: train and validation as IterableDatasets, read when used.
 
@@ -152,6 +158,7 @@ def load_evaluation_split(data_args, cache_dir, seed, label2id):
     is --validation_dir alone, else the one training evaluates on (`load_raw_datasets`' choice), which
     is part of train only when the dataset has no split to evaluate on.
     """
+    refuse_streaming(data_args, "evaluate")
     if data_args.validation_dir:
         flag = "--validation_dir"
         dataset = _load_imagefolders({"validation": (data_args.validation_dir, flag)}, data_args, cache_dir, 1)
@@ -228,6 +235,7 @@ def load_raw_datasets(data_args, cache_dir, seed, demo_dir):
     is named (see `demo_dir_for`). Validation is --validation_dir, --eval_split, the dataset's validation
     split, else its test split, else a seeded part of train.
     """
+    refuse_streaming(data_args, "check-data")
     if data_args.dataset_name:
         dataset = _load_named(data_args, cache_dir)
         _train_split(dataset)  # refuses a dataset without one: evaluate needs none, training does

@@ -1,5 +1,6 @@
-"""--streaming: parquet shards read as a stream, never materialised; unreadable images skipped and named; a run
-killed at a random step resumes with the next unseen example, bitwise; two processes read their own shares."""
+"""--streaming: parquet shards read as a stream, never materialised; unreadable images skipped and named; a
+run killed at a random step resumes with the next unseen example, bitwise; two processes read their own
+shares."""
 
 import io
 import itertools
@@ -48,8 +49,9 @@ def write_shards(folder, sizes, seed, broken=False):
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    """train: 4 shards of 20 examples, one unreadable; validation: 1 shard of 24. A pass is 9 batches of 8 (each
-    DataLoader worker leaves its last partial batch out): 79 // 8 with no worker, 40 // 8 + 39 // 8 with two."""
+    """train: 4 shards of 20 examples, one unreadable; validation: 1 shard of 24. A pass is 9 batches of 8
+    (each DataLoader worker leaves its last partial batch out): 79 // 8 with no worker, 40 // 8 + 39 // 8
+    with two."""
     root = tmp_path_factory.mktemp("shards")
     (root / "train").mkdir()
     (root / "validation").mkdir()
@@ -58,7 +60,8 @@ def shards(tmp_path_factory):
     return root
 
 
-# 12 optimizer steps of 2 batches of 8: 2 passes and 6 batches, the first pass ending inside an accumulation window.
+# 12 optimizer steps of 2 batches of 8: 2 passes and 6 batches, the first pass ending inside an accumulation
+# window.
 RUN = ["--streaming", "--max_train_steps", "12", "--per_device_train_batch_size", "8"]
 RUN += ["--gradient_accumulation_steps", "2", "--checkpointing_steps", "4", "--logging_steps", "2"]
 RUN += ["--random_flip", "--shuffle_buffer_size", "0", "--resume_from_checkpoint", "latest"]
@@ -69,11 +72,13 @@ def run_flags(shards, out, workers):
 
 
 def assert_same_run(reference, resumed):
-    weights, resumed_weights = load_file(reference / "model.safetensors"), load_file(resumed / "model.safetensors")
+    weights = load_file(reference / "model.safetensors")
+    resumed_weights = load_file(resumed / "model.safetensors")
     for name, tensor in weights.items():
         assert torch.equal(tensor, resumed_weights[name]), name
     assert metrics_lines(reference) == metrics_lines(resumed)
-    results, resumed_results = (json.loads((d / "all_results.json").read_text()) for d in (reference, resumed))
+    results = json.loads((reference / "all_results.json").read_text())
+    resumed_results = json.loads((resumed / "all_results.json").read_text())
     for key in ("eval_accuracy", "eval_loss", "eval_samples", "train_loss", "train_steps", "epoch"):
         assert resumed_results[key] == results[key], key
 
@@ -83,7 +88,7 @@ def metrics_lines(out):
 
 
 @pytest.mark.parametrize("workers", ["0", "2"])
-def test_sigkill_at_a_random_step_then_resume_latest_is_bitwise_identical(shards, tmp_path, train, caplog, workers):
+def test_sigkill_at_a_random_step_then_resume_latest_is_identical(shards, tmp_path, train, caplog, workers):
     reference, out = tmp_path / "reference", tmp_path / "killed"
     train(run_flags(shards, reference, workers))
     results = json.loads((reference / "all_results.json").read_text())
@@ -100,7 +105,7 @@ def test_sigkill_at_a_random_step_then_resume_latest_is_bitwise_identical(shards
     command = [sys.executable, "train_loop.py", *map(str, run_flags(shards, out, workers))]
     with open(tmp_path / "killed.txt", "w") as log:
         process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    kill_step = 5 + random.Random(int(workers)).randint(0, 5)  # after step_4: in the second pass, or the third
+    kill_step = 5 + random.Random(int(workers)).randint(0, 5)  # after step_4: in the second pass or the third
     assert kill_when(process, lambda: max(metrics_steps(out), default=0) >= kill_step)
     assert not (out / "all_results.json").exists()
     train(run_flags(shards, out, workers))
@@ -116,14 +121,15 @@ def test_two_processes_read_their_own_shares_and_resume_exactly(tmp_path):
         (three / split).mkdir(parents=True)
     write_shards(three / "train", [24, 40, 32], seed=3, broken=True)
     write_shards(three / "validation", [24], seed=2)
-    flags = ["--streaming", "--max_train_steps", "6", "--per_device_train_batch_size", "8", "--logging_steps", "1"]
-    flags += ["--shuffle_buffer_size", "0", "--num_workers", "0", "--random_flip", "--dataset_name", three]
+    flags = ["--streaming", "--max_train_steps", "6", "--per_device_train_batch_size", "8"]
+    flags += ["--logging_steps", "1", "--shuffle_buffer_size", "0", "--num_workers", "0", "--random_flip"]
+    flags += ["--dataset_name", three, "--checkpointing_steps", "3"]
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    done = launch_two_processes(["train_loop.py", *flags, "--output_dir", whole, "--checkpointing_steps", "3"])
+    done = launch_two_processes(["train_loop.py", *flags, "--output_dir", whole])
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((whole / "all_results.json").read_text())
     assert results["epoch"] == 1 and results["eval_samples"] == 24  # each validation image once, not twice
-    resume = ["--output_dir", resumed, "--checkpointing_steps", "3", "--resume_from_checkpoint", whole / "step_3"]
+    resume = ["--output_dir", resumed, "--resume_from_checkpoint", whole / "step_3"]
     done = launch_two_processes(["train_loop.py", *flags, *resume])
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_run(whole, resumed)
@@ -136,7 +142,7 @@ def numbers_stream(buffer_size):
     stream_of_ids = datasets.Dataset.from_dict({"id": list(range(96))}).to_iterable_dataset(num_shards=4)
     if not buffer_size:
         return stream_of_ids
-    return stream_of_ids.shuffle(seed=0, buffer_size=buffer_size, max_buffer_input_shards=1)  # as data.py does
+    return stream_of_ids.shuffle(seed=0, buffer_size=buffer_size, max_buffer_input_shards=1)  # as in data.py
 
 
 def ids_of(loader, batches=None):
@@ -182,13 +188,19 @@ def test_a_changed_worker_count_is_refused_on_resume():
 # --- Flags.
 
 
+STREAM = ["--dataset_name", "d", "--streaming", "--max_train_steps", "5"]
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
         (["--dataset_name", "d", "--streaming"], "--streaming needs --max_train_steps"),
         (["--streaming", "--max_train_steps", "5"], "--streaming reads --dataset_name"),
         (["--dataset_name", "d", "--label_names", "a,b"], "--label_names is read with --streaming only"),
-        (["--dataset_name", "d", "--streaming", "--max_train_steps", "5", "--label_names", "a"], "at least two"),
+        ([*STREAM, "--label_names", "a"], "at least two"),
+        ([*STREAM, "--max_train_samples", "9"], "--max_train_samples cannot cut a stream"),
+        ([*STREAM, "--strict_data"], "--strict_data checks every image before training"),
+        ([*STREAM, "--checkpointing_steps", "epoch", "--gradient_accumulation_steps", "2"], "every epoch"),
     ],
 )
 def test_streaming_flags_are_checked(flags, message):
@@ -214,7 +226,8 @@ def png(color):
 def read_stream(folder, *flags):
     from imgft import data, transforms
 
-    data_args, _, _ = parse_args(["--dataset_name", str(folder), "--streaming", "--max_train_steps", "1", *flags])
+    flags = ["--dataset_name", str(folder), "--streaming", "--max_train_steps", "1", *flags]
+    data_args, _, _ = parse_args(flags)
     dataset, image_column, label_column, label_names = data.load_labeled_dataset(data_args, None, 0)
     crop = transforms.build_transforms(SimpleNamespace(size={"height": 8, "width": 8}), 8, False, 1.0)[1]
     examples = transforms.with_image_transform(dataset["train"], crop, image_column, label_column)
@@ -241,7 +254,8 @@ def test_an_unreadable_image_in_a_webdataset_shard_is_skipped_and_named_with_its
     for split in ("train", "validation"):
         (tmp_path / split).mkdir()
         with tarfile.open(tmp_path / split / "shard-0.tar", "w") as tar:
-            for key, (image, label) in enumerate([(png("red"), b"0"), (b"truncated", b"1"), (png("blue"), b"1")]):
+            examples = [(png("red"), b"0"), (b"truncated", b"1"), (png("blue"), b"1")]
+            for key, (image, label) in enumerate(examples):
                 for suffix, content in (("png", image), ("cls", label)):
                     member = tarfile.TarInfo(f"{key:03d}.{suffix}")
                     member.size = len(content)
@@ -257,3 +271,13 @@ def test_a_stream_without_a_split_to_evaluate_on_is_refused(tmp_path):
     write_rows(tmp_path / "train" / "part-0.parquet", [{"image": png("red"), "label": "cat"}])
     with pytest.raises(UserError, match="name the split to evaluate on with --eval_split"):
         read_stream(tmp_path, "--label_names", "cat,dog")
+
+
+def test_evaluate_and_check_data_do_not_load_a_streamed_dataset_whole():
+    from imgft import data
+
+    data_args, _, _ = parse_args(STREAM)
+    with pytest.raises(UserError, match="evaluate loads the dataset whole"):
+        data.load_evaluation_split(data_args, None, 0, {"a": 0, "b": 1})
+    with pytest.raises(UserError, match="check-data loads the dataset whole"):
+        data.load_raw_datasets(data_args, None, 0, None)
