@@ -35,7 +35,7 @@ def load_labeled_dataset(data_args, cache_dir, seed):
 
 
 def refuse_streaming(data_args, command):
-    """`command` loads datasets whole (into the datasets cache): never quietly, for a dataset meant to stream."""
+    """`command` loads datasets whole (into the datasets cache): never quietly for one meant to stream."""
     if data_args.streaming:
         raise UserError(f"{command} loads the dataset whole, it does not stream it: pass --streaming false")
 
