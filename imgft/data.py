@@ -45,13 +45,13 @@ def load_labeled_stream(data_args, cache_dir, seed):
 
     Nothing is read here but the features: the class names come from a ClassLabel column or --label_names,
     since finding them in the data would take a pass over it. Labels become ids on the fly; an example whose
-    label is not a class is dropped and its label named once. Train is shuffled: its shards' order by `seed`
-    (then by the epoch, see `IterableDataset.set_epoch`), and its examples through a buffer of
-    --shuffle_buffer_size examples per DataLoader worker.
+    label is not a class is dropped and its label named once. Train goes through a shuffle buffer of
+    --shuffle_buffer_size examples per DataLoader worker, which also orders the first pass's shards by
+    `seed`; datasets reorders them for each later pass (`IterableDataset.set_epoch`).
     """
     name = data_args.dataset_name
+    config_name = data_args.dataset_config_name
     try:
-        config_name = data_args.dataset_config_name
         streams = datasets.load_dataset(name, config_name, cache_dir=cache_dir, streaming=True)
     except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as err:
         offline = " (HF_HUB_OFFLINE is set: Hub datasets cannot be streamed)" if hub_offline() else ""
@@ -69,8 +69,8 @@ def load_labeled_stream(data_args, cache_dir, seed):
     dataset = datasets.IterableDatasetDict(train=train, validation=validation)
     if any(split.features is None for split in dataset.values()):
         raise UserError(f"--streaming: the columns of '{name}' are unknown before reading; store as parquet")
-    columns = find_columns(dataset, data_args.image_column_name, data_args.label_column_name)
-    image_column, label_column = columns
+    named_columns = (data_args.image_column_name, data_args.label_column_name)
+    image_column, label_column = find_columns(dataset, *named_columns)
     label_names = stream_label_names(train.features[label_column], label_column, data_args.label_names)
     # Images stay undecoded until the transform, which names the unreadable ones instead of failing on them.
     if isinstance(train.features[image_column], datasets.Image):

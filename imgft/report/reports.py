@@ -16,19 +16,19 @@ from imgft.outputs import (
 from imgft.report import model_card, plots
 
 
-def write_evaluation_report(output_dir, results, details, split, image_column, stream_loader=None):
+def write_evaluation_report(output_dir, results, details, split, image_column, stream_loader_settings=None):
     """Write the three report files to `output_dir` (created if needed); return their paths.
 
     `results, details` come from `metrics.detailed_evaluation`; `split` is the evaluated dataset as
     evaluated (same rows, same order) but without the image transform, so the mistakes' images can be
     read back by row. A streamed split is read again, through a loader of the evaluation's
-    `stream_loader` = (batch size, workers). Call it on the main process only.
+    `stream_loader_settings` = (batch size, workers). Call it on the main process only.
     """
     os.makedirs(output_dir, exist_ok=True)
     mistakes = details["mistakes"]
     rows = [mistake["index"] for mistake in mistakes]
     if isinstance(split, datasets.IterableDataset):
-        found = stream.images_in_evaluation_order(split, image_column, rows, *stream_loader)
+        found = stream.images_in_evaluation_order(split, image_column, rows, *stream_loader_settings)
         mistake_images = [found[row] for row in rows]
     else:
         mistake_images = [images.to_rgb(split[row][image_column]) for row in rows]
