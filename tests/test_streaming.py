@@ -281,3 +281,26 @@ def test_evaluate_and_check_data_do_not_load_a_streamed_dataset_whole():
         data.load_evaluation_split(data_args, None, 0, {"a": 0, "b": 1})
     with pytest.raises(UserError, match="check-data loads the dataset whole"):
         data.load_raw_datasets(data_args, None, 0, None)
+
+
+def test_the_report_reads_a_streamed_splits_images_in_the_order_it_was_evaluated(shards):
+    from accelerate import Accelerator
+    from conftest import reset_accelerate
+
+    from imgft import transforms
+
+    split = datasets.load_dataset(str(shards), streaming=True)["train"]  # 4 shards, one unreadable image
+    split = split.cast_column("image", datasets.Image(decode=False))
+    reset_accelerate()
+    try:
+        as_evaluated = transforms.with_image_transform(split, np.asarray, "image", "label")
+        loader = torch.utils.data.DataLoader(as_evaluated, 8, num_workers=2, collate_fn=transforms.collate_fn)
+        loader = Accelerator(cpu=True).prepare(loader)  # as train_loop.py prepares the evaluation's loader
+        evaluated = torch.cat([batch["pixel_values"] for batch in loader])  # N x 3 x 16 x 16
+        rows = [0, 9, 42, len(evaluated) - 1]
+        found = stream.images_in_evaluation_order(split, "image", rows, 8, 2)
+    finally:
+        reset_accelerate()
+    assert len(evaluated) == 79
+    for row in rows:
+        assert torch.equal(torch.from_numpy(np.asarray(found[row])).permute(2, 0, 1), evaluated[row])
