@@ -144,6 +144,28 @@ class DataArguments:
         default=False,
         metadata={"help": "Refuse the data if any image is unreadable, listing them all (default: skip and warn)."},
     )
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Read --dataset_name (a Hub dataset, or a folder of parquet or webdataset .tar "
+            "shards) as a stream, never written to disk. Needs --max_train_steps; an epoch is one pass "
+            "over the stream."
+        },
+    )
+    shuffle_buffer_size: int = field(
+        default=1000,
+        metadata={
+            "help": "With --streaming: examples held in the shuffle buffer each DataLoader worker draws "
+            "from. 0: no buffer, only the shards' order is shuffled, and a resume is exact."
+        },
+    )
+    label_names: str | None = field(
+        default=None,
+        metadata={
+            "help": "With --streaming: the class names, comma-separated (label i is the i-th), when the "
+            "label column is not a ClassLabel. Text labels are matched by name."
+        },
+    )
 
 
 @dataclass(frozen=True)
@@ -726,6 +748,41 @@ def check_args(data_args, model_args, train_args):
         raise UserError("give either --dataset_name or --train_dir/--validation_dir, not both")
     if data_args.validation_dir and not data_args.train_dir:
         raise UserError("--validation_dir needs --train_dir")
+    check_streaming_args(data_args, train_args)
+
+
+def check_streaming_args(data_args, train_args):
+    """Refuse what a stream cannot do: it has no length, and it is not read before training starts."""
+    if data_args.shuffle_buffer_size < 0:
+        raise UserError(f"--shuffle_buffer_size must be at least 0 (got {data_args.shuffle_buffer_size})")
+    if not data_args.streaming:
+        if data_args.label_names:
+            raise UserError("--label_names is read with --streaming only (other datasets name their classes)")
+        return
+    if train_args.max_train_steps is None:
+        raise UserError("--streaming needs --max_train_steps: a stream has no length to count epochs in")
+    if not data_args.dataset_name:
+        raise UserError("--streaming reads --dataset_name: a Hub dataset, or a folder of parquet/.tar shards")
+    if data_args.max_train_samples is not None:
+        raise UserError("--max_train_samples cannot cut a stream: --max_train_steps sets how much is read")
+    if data_args.strict_data:
+        raise UserError("--strict_data checks every image before training, which a stream is not: drop it")
+    for name in ("balanced_sampling", "class_weighted_loss"):
+        if getattr(train_args, name):
+            raise UserError(f"--{name} counts each class's training images, which a stream cannot: drop it")
+    if train_args.checkpointing_steps == "epoch" and train_args.gradient_accumulation_steps > 1:
+        raise UserError(
+            "--streaming with --gradient_accumulation_steps: a pass over a stream can end inside an "
+            "accumulation window, so checkpoint every N steps (--checkpointing_steps N), not every epoch"
+        )
+    names = data_args.label_names
+    if names is not None and len(label_names_list(names)) < 2:
+        raise UserError(f"--label_names needs at least two comma-separated names (got '{names}')")
+
+
+def label_names_list(text):
+    """--label_names as a list: comma-separated, spaces around each name dropped."""
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 def _check_recipes(model_args, train_args):

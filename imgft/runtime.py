@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 from accelerate.utils import DistributedType
+from datasets import IterableDataset
 
 from imgft.batches import effective_batch
 
@@ -74,6 +75,15 @@ def log_run_summary(train_dataset, eval_dataset, label_names, accelerator, train
     per_device = train_args.per_device_train_batch_size
     accumulation = train_args.gradient_accumulation_steps
     processes = accelerator.num_processes
+    if isinstance(train_dataset, IterableDataset):  # a stream: its length is unknown
+        log_once(
+            logging.INFO,
+            f"Streaming training and validation examples, {len(label_names)} classes; {processes} "
+            f"process(es) on {accelerator.device.type}, mixed precision {accelerator.mixed_precision}; batch "
+            f"{per_device * processes * accumulation} = {per_device} per device x {processes} process(es) x "
+            f"{accumulation} accumulated; {max_train_steps} optimizer steps",
+        )
+        return
     batches_per_epoch = math.ceil(len(train_dataset) / (per_device * processes))  # as the sharded loader has it
     images_per_step, warning = effective_batch(batches_per_epoch, per_device, processes, accumulation)
     log_once(
@@ -153,6 +163,7 @@ class SpeedClock:
     samples_at_start: int
     started: float = field(default_factory=time.perf_counter)
     data_wait: float = 0.0
+    batches_ran_out: bool = False  # set by `timed` when its batches ran out (rather than being left)
 
     def seconds(self):
         return time.perf_counter() - self.started
@@ -165,13 +176,15 @@ class SpeedClock:
 
 
 def timed(batches, clock):
-    """Yield from `batches`, adding the seconds spent waiting for each one to `clock.data_wait` (a SpeedClock)."""
+    """Yield from `batches`, adding the seconds spent waiting for each one to `clock.data_wait` (a
+    SpeedClock), and noting in `clock.batches_ran_out` when they run out: the end of a stream's epoch."""
     iterator = iter(batches)
     while True:
         start = time.perf_counter()
         try:
             batch = next(iterator)
         except StopIteration:
+            clock.batches_ran_out = True
             return
         clock.data_wait += time.perf_counter() - start
         yield batch

@@ -7,6 +7,7 @@ import math
 import random
 from functools import lru_cache, partial
 
+import datasets
 import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as F
@@ -159,7 +160,10 @@ def with_image_transform(split_dataset, image_transform, image_column, label_col
 
     With `seed` (and the shared `epoch` counter), each image's random augmentation is drawn from a
     generator seeded by (seed, epoch, row): the same on any number of workers and after a resume.
+    A stream (IterableDataset) gets `with_stream_transform` instead.
     """
+    if isinstance(split_dataset, datasets.IterableDataset):
+        return with_stream_transform(split_dataset, image_transform, image_column, label_column, seed, epoch)
     columns = [image_column, label_column]
     if seed is not None:
         split_dataset = split_dataset.add_column(ROW_COLUMN, list(range(len(split_dataset))))
@@ -174,6 +178,93 @@ def with_image_transform(split_dataset, image_transform, image_column, label_col
         epoch=epoch,
     )
     return split_dataset.with_transform(transform, columns=columns)
+
+
+STREAM_MAP_BATCH = 16  # examples a stream's map decodes at a time; a resume decodes at most these again
+
+
+def with_stream_transform(stream, image_transform, image_column, label_column, seed=None, epoch=None):
+    """A stream with `image_transform` applied as it is read (in the DataLoader worker that reads it), and its
+    unreadable images dropped, each named once per process (`transform_streamed_batch`).
+
+    A stream has no rows to seed augmentation by: an example's position is its index in what one worker of
+    one process reads in this pass (`IterableDataset.map(with_indices=True)`, whose index a resume restores),
+    made unique across workers and processes. So augmentation is a function of (seed, epoch, position), the
+    same after a resume with the same processes and workers.
+    """
+    from accelerate import PartialState  # the launch's process index and count, also without an Accelerator
+
+    launch = PartialState()
+    return stream.map(
+        transform_streamed_batch,
+        with_indices=True,
+        batched=True,
+        batch_size=STREAM_MAP_BATCH,
+        remove_columns=list(stream.features),
+        fn_kwargs={
+            "transform": image_transform,
+            "image_column": image_column,
+            "label_column": label_column,
+            "seed": seed,
+            "epoch": epoch,
+            "process": (launch.process_index, launch.num_processes),
+        },
+    )
+
+
+_unreadable_named = set()  # the unreadable images this process has already named
+
+
+def transform_streamed_batch(batch, indices, transform, image_column, label_column, seed, epoch, process):
+    """{"pixel_values", "labels"} for the readable examples of a batch read from a stream. `process` is the
+    (index, count) of the launch's processes."""
+    worker = torch.utils.data.get_worker_info()
+    worker_id, workers = (worker.id, worker.num_workers) if worker else (0, 1)
+    process_index, processes = process
+    epoch_now = None if epoch is None else int(epoch)
+    pixel_values, labels = [], []
+    examples = zip(batch[image_column], batch[label_column], indices, strict=True)
+    for row, (value, label, index) in enumerate(examples):
+        image, reason = images.decode_value(value)
+        if image is None:
+            reader = (process_index, worker_id)
+            where = streamed_example_name(batch, image_column, row, index, reader, epoch_now)
+            if where not in _unreadable_named:
+                _unreadable_named.add(where)
+                logging.getLogger("imgft").warning(f"Skipping unreadable image {where}: {reason}")
+            continue
+        if seed is None:
+            pixel_values.append(transform(image))
+        else:
+            position = (index * workers + worker_id) * processes + process_index
+            pixel_values.append(transform(image, random.Random(sample_seed(seed, epoch_now, position))))
+        labels.append(label)
+    return {"pixel_values": pixel_values, "labels": labels}
+
+
+def streamed_example_name(batch, image_column, row, index, reader, epoch):
+    """What names a streamed example for a person: its file name, or webdataset key, and shard; else its
+    place in the stream: the `index`-th example that `reader` (process, worker) read in pass `epoch`."""
+    value = batch[image_column][row]
+    path = value.get("path") if isinstance(value, dict) else None
+    key = path or (batch["__key__"][row] if "__key__" in batch else None)
+    shard = batch["__url__"][row] if "__url__" in batch else None
+    if key:
+        return f"{key} (in {shard})" if shard else key
+    return f"#{index} read by worker {reader[1]} of process {reader[0]} in pass {epoch or 0}"
+
+
+def loader_options(num_workers, device, seed):
+    """The options every DataLoader of a run shares."""
+    return {
+        "collate_fn": collate_fn,
+        "num_workers": num_workers,
+        "pin_memory": device.type == "cuda",  # a non_blocking copy to the GPU needs pinned memory
+        "persistent_workers": num_workers > 0,  # keep the workers alive from one epoch to the next
+        # Each pass draws a seed for its workers: from a generator of its own, not from the global RNG that
+        # dropout draws from, or a run resumed mid-epoch would draw once more than the run it continues.
+        "generator": torch.Generator().manual_seed(seed),
+    }
 
 
 def collate_fn(examples):
