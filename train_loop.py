@@ -213,11 +213,11 @@ def main(argv=None):
         freezing.apply_unfreeze_schedule(accelerator.unwrap_model(model), state.epoch, train_args)
         train_dataloader.set_epoch(state.epoch)  # reshuffle, in an order fixed by (seed, epoch)
         augmentation_epoch.fill_(state.epoch)
-        # skip_first_batches replaces "iterate and discard" after a resume: the sampler jumps ahead
-        # without loading a single image. A stream's loader needs none: load_state restored its position.
-        if data_args.streaming:
-            batches = train_dataloader
-        else:
+        # skip_first_batches replaces "iterate and discard" after a resume mid-epoch: the sampler jumps
+        # ahead without loading a single image. It builds a new DataLoader (new workers, slow to start),
+        # so only then. A stream's loader needs none: load_state restored its position.
+        batches = train_dataloader
+        if state.batch_in_epoch > 0 and not data_args.streaming:
             batches = accelerator.skip_first_batches(train_dataloader, state.batch_in_epoch)
         state.start_epoch_clock()
         for batch in runtime.timed(batches, state.epoch_clock):  # timed(): counts the time spent waiting
