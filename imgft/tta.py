@@ -1,6 +1,6 @@
 """Test-time augmentation (--tta) for `python -m imgft evaluate` and `predict`: the views each image is
 seen in, built around the evaluation transform, and the model's logits averaged over them. Training's own
-evaluation (`train_loop.evaluate`) never uses it.
+evaluation never uses it; `evaluate --tta` runs `train_loop.evaluate` on a `ViewAveraged` model.
 
 The views, each of the evaluation crop's size:
     centre         the evaluation transform's output, as without --tta
@@ -10,12 +10,11 @@ The views, each of the evaluation crop's size:
 """
 
 from functools import partial
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as F
-
-from imgft import metrics
 
 ZOOM = 0.875  # the usual centre-crop margin, taken once more
 VIEWS = {
@@ -64,16 +63,19 @@ def tta_logits(model, pixel_values, normalize):
     return torch.stack(view_logits).mean(dim=0)
 
 
-@torch.no_grad()
-def evaluate(model, dataloader, normalize, accelerator):
-    """`train_loop.evaluate` on batches of views (`collate_views`), scoring each image's averaged logits:
-    the same metrics and details, gathered with gather_for_metrics, so exact on any number of processes."""
-    id2label = accelerator.unwrap_model(model).config.id2label
-    label_names = [id2label[i] for i in range(len(id2label))]
-    model.eval()
-    tally = metrics.start_tally(label_names, accelerator.device)
-    for batch in dataloader:
-        logits = tta_logits(model, batch["pixel_values"], normalize)
-        logits, labels = accelerator.gather_for_metrics((logits, batch["labels"]))
-        metrics.add_batch(tally, logits, labels)
-    return metrics.finish_tally(tally, label_names)
+class ViewAveraged(torch.nn.Module):
+    """`model` seen through its views: forward takes B x V x 3 x H x W pixel values (`collate_views`) and gives
+    `tta_logits`, so `train_loop.evaluate` scores each image's averaged logits with its own loop and metrics.
+    Its pixel values are normalised already, so `tta_logits` gets an identity `normalize`."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    def forward(self, pixel_values):
+        return SimpleNamespace(logits=tta_logits(self.model, pixel_values, normalize=_as_it_is))
+
+
+def _as_it_is(pixel_values):
+    return pixel_values
