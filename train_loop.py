@@ -130,7 +130,7 @@ def main(argv=None):
         seed=train_args.seed,
         epoch=augmentation_epoch,
     )
-    eval_dataset = transforms.with_image_transform(eval_rows, eval_transform, image_column, label_column)
+    eval_dataset = transforms.with_eval_transform(eval_rows, eval_transform, image_column, label_column)
     workers = runtime.dataloader_workers(data_args.num_workers, accelerator.device, accelerator.num_processes)
     loader_options = {
         "collate_fn": transforms.collate_fn,  # stacks pixel_values into B x 3 x H x W uint8, labels into B
