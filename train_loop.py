@@ -132,7 +132,7 @@ def main(argv=None):
     train_dataset = transforms.with_image_transform(
         train_rows, train_transform, image_column, label_column, train_args.seed, augmentation_epoch
     )
-    eval_dataset = transforms.with_image_transform(eval_rows, eval_transform, image_column, label_column)
+    eval_dataset = transforms.with_eval_transform(eval_rows, eval_transform, image_column, label_column)
     workers = runtime.dataloader_workers(data_args.num_workers, accelerator.device, accelerator.num_processes)
     # collate_fn stacks pixel_values into B x 3 x H x W uint8 and labels into B; pinned memory on a GPU.
     loader_options = transforms.loader_options(workers, accelerator.device, train_args.seed)

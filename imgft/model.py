@@ -420,7 +420,7 @@ def check_model_runs(model, image_processor, label_names):
     size = preprocessing.input_size(image_processor, plan)
     blank = Image.new("RGB", (size[1], size[0]), (128, 128, 128))
     if plan.kind == "processor":
-        array = preprocessing.run_processor(blank, image_processor)
+        array = preprocessing.run_processor([blank], image_processor)[0]
     else:
         array = preprocessing.geometry(blank, image_processor, plan)
     pixel_values = preprocessing.model_input(array, plan).unsqueeze(0)

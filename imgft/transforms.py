@@ -28,13 +28,15 @@ def stored_image_size(image_processor, image_size, data_args):
 
 
 def build_transforms(image_processor, image_size, random_flip, crop_scale_min):
-    """(train, evaluation): RGB PIL image -> H x W x 3 array at the model's input size.
+    """(train, evaluation): the transforms that give images at the model's input size.
 
-    Evaluation gives what the image processor gives (`preprocessing`): uint8 from the fast path, for `normalizer` to
-    make floats on the device, or, for a processor imgft does not reproduce, the processor's own float output (said
-    once in the log). Training: a random resized crop (+ optional flip) at the same size, with the processor's filter,
-    its randomness drawn from the `rng` it is given; always uint8. `image_size` makes the input square (see
-    `preprocessing.with_image_size`).
+    Train: RGB PIL image, `rng` -> H x W x 3 uint8 array, a random resized crop (+ optional flip) with the
+    processor's filter, its randomness drawn from the `rng` it is given.
+    Evaluation, on a whole batch: RGB PIL images -> one H x W x 3 array each, what the image processor gives
+    (`preprocessing`): uint8 from the fast path, for `normalizer` to make floats on the device, or, for a
+    processor imgft does not reproduce, the processor's own float output, from one call per batch where that
+    gives each image its own output (said once in the log).
+    `image_size` makes the input square (see `preprocessing.with_image_size`).
     """
     processor = preprocessing.with_image_size(image_processor, image_size) if image_size else image_processor
     plan = preprocessing.plan_for(processor)
@@ -47,13 +49,24 @@ def build_transforms(image_processor, image_size, random_flip, crop_scale_min):
         interpolation=preprocessing.interpolation(processor),
         flip_channels=plan.flip_channels,
     )
-    if plan.kind == "processor":
-        log_once(
-            logging.INFO,
-            f"Evaluation and prediction run {type(processor).__name__} itself, image by image: {plan.reason}",
-        )
+    if plan.kind != "processor":
+        geometry = partial(preprocessing.geometry, processor=processor, plan=plan)
+        return train, partial(each_image, image_transform=geometry)
+    name = type(processor).__name__
+    if preprocessing.batch_gives_each_its_own(processor):
+        log_once(logging.INFO, f"Evaluation and prediction run {name} itself, once per batch: {plan.reason}")
         return train, partial(preprocessing.run_processor, processor=processor)
-    return train, partial(preprocessing.geometry, processor=processor, plan=plan)
+    log_once(
+        logging.INFO,
+        f"Evaluation and prediction run {name} itself, image by image, as its output for a batch is not each "
+        f"image's own: {plan.reason}",
+    )
+    return train, partial(preprocessing.run_processor_on_each, processor=processor)
+
+
+def each_image(images, image_transform):
+    """`image_transform` on each of `images` in turn, as a list; `images` may be an iterator, read lazily."""
+    return [image_transform(image) for image in images]
 
 
 def crop_box(width, height, scale, ratio, rng):
@@ -141,33 +154,29 @@ def sample_seed(seed, epoch, row):
     return ((seed * 1_000_003 + epoch) * 1_000_000_007 + row) & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def apply_transform(batch, image_transform, image_column, label_column, seed=None, epoch=None):
-    """Applied lazily by `set_transform` to each fetched batch of rows, so images are decoded on demand."""
+def apply_transform(batch, image_transform, image_column, label_column, seed, epoch):
+    """Applied lazily by `set_transform` to each fetched batch of rows, so images are decoded on demand; each
+    image transformed with its own generator, seeded by (seed, epoch, row)."""
     rgb_images = [images.to_rgb(image) for image in batch[image_column]]
-    if seed is None:
-        pixel_values = [image_transform(image) for image in rgb_images]
-    else:
-        epoch_now = int(epoch)
-        pixel_values = [
-            image_transform(image, random.Random(sample_seed(seed, epoch_now, row)))
-            for image, row in zip(rgb_images, batch[ROW_COLUMN], strict=True)
-        ]
+    epoch_now = int(epoch)
+    pixel_values = [
+        image_transform(image, random.Random(sample_seed(seed, epoch_now, row)))
+        for image, row in zip(rgb_images, batch[ROW_COLUMN], strict=True)
+    ]
     return {"pixel_values": pixel_values, "labels": batch[label_column]}
 
 
-def with_image_transform(split_dataset, image_transform, image_column, label_column, seed=None, epoch=None):
-    """The dataset with `image_transform` applied on access; only the image and label columns are read.
+def with_image_transform(split_dataset, image_transform, image_column, label_column, seed, epoch):
+    """The dataset with training's `image_transform` applied on access; only the image and label columns are
+    read.
 
-    With `seed` (and the shared `epoch` counter), each image's random augmentation is drawn from a
-    generator seeded by (seed, epoch, row): the same on any number of workers and after a resume.
-    A stream (IterableDataset) gets `with_stream_transform` instead.
+    Each image's random augmentation is drawn from a generator seeded by (seed, epoch, row), `epoch` being the
+    shared counter (`shared_epoch`): the same on any number of workers and after a resume. A stream
+    (IterableDataset) gets `with_stream_transform` instead.
     """
     if isinstance(split_dataset, datasets.IterableDataset):
         return with_stream_transform(split_dataset, image_transform, image_column, label_column, seed, epoch)
-    columns = [image_column, label_column]
-    if seed is not None:
-        split_dataset = split_dataset.add_column(ROW_COLUMN, list(range(len(split_dataset))))
-        columns.append(ROW_COLUMN)
+    split_dataset = split_dataset.add_column(ROW_COLUMN, list(range(len(split_dataset))))
     # partial of a module-level function, not a closure, so DataLoader workers can pickle it under spawn too.
     transform = partial(
         apply_transform,
@@ -177,7 +186,25 @@ def with_image_transform(split_dataset, image_transform, image_column, label_col
         seed=seed,
         epoch=epoch,
     )
-    return split_dataset.with_transform(transform, columns=columns)
+    return split_dataset.with_transform(transform, columns=[image_column, label_column, ROW_COLUMN])
+
+
+def apply_eval_transform(batch, eval_transform, image_column, label_column):
+    """Applied lazily by `set_transform` to each fetched batch of rows: the evaluation transform on all."""
+    rgb_images = [images.to_rgb(image) for image in batch[image_column]]
+    return {"pixel_values": eval_transform(rgb_images), "labels": batch[label_column]}
+
+
+def with_eval_transform(split_dataset, eval_transform, image_column, label_column):
+    """The dataset with the evaluation transform applied on access, to each fetched batch as a whole (a
+    processor run as it is runs once per batch); only the image and label columns are read."""
+    transform = partial(
+        apply_eval_transform,
+        eval_transform=eval_transform,
+        image_column=image_column,
+        label_column=label_column,
+    )
+    return split_dataset.with_transform(transform, columns=[image_column, label_column])
 
 
 STREAM_MAP_BATCH = 16  # examples a stream's map decodes at a time; a resume decodes at most these again

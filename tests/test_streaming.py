@@ -18,7 +18,6 @@ from conftest import COLORS, REPO, launch_two_processes
 from PIL import Image
 from safetensors.torch import load_file
 from test_resume import kill_when, metrics_steps, without_timing
-from transformers import ViTImageProcessor
 
 from imgft import stream
 from imgft.args import parse_args
@@ -232,9 +231,7 @@ def read_stream(folder, *flags):
     flags = ["--dataset_name", str(folder), "--streaming", "--max_train_steps", "1", *flags]
     data_args, _, _ = parse_args(flags)
     dataset, image_column, label_column, label_names = data.load_labeled_dataset(data_args, None, 0)
-    processor = ViTImageProcessor(size={"height": 8, "width": 8})
-    crop = transforms.build_transforms(processor, 8, False, 1.0)[1]
-    examples = transforms.with_image_transform(dataset["train"], crop, image_column, label_column)
+    examples = transforms.with_stream_transform(dataset["train"], np.asarray, image_column, label_column)
     return label_names, [example["labels"] for example in examples]
 
 
@@ -297,7 +294,7 @@ def test_the_report_reads_a_streamed_splits_images_in_the_order_it_was_evaluated
     split = split.cast_column("image", datasets.Image(decode=False))
     reset_accelerate()
     try:
-        as_evaluated = transforms.with_image_transform(split, np.asarray, "image", "label")
+        as_evaluated = transforms.with_stream_transform(split, np.asarray, "image", "label")
         loader = torch.utils.data.DataLoader(as_evaluated, 8, num_workers=2, collate_fn=transforms.collate_fn)
         loader = Accelerator(cpu=True).prepare(loader)  # as train_loop.py prepares the evaluation's loader
         evaluated = torch.cat([batch["pixel_values"] for batch in loader])  # N x 3 x 16 x 16

@@ -61,7 +61,7 @@ def main(argv):
         eval_transform = tta.views_transform(eval_transform, data_args.tta)
         collate_fn = tta.collate_views
     dataloader = DataLoader(
-        transforms.with_image_transform(validation, eval_transform, image_column, label_column),
+        transforms.with_eval_transform(validation, eval_transform, image_column, label_column),
         batch_size=train_args.per_device_eval_batch_size,
         collate_fn=collate_fn,
         num_workers=runtime.dataloader_workers(data_args.num_workers, accelerator.device, accelerator.num_processes),
