@@ -40,10 +40,12 @@ from imgft import (
     outputs,
     run_lock,
     runtime,
+    stream,
     transforms,
 )
 from imgft.errors import UserError, run_as_script
 from imgft.model import check_model_source, load_model
+from imgft.peft_model import save_adapter_and_merge
 from imgft.recipes import ema, mixing, sampling
 from imgft.report import reports
 from imgft.train_state import TrainState
@@ -82,6 +84,7 @@ def main(argv=None):
         raise UserError(f"--mixed_precision {train_args.mixed_precision}: {err}") from None
     runtime.setup_logging()
     run_lock.take_output_dir_lock_on_main_process(accelerator, output_dir)  # one live run per folder
+    outputs.check_every_process_sees_output_dir(accelerator, output_dir)  # one folder, on shared storage
     resume_path = checkpoint.resolve_resume(train_args.resume_from_checkpoint, output_dir)
     resuming = train_args.resume_from_checkpoint is not None
     if outputs.check_output_dir(output_dir, resuming, train_args.overwrite_output_dir, config):
@@ -119,6 +122,7 @@ def main(argv=None):
     train_transform = augment.with_auto_augment_and_erasing(train_transform, data_args, image_processor)
     normalize = transforms.normalizer(image_processor, train_args.channels_last)
     train_rows = data.subsample(dataset["train"], data_args.max_train_samples, train_args.seed)
+    train_samples = data.num_rows(train_rows)  # None for a stream: its length is unknown until it is read
     data.warn_classes_without_training_images(train_rows, label_column, label_names)
     eval_rows = data.subsample(dataset["validation"], data_args.max_eval_samples, train_args.seed)
     # set_transform, lazily: images are decoded and augmented per batch, in the DataLoader's workers.
@@ -126,27 +130,22 @@ def main(argv=None):
     # shared memory, so it is the same for any number of workers and after a resume.
     augmentation_epoch = transforms.shared_epoch()
     train_dataset = transforms.with_image_transform(
-        train_rows,
-        train_transform,
-        image_column,
-        label_column,
-        seed=train_args.seed,
-        epoch=augmentation_epoch,
+        train_rows, train_transform, image_column, label_column, train_args.seed, augmentation_epoch
     )
-    eval_dataset = transforms.with_image_transform(eval_rows, eval_transform, image_column, label_column)
+    eval_dataset = transforms.with_eval_transform(eval_rows, eval_transform, image_column, label_column)
     workers = runtime.dataloader_workers(data_args.num_workers, accelerator.device, accelerator.num_processes)
-    loader_options = {
-        "collate_fn": transforms.collate_fn,  # stacks pixel_values into B x 3 x H x W uint8, labels into B
-        "num_workers": workers,
-        "pin_memory": accelerator.device.type == "cuda",  # a non_blocking copy needs pinned memory
-        "persistent_workers": workers > 0,  # keep the workers alive from one epoch to the next
-    }
+    # collate_fn stacks pixel_values into B x 3 x H x W uint8 and labels into B; pinned memory on a GPU.
+    loader_options = transforms.loader_options(workers, accelerator.device, train_args.seed)
     batch_size = train_args.per_device_train_batch_size
-    train_labels = data.labels_of(train_rows, label_column)
-    sampler = sampling.balanced_sampler(train_labels, train_args)  # --balanced_sampling; None: a shuffle
-    train_dataloader = DataLoader(
-        train_dataset, batch_size, shuffle=sampler is None, sampler=sampler, **loader_options
-    )
+    if data_args.streaming:  # this process's share of the stream, resumable mid-pass: imgft/stream.py
+        train_labels = None  # unknown until read (--balanced_sampling and --class_weighted_loss need them)
+        train_dataloader = stream.StreamLoader(train_dataset, batch_size, loader_options, accelerator)
+    else:
+        train_labels = data.labels_of(train_rows, label_column)
+        sampler = sampling.balanced_sampler(train_labels, train_args)  # --balanced_sampling; None: a shuffle
+        train_dataloader = DataLoader(
+            train_dataset, batch_size, shuffle=sampler is None, sampler=sampler, **loader_options
+        )
     eval_dataloader = DataLoader(eval_dataset, train_args.per_device_eval_batch_size, **loader_options)
 
     # ---------------------------------------------------------------- 5. Optimizer, schedule, prepare
@@ -158,6 +157,7 @@ def main(argv=None):
     ema_model = ema.averaged_copy(model, train_args.ema_decay)  # --ema_decay's copy of the model, or None
     # prepare() moves the model to the device and wraps it in DDP, wraps the optimizer for mixed precision
     # and accumulation, and shards each DataLoader: len(train_dataloader) is then this process's share.
+    # (A StreamLoader is no DataLoader: prepare passes it through, split and placed on the device already.)
     model, adamw, train_dataloader, eval_dataloader = accelerator.prepare(
         model, adamw, train_dataloader, eval_dataloader
     )
@@ -165,8 +165,11 @@ def main(argv=None):
     ema_model = None if ema_model is None else accelerator.prepare_model(ema_model, evaluation_mode=True)
     loss_options = losses.loss_options(train_args, train_labels, len(label_names), accelerator.device)
     mix_options = mixing.mix_options(train_args, len(label_names), accelerator.process_index)  # Mixup, CutMix
-    steps_per_epoch = math.ceil(len(train_dataloader) / train_args.gradient_accumulation_steps)
-    max_train_steps = train_args.max_train_steps or train_args.num_train_epochs * steps_per_epoch
+    # A stream has no length (None): its epoch ends when it runs out, and --max_train_steps is required.
+    batches_per_epoch = None if data_args.streaming else len(train_dataloader)
+    max_train_steps = train_args.max_train_steps or train_args.num_train_epochs * math.ceil(
+        batches_per_epoch / train_args.gradient_accumulation_steps
+    )
     # The schedule counts optimizer steps, so warmup and total mean the same on any number of processes.
     # It is stepped by hand in the loop rather than prepared: a prepared one steps once per process.
     lr_scheduler = get_scheduler(
@@ -175,10 +178,12 @@ def main(argv=None):
 
     # The loop's counters, in one object. Registered, save_state and load_state carry it and the schedule,
     # beside the model, optimizer, GradScaler, sampler and random states they handle themselves.
-    state = TrainState(device=accelerator.device, batches_per_epoch=len(train_dataloader))
+    state = TrainState(device=accelerator.device, batches_per_epoch=batches_per_epoch)
     accelerator.register_for_checkpointing(lr_scheduler, state)
+    if data_args.streaming:  # every process's position in the stream
+        accelerator.register_for_checkpointing(train_dataloader)
     # A resume must continue the same run: the same arguments, data and launch. Anything else is refused.
-    run_identity = checkpoint.run_identity(config, label_names, len(train_rows), accelerator, max_train_steps)
+    run_identity = checkpoint.run_identity(config, label_names, train_samples, accelerator, max_train_steps)
     if resume_path:
         for change in checkpoint.check_resumable(resume_path, run_identity):
             logger.warning(f"Changed since the checkpoint, which does not change training: {change}")
@@ -208,9 +213,12 @@ def main(argv=None):
         freezing.apply_unfreeze_schedule(accelerator.unwrap_model(model), state.epoch, train_args)
         train_dataloader.set_epoch(state.epoch)  # reshuffle, in an order fixed by (seed, epoch)
         augmentation_epoch.fill_(state.epoch)
-        # skip_first_batches replaces "iterate and discard" after a resume: the sampler jumps ahead
-        # without loading a single image.
-        batches = accelerator.skip_first_batches(train_dataloader, state.batch_in_epoch)
+        # skip_first_batches replaces "iterate and discard" after a resume mid-epoch: the sampler jumps
+        # ahead without loading a single image. It builds a new DataLoader (new workers, slow to start),
+        # so only then. A stream's loader needs none: load_state restored its position.
+        batches = train_dataloader
+        if state.batch_in_epoch > 0 and not data_args.streaming:
+            batches = accelerator.skip_first_batches(train_dataloader, state.batch_in_epoch)
         state.start_epoch_clock()
         for batch in runtime.timed(batches, state.epoch_clock):  # timed(): counts the time spent waiting
             batch = mixing.mix_batch(batch, mix_options, state.epoch, state.batch_in_epoch)  # Mixup/CutMix
@@ -302,8 +310,11 @@ def main(argv=None):
     accelerator.wait_for_everyone()
     with outputs.saving_final_files(output_dir):  # a full disk: one line, and the checkpoints stay intact
         # unwrap_model strips the DDP and torch.compile wrappers, so the weights load without imgft.
-        accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(
-            output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save
+        # With --use_peft the adapter goes to output_dir/adapter and is merged into the weights saved here.
+        plain_model = accelerator.unwrap_model(model, keep_torch_compile=False)
+        whole_weights = outputs.gathered_weights(accelerator, model)  # get_state_dict, where FSDP shards them
+        save_adapter_and_merge(plain_model, output_dir, accelerator).save_pretrained(
+            output_dir, is_main_process=accelerator.is_main_process, state_dict=whole_weights
         )
         if accelerator.is_main_process:
             image_processor.save_pretrained(output_dir)  # pipeline() reads sizes and normalisation from it
@@ -313,7 +324,7 @@ def main(argv=None):
                 "train_steps": state.completed_steps,
                 "train_loss": state.mean_train_loss(),
                 "train_runtime": train_runtime,
-                "train_samples": len(train_rows),
+                "train_samples": train_samples,
                 "train_samples_per_second": train_speed["train_images_per_second"],
                 "unreadable_images": unreadable_images,
                 "skipped_nonfinite_steps": state.skipped_steps,
@@ -378,9 +389,7 @@ def evaluate_and_record(model, ema_model, eval_dataloader, normalize, accelerato
         state.best, results, state.completed_steps, state.epoch_position(), train_args
     )
     if improved and train_args.load_best_model_at_end:
-        accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(
-            os.path.join(train_args.output_dir, outputs.BEST_DIR), is_main_process=accelerator.is_main_process
-        )
+        outputs.save_best_model(accelerator, model, train_args.output_dir)
     return results, details
 
 

@@ -7,6 +7,8 @@ Upstream (`benchmarks/upstream.py`) and imgft alternate, cold (empty datasets ca
 the cold run left). Timings are ratios against upstream measured in the same run, never absolute claims.
 `--pairs compile` times imgft on the digits with and without --torch_compile instead, the ratio again
 measured in the same run.
+`--pairs memory` measures something else: the peak training memory and step time of a ViT-B/16 with full
+fine-tuning, LoRA and gradient checkpointing, against full fine-tuning (`benchmarks/memory.py`).
 """
 
 import argparse
@@ -26,8 +28,11 @@ import numpy as np
 import psutil  # an accelerate dependency
 from PIL import Image
 
+from benchmarks import memory as memory_bench
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PAIRS = ("camera", "digits")
+DATA_PAIRS = ("camera", "digits")
+PAIRS = (*DATA_PAIRS, "memory")
 COMPILE = "compile"  # not a pair against upstream: imgft with --torch_compile against imgft without
 
 
@@ -300,24 +305,28 @@ def main(argv=None):
         "--pairs",
         nargs="+",
         choices=(*PAIRS, COMPILE),
-        default=PAIRS,
-        help="What to run (default: camera and digits); compile: imgft with and without --torch_compile.",
+        default=DATA_PAIRS,
+        help="What to run (default: camera and digits); memory: LoRA and gradient checkpointing against full "
+        "fine-tuning; compile: imgft with and without --torch_compile.",
     )
     parser.add_argument("--skip_memory", action="store_true", help="Leave out the 1x/4x peak-memory runs.")
     args = parser.parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 3)
     per_class, val_per_class, camera_epochs, digits_epochs = (16, 4, 3, 2) if args.quick else (80, 20, 10, 3)
+    data_pairs = [name for name in args.pairs if name in DATA_PAIRS]
+    needs_digits = bool(data_pairs) or COMPILE in args.pairs
     work = args.workdir or tempfile.mkdtemp(prefix="imgft-bench-")
     os.makedirs(work, exist_ok=True)
-    print(f"Generating data in {work} ...", flush=True)
     camera = os.path.join(work, f"camera_{per_class}")
-    if "camera" in args.pairs and not os.path.isdir(camera):
-        write_camera_folder(camera, per_class, val_per_class)
-    from imgft.commands.demo_data import write_digits_imagefolder
-
     digits = os.path.join(work, "digits")
-    if not os.path.isdir(digits):
-        write_digits_imagefolder(digits)
+    if needs_digits:
+        print(f"Generating data in {work} ...", flush=True)
+        if "camera" in args.pairs and not os.path.isdir(camera):
+            write_camera_folder(camera, per_class, val_per_class)
+        from imgft.commands.demo_data import write_digits_imagefolder
+
+        if not os.path.isdir(digits):
+            write_digits_imagefolder(digits)
 
     results = {"machine": _machine(), "quick": args.quick, "repeats": repeats, "pairs": {}}
     for name, data_dir, image_size, epochs, num_labels in (
@@ -333,8 +342,12 @@ def main(argv=None):
         print(f"compile: digits, {digits_epochs} epochs, with and without --torch_compile", flush=True)
         results[COMPILE] = measure_compile(digits, work, digits_epochs, repeats)
         _write(args.output, results)
-    if not args.skip_memory:
+    if not args.skip_memory and data_pairs:
         results["memory"] = memory_growth(digits, work)
+        _write(args.output, results)
+    if "memory" in args.pairs:
+        print("memory: training a ViT-B/16 (built from a config) four ways, each in a fresh process", flush=True)
+        results["training_memory"] = memory_bench.measure(steps=2 if args.quick else 3, repeats=repeats)
         _write(args.output, results)
     print(format_table(results))
     print(f"Wrote {args.output}")
@@ -433,11 +446,13 @@ def _machine():
 
 
 def format_table(results):
-    lines = [
-        "| pair | pipeline | cold s | warm s | images/s after epoch 1 | data wait after epoch 1 "
-        "| loader-only images/s | peak memory MiB |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    lines = []
+    if results["pairs"]:
+        lines += [
+            "| pair | pipeline | cold s | warm s | images/s after epoch 1 | data wait after epoch 1 "
+            "| loader-only images/s | peak memory MiB |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
     for name, pair in results["pairs"].items():
         for pipeline, summary in pair["summary"].items():
             cold, warm = summary["cold"], summary["warm"]
@@ -471,4 +486,6 @@ def format_table(results):
             f"\nPeak memory, imgft, 1 epoch: {memory['peak_memory_mib']['1x']:.0f} MiB on the digits, "
             f"{memory['peak_memory_mib']['4x']:.0f} MiB on 4x the images ({memory['ratio_4x_to_1x']:.2f}x)."
         )
+    if results.get("training_memory"):
+        lines += ["", memory_bench.format_table(results["training_memory"])]
     return "\n".join(lines)

@@ -144,6 +144,28 @@ class DataArguments:
         default=False,
         metadata={"help": "Refuse the data if any image is unreadable, listing them all (default: skip and warn)."},
     )
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Read --dataset_name (a Hub dataset, or a folder of parquet or webdataset .tar "
+            "shards) as a stream, never written to disk. Needs --max_train_steps; an epoch is one pass "
+            "over the stream."
+        },
+    )
+    shuffle_buffer_size: int = field(
+        default=1000,
+        metadata={
+            "help": "With --streaming: examples held in the shuffle buffer each DataLoader worker draws "
+            "from. 0: no buffer, only the shards' order is shuffled, and a resume is exact."
+        },
+    )
+    label_names: str | None = field(
+        default=None,
+        metadata={
+            "help": "With --streaming: the class names, comma-separated (label i is the i-th), when the "
+            "label column is not a ClassLabel. Text labels are matched by name."
+        },
+    )
 
 
 @dataclass(frozen=True)
@@ -197,6 +219,37 @@ class ModelArguments:
             "help": "Stochastic depth: the rate at which the deepest residual block is skipped in training, "
             "set on the config's drop_path_rate (or its own name for it). Default: the config's own value. "
             "An architecture without one is refused."
+        },
+    )
+    use_peft: Literal["lora", "loha", "ia3"] | None = field(
+        default=None,
+        metadata={
+            "help": "Train an adapter (🤗 PEFT) beside the frozen weights, and the classifier head, "
+            "instead of all weights: lora, loha or ia3. output_dir gets the model with the adapter "
+            "merged in, output_dir/adapter the adapter alone."
+        },
+    )
+    lora_r: int = field(default=16, metadata={"help": "Rank of the LoRA/LoHa update (--use_peft)."})
+    lora_alpha: int = field(
+        default=16, metadata={"help": "LoRA/LoHa scaling: the update is multiplied by lora_alpha / lora_r."}
+    )
+    lora_dropout: float = field(
+        default=0.1, metadata={"help": "Dropout on the LoRA update's input (LoHa: rank dropout)."}
+    )
+    lora_target_modules: str | None = field(
+        default=None,
+        metadata={
+            "help": "Names of the layers the adapter goes into, separated by commas (e.g. q_proj,v_proj), or "
+            "all-linear. Default by architecture: attention's query and value projections (ViT, DeiT, BEiT, "
+            "DINOv2, Swin...), pwconv1,pwconv2 (ConvNeXt), convolution (ResNet)."
+        },
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep only each layer's input and recompute its activations in the backward pass: "
+            "much less memory for a slower step. For models that support it (ViT, Swin, DINOv2...; "
+            "not ResNet or ConvNeXt)."
         },
     )
 
@@ -655,6 +708,7 @@ def check_args(data_args, model_args, train_args):
         "eval_steps": train_args.eval_steps,
         "early_stopping_patience": train_args.early_stopping_patience,
         "unfreeze_after_epochs": train_args.unfreeze_after_epochs,
+        "lora_r": model_args.lora_r,
     }.items():
         if value is not None and value < 1:
             raise UserError(f"--{name} must be at least 1 (got {value})")
@@ -674,6 +728,10 @@ def check_args(data_args, model_args, train_args):
     _check_recipes(model_args, train_args)
     if not 0 < data_args.train_val_split < 1:
         raise UserError(f"--train_val_split must lie strictly between 0 and 1 (got {data_args.train_val_split})")
+    if model_args.lora_alpha <= 0:
+        raise UserError(f"--lora_alpha must be greater than 0 (got {model_args.lora_alpha})")
+    if not 0 <= model_args.lora_dropout < 1:
+        raise UserError(f"--lora_dropout must lie in [0, 1) (got {model_args.lora_dropout})")
     if not 0 < data_args.crop_scale_min <= 1:
         raise UserError(f"--crop_scale_min must lie in (0, 1] (got {data_args.crop_scale_min})")
     if not 0 <= data_args.random_erasing <= 1:
@@ -690,6 +748,41 @@ def check_args(data_args, model_args, train_args):
         raise UserError("give either --dataset_name or --train_dir/--validation_dir, not both")
     if data_args.validation_dir and not data_args.train_dir:
         raise UserError("--validation_dir needs --train_dir")
+    check_streaming_args(data_args, train_args)
+
+
+def check_streaming_args(data_args, train_args):
+    """Refuse what a stream cannot do: it has no length, and it is not read before training starts."""
+    if data_args.shuffle_buffer_size < 0:
+        raise UserError(f"--shuffle_buffer_size must be at least 0 (got {data_args.shuffle_buffer_size})")
+    if not data_args.streaming:
+        if data_args.label_names:
+            raise UserError("--label_names is read with --streaming only (other datasets name their classes)")
+        return
+    if train_args.max_train_steps is None:
+        raise UserError("--streaming needs --max_train_steps: a stream has no length to count epochs in")
+    if not data_args.dataset_name:
+        raise UserError("--streaming reads --dataset_name: a Hub dataset, or a folder of parquet/.tar shards")
+    if data_args.max_train_samples is not None:
+        raise UserError("--max_train_samples cannot cut a stream: --max_train_steps sets how much is read")
+    if data_args.strict_data:
+        raise UserError("--strict_data checks every image before training, which a stream is not: drop it")
+    for name in ("balanced_sampling", "class_weighted_loss"):
+        if getattr(train_args, name):
+            raise UserError(f"--{name} counts each class's training images, which a stream cannot: drop it")
+    if train_args.checkpointing_steps == "epoch" and train_args.gradient_accumulation_steps > 1:
+        raise UserError(
+            "--streaming with --gradient_accumulation_steps: a pass over a stream can end inside an "
+            "accumulation window, so checkpoint every N steps (--checkpointing_steps N), not every epoch"
+        )
+    names = data_args.label_names
+    if names is not None and len(label_names_list(names)) < 2:
+        raise UserError(f"--label_names needs at least two comma-separated names (got '{names}')")
+
+
+def label_names_list(text):
+    """--label_names as a list: comma-separated, spaces around each name dropped."""
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 def _check_recipes(model_args, train_args):
@@ -707,6 +800,14 @@ def _check_recipes(model_args, train_args):
         raise UserError(f"--drop_path_rate must lie in [0, 1) (got {drop_rate})")
     unfreeze = train_args.unfreeze_after_epochs
     epochs = train_args.num_train_epochs
+    if model_args.use_peft and (train_args.freeze_backbone or unfreeze is not None):
+        raise UserError(
+            "--use_peft already freezes the backbone and trains an adapter in it; it cannot go with "
+            "--freeze_backbone or --unfreeze_after_epochs"
+        )
+    sharded = [name for name in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{name}") == "true"]
+    if model_args.use_peft and sharded:  # merging the adapter needs the whole weights on one process
+        raise UserError(f"--use_peft cannot go with {sharded[0]} yet: launch it with DDP (multi_gpu)")
     if unfreeze is not None and train_args.max_train_steps is None and unfreeze >= epochs:
         raise UserError(
             f"--unfreeze_after_epochs {unfreeze} would never unfreeze in {epochs} epochs: "

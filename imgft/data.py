@@ -10,6 +10,7 @@ import numpy as np
 from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 
 from imgft import images
+from imgft.args import label_names_list
 from imgft.commands.demo_data import ensure_digits_imagefolder
 from imgft.errors import UserError
 from imgft.runtime import hub_offline, log_once
@@ -24,11 +25,130 @@ def load_labeled_dataset(data_args, cache_dir, seed):
 
     Labels become a ClassLabel shared by both splits. With no dataset named, the digits demo is used.
     """
+    if data_args.streaming:
+        return load_labeled_stream(data_args, cache_dir, seed)
     dataset, validation_source = load_raw_datasets(data_args, cache_dir, seed, demo_dir_for(data_args))
     log_once(logging.INFO, f"Evaluating on {validation_source}")
     image_column, label_column = find_columns(dataset, data_args.image_column_name, data_args.label_column_name)
     dataset, label_names = encode_labels(dataset, label_column)
     return dataset, image_column, label_column, label_names
+
+
+def refuse_streaming(data_args, command):
+    """`command` loads datasets whole (into the datasets cache): never quietly for one meant to stream."""
+    if data_args.streaming:
+        raise UserError(f"{command} loads the dataset whole, it does not stream it: pass --streaming false")
+
+
+def load_labeled_stream(data_args, cache_dir, seed):
+    """`load_labeled_dataset` for --streaming: train and validation as IterableDatasets, read when used.
+
+    Nothing is read here but the features: the class names come from a ClassLabel column or --label_names,
+    since finding them in the data would take a pass over it. Labels become ids on the fly; an example whose
+    label is not a class is dropped and its label named once. Train goes through a shuffle buffer of
+    --shuffle_buffer_size examples per DataLoader worker, which also orders the first pass's shards by
+    `seed`; datasets reorders them for each later pass (`IterableDataset.set_epoch`).
+    """
+    name = data_args.dataset_name
+    config_name = data_args.dataset_config_name
+    try:
+        streams = datasets.load_dataset(name, config_name, cache_dir=cache_dir, streaming=True)
+    except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as err:
+        offline = " (HF_HUB_OFFLINE is set: Hub datasets cannot be streamed)" if hub_offline() else ""
+        raise UserError(f"cannot stream dataset '{name}'{offline}: {err}") from None
+    train = _train_split(streams)
+    if data_args.eval_split == "train":
+        raise UserError("--eval_split train: training would be evaluated on its own images")
+    if not data_args.eval_split and not any(n in streams for n in (*VALIDATION_SPLIT_NAMES, "test")):
+        raise UserError(
+            f"--streaming: the dataset has no validation or test split (it has: {', '.join(streams)}), "
+            "and a stream cannot be split at random: name the split to evaluate on with --eval_split"
+        )
+    _, validation, source = _named_splits(streams, data_args, seed)
+    log_once(logging.INFO, f"Evaluating on {source}, streamed")
+    dataset = datasets.IterableDatasetDict(train=train, validation=validation)
+    if any(split.features is None for split in dataset.values()):
+        raise UserError(f"--streaming: the columns of '{name}' are unknown before reading; store as parquet")
+    named_columns = (data_args.image_column_name, data_args.label_column_name)
+    image_column, label_column = find_columns(dataset, *named_columns)
+    label_names = stream_label_names(train.features[label_column], label_column, data_args.label_names)
+    # Images stay undecoded until the transform, which names the unreadable ones instead of failing on them.
+    if isinstance(train.features[image_column], datasets.Image):
+        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+    dataset = datasets.IterableDatasetDict(
+        {split: _label_ids_on_the_fly(part, label_column, label_names) for split, part in dataset.items()}
+    )
+    if data_args.shuffle_buffer_size:
+        log_once(
+            logging.INFO,
+            f"Shuffling the training stream through a buffer of {data_args.shuffle_buffer_size} examples per "
+            "DataLoader worker: a resume refills it, so it is not exact (--shuffle_buffer_size 0 is)",
+        )
+        # Each buffer fills from one shard at a time: with several (datasets' default is 10), a DataLoader
+        # worker cannot load its saved position (IndexError in datasets 5.2).
+        dataset["train"] = dataset["train"].shuffle(
+            seed=seed, buffer_size=data_args.shuffle_buffer_size, max_buffer_input_shards=1
+        )
+    return dataset, image_column, label_column, label_names
+
+
+def stream_label_names(feature, label_column, label_names_flag):
+    """The class names of a stream: its ClassLabel's, else --label_names; refused when neither is there."""
+    given = label_names_list(label_names_flag) if label_names_flag else None
+    if isinstance(feature, datasets.ClassLabel):
+        if given and given != feature.names:
+            raise UserError(
+                f"--label_names {label_names_flag} differs from the classes the dataset names in "
+                f"'{label_column}': {', '.join(feature.names)}; drop --label_names"
+            )
+        return feature.names
+    if not given:
+        raise UserError(
+            f"--streaming: the label column '{label_column}' does not name its classes (it is not a "
+            "ClassLabel), and finding them would take a pass over the stream: give them with "
+            "--label_names a,b,c"
+        )
+    return given
+
+
+def _label_ids_on_the_fly(split, label_column, label_names):
+    """The stream with its label column a ClassLabel of `label_names`: ids made as examples are read."""
+    features = split.features.copy()
+    if isinstance(features[label_column], datasets.ClassLabel):
+        return split
+    features[label_column] = datasets.ClassLabel(names=label_names)
+    return split.map(
+        _label_ids_batch,
+        batched=True,
+        fn_kwargs={"label_column": label_column, "label_names": label_names},
+        features=features,
+    )
+
+
+_labels_named = set()  # the labels this process has already warned about
+
+
+def _label_ids_batch(batch, label_column, label_names):
+    """Ids for a batch of labels: a text label is matched by name, a number is the id itself. Rows with a
+    label that is not a class are dropped, each such label named once per process."""
+    ids = {name: i for i, name in enumerate(label_names)}
+    keep = []
+    for row, value in enumerate(batch[label_column]):
+        label = ids.get(value) if isinstance(value, str) else value
+        if isinstance(label, (int, np.integer)) and 0 <= label < len(label_names):
+            batch[label_column][row] = int(label)
+            keep.append(row)
+        elif repr(value) not in _labels_named:
+            _labels_named.add(repr(value))
+            logging.getLogger("imgft").warning(
+                f"Skipping examples labelled {value!r}: not one of the {len(label_names)} --label_names"
+            )
+    return {column: [values[row] for row in keep] for column, values in batch.items()}
+
+
+def num_rows(split):
+    """The number of examples of a split; None for a stream, whose length is unknown until it is read."""
+    return None if isinstance(split, datasets.IterableDataset) else len(split)
 
 
 def load_evaluation_split(data_args, cache_dir, seed, label2id):
@@ -38,6 +158,7 @@ def load_evaluation_split(data_args, cache_dir, seed, label2id):
     is --validation_dir alone, else the one training evaluates on (`load_raw_datasets`' choice), which
     is part of train only when the dataset has no split to evaluate on.
     """
+    refuse_streaming(data_args, "evaluate")
     if data_args.validation_dir:
         flag = "--validation_dir"
         dataset = _load_imagefolders({"validation": (data_args.validation_dir, flag)}, data_args, cache_dir, 1)
@@ -63,6 +184,8 @@ def decode_once_dropping_unreadable(dataset, image_column, label_column, label_n
     --strict_data the data is refused. With `stored_size`, the same single decode of every image also
     stores it shrunk (`images.resize_once`); without, it only checks (`images.inspect_images`).
     """
+    if data_args.streaming:  # a stream is never read ahead: its unreadable images are dropped as they come
+        return dataset, None
     num_proc = preprocessing_processes(data_args)
     if stored_size:
         checked = {
@@ -112,6 +235,7 @@ def load_raw_datasets(data_args, cache_dir, seed, demo_dir):
     is named (see `demo_dir_for`). Validation is --validation_dir, --eval_split, the dataset's validation
     split, else its test split, else a seeded part of train.
     """
+    refuse_streaming(data_args, "check-data")
     if data_args.dataset_name:
         dataset = _load_named(data_args, cache_dir)
         _train_split(dataset)  # refuses a dataset without one: evaluate needs none, training does
@@ -409,13 +533,18 @@ def relabel(split_dataset, label_column, label_names, label2id):
 
 
 def subsample(split_dataset, max_samples, seed):
+    if isinstance(split_dataset, datasets.IterableDataset):  # a stream's first examples
+        return split_dataset if max_samples is None else split_dataset.take(max_samples)
     if max_samples is None or max_samples >= len(split_dataset):
         return split_dataset
     return split_dataset.shuffle(seed=seed).select(range(max_samples))
 
 
 def warn_classes_without_training_images(train_dataset, label_column, label_names):
-    """One warning naming how many classes have no training image (after --max_train_samples, say), and a few."""
+    """One warning naming how many classes have no training image (after --max_train_samples, say), and a few.
+    A stream is not counted: that would take a pass over it."""
+    if isinstance(train_dataset, datasets.IterableDataset):
+        return
     counts = label_counts(train_dataset, label_column, len(label_names))
     empty = [name for name, count in zip(label_names, counts, strict=True) if count == 0]
     if empty:

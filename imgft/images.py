@@ -106,6 +106,23 @@ def decode_file(path=None, data=None, draft_size=None, rgb=False):
         return None, _reason(err)
 
 
+def decode_value(value):
+    """(RGB image, "") or (None, why it is unreadable) for an image as a dataset holds it: a PIL image, the
+    bytes of a file, or an undecoded Image feature's {"bytes", "path"} (a path that is no local file, such as
+    a remote one, is read by datasets)."""
+    if isinstance(value, Image.Image):
+        return to_rgb(value), ""
+    if isinstance(value, bytes):
+        return decode_file(data=value, rgb=True)
+    data, path = value.get("bytes"), value.get("path")
+    if data is not None or (path and os.path.exists(path)):
+        return decode_file(path, data, rgb=True)
+    try:
+        return to_rgb(datasets.Image().decode_example(value)), ""
+    except DECODE_ERRORS as err:
+        return None, _reason(err)
+
+
 def inspect_file(path=None, data=None):
     """(reason or "", width, height, sha1 of the bytes) for one file; reason is "" for a readable image."""
     try:

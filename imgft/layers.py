@@ -16,10 +16,14 @@ import re
 from torch import nn
 
 from imgft.errors import UserError
+from imgft.peft_model import is_adapter_model
 
 
 def backbone(model):
-    """The model's base model, whose parameters are all but the head's."""
+    """The model's base model, whose parameters are all but the head's (and, in a model with an adapter,
+    the adapter's inside it)."""
+    if is_adapter_model(model):  # the transformers model inside the peft model names its base model
+        model = model.get_base_model()
     base = model.base_model
     if base is model:
         raise UserError(f"{type(model).__name__} has no base model apart from its classifier head")

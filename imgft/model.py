@@ -19,7 +19,7 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING
 
-from imgft import preprocessing
+from imgft import peft_model, preprocessing
 from imgft.args import DEMO_CONFIG_OVERRIDES
 from imgft.drop_path import set_drop_path_rate
 from imgft.errors import UserError
@@ -119,6 +119,13 @@ def check_model_source(model_args):
 
 
 def load_model(model_args, label_names):
+    """Return (model, image_processor) ready to train: `load_classifier`'s, with gradient checkpointing
+    turned on and the model wrapped in an adapter where --gradient_checkpointing and --use_peft ask."""
+    model, image_processor = load_classifier(model_args, label_names)
+    return peft_model.prepare_for_training(model, model_args), image_processor
+
+
+def load_classifier(model_args, label_names):
     """Return (model, image_processor), with the class names written into the config, each checked before any
     work: the architecture can be trained by imgft's loop, and one blank image made as training makes them runs
     through the model to one logit per class and a loss.
@@ -413,7 +420,7 @@ def check_model_runs(model, image_processor, label_names):
     size = preprocessing.input_size(image_processor, plan)
     blank = Image.new("RGB", (size[1], size[0]), (128, 128, 128))
     if plan.kind == "processor":
-        array = preprocessing.run_processor(blank, image_processor)
+        array = preprocessing.run_processor([blank], image_processor)[0]
     else:
         array = preprocessing.geometry(blank, image_processor, plan)
     pixel_values = preprocessing.model_input(array, plan).unsqueeze(0)

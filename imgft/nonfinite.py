@@ -24,7 +24,8 @@ def skip_update_if_loss_was_nonfinite(accelerator, optimizer, state):
     state.nonfinite_losses.zero_()
     state.skipped_on_device += found_inf
     torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's AcceleratedOptimizer
-    if torch_optimizer.defaults.get("fused"):
+    # Under DeepSpeed this is its ZeRO optimizer, no torch one (no `defaults`): the skip is not done there.
+    if getattr(torch_optimizer, "defaults", {}).get("fused"):
         torch_optimizer.found_inf = found_inf
 
 

@@ -5,8 +5,12 @@ import json
 import math
 import os
 import shutil
+import socket
+import uuid
 
 import yaml
+from accelerate.utils import DistributedType, broadcast_object_list, gather_object
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 from imgft.args import ABSOLUTE_PATHS_KEY, absolute_paths
 from imgft.checkpoint import (
@@ -25,6 +29,7 @@ METRICS_LOG = "metrics.jsonl"
 CONFIG_FILE = "imgft_config.yaml"
 TRACKER_DIR = "imgft"  # accelerate's trackers write under output_dir/<project name>
 BEST_DIR = "best_model"  # the best evaluation's weights, with --load_best_model_at_end
+ADAPTER_DIR = "adapter"  # with --use_peft, the adapter alone (the model beside it has it merged in)
 # The report (imgft.report.reports): also what `python -m imgft evaluate --output_dir` writes.
 EVAL_RESULTS_FILE = "eval_results.json"
 CONFUSION_MATRIX_FILE = "confusion_matrix.png"
@@ -79,6 +84,44 @@ def check_output_dir(output_dir, resume_requested, overwrite, config):
     return False
 
 
+SHARED_CHECK_PREFIX = ".imgft-shared-check-"
+
+
+def check_every_process_sees_output_dir(accelerator, output_dir):
+    """Refuse a run whose processes do not all see one output_dir: a folder local to each machine, or a
+    relative path from different working directories. Checkpoints would then be split between machines,
+    and a resume would find a different checkpoint, or none, on each.
+
+    The main process writes a file with a fresh random name into output_dir; every process then looks for
+    it, and every process raises the same UserError naming the hosts that cannot see it. The file goes, and
+    so does the folder if the check made it: a run refused later leaves nothing behind.
+    """
+    if accelerator.num_processes == 1:
+        return
+    name = [SHARED_CHECK_PREFIX + uuid.uuid4().hex]
+    made_folder = accelerator.is_main_process and not os.path.isdir(output_dir)
+    if accelerator.is_main_process:
+        os.makedirs(output_dir, exist_ok=True)
+        open(os.path.join(output_dir, name[0]), "w").close()
+    broadcast_object_list(name)  # the main process's name, sent once its file is written
+    marker = os.path.join(output_dir, name[0])
+    here = {"host": socket.gethostname(), "rank": accelerator.process_index}
+    views = gather_object([{**here, "path": os.path.abspath(output_dir), "sees": os.path.exists(marker)}])
+    if accelerator.is_main_process:
+        os.remove(marker)
+        if made_folder:
+            os.rmdir(output_dir)
+    main = views[0]
+    blind = [view for view in views if not view["sees"]]
+    if blind:
+        where = ", ".join(f"{view['host']} (rank {view['rank']}, {view['path']})" for view in blind)
+        raise UserError(
+            f"--output_dir {output_dir} is not one folder that every process sees: {where} cannot see what "
+            f"{main['host']} (rank 0) wrote in {main['path']}. Put output_dir on storage that all machines "
+            "share (NFS, Lustre...) under the same path, and give it as an absolute path"
+        )
+
+
 def _read_run_config(path):
     """A saved run config as `args.to_dict` gave it: without the absolute paths written beside it."""
     with open(path, encoding="utf-8") as file:
@@ -95,7 +138,9 @@ def delete_previous_run_files(output_dir):
         if name in RUN_FILES and os.path.isfile(path):
             os.remove(path)
         elif os.path.isdir(path) and (
-            CHECKPOINT_NAME.match(name) or name.startswith(STAGING_PREFIX) or name in (TRACKER_DIR, BEST_DIR)
+            CHECKPOINT_NAME.match(name)
+            or name.startswith(STAGING_PREFIX)
+            or name in (TRACKER_DIR, BEST_DIR, ADAPTER_DIR)
         ):
             shutil.rmtree(path)
 
@@ -234,11 +279,40 @@ def push_to_hub(train_args):
     return repo_id
 
 
+def save_best_model(accelerator, model, output_dir):
+    """Save the model's weights, gathered whole where FSDP shards them, to output_dir/best_model (every
+    process calls it; the main process writes), for `load_weights` to load back at the end of the run."""
+    best_dir = os.path.join(output_dir, BEST_DIR)
+    accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(
+        best_dir, is_main_process=accelerator.is_main_process, state_dict=gathered_weights(accelerator, model)
+    )
+
+
+def gathered_weights(accelerator, model):
+    """For save_pretrained's `state_dict`: the whole weights of a model that FSDP or DeepSpeed shard, gathered
+    by `accelerator.get_state_dict` (every process must call it), or None for any other model, whose
+    save_pretrained then reads its own (a state_dict taken through torch.compile's wrapper would name
+    every weight `_orig_mod.*`). --use_peft is refused with either (args.check_args), so an adapter
+    model's weights are its own.
+    """
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return accelerator.get_state_dict(model)
+    return None
+
+
 def load_weights(model, folder):
     """Copy the weights saved by save_pretrained in `folder` into `model` (the best evaluation's, at the end).
 
     Loaded through from_pretrained rather than a raw state dict: transformers may save tensors under
-    other names than the live model uses, and maps them back only on that path.
+    other names than the live model uses, and maps them back only on that path. An adapter model saved
+    only its adapter there, and loads only that: its frozen weights never changed. set_model_state_dict,
+    where FSDP shards the model, gives each process its own part of the whole weights; otherwise it loads
+    them.
     """
+    from imgft import peft_model  # imgft.peft_model imports this module
+
+    if peft_model.is_adapter_model(model):
+        peft_model.load_adapter_weights(model, folder)
+        return
     saved = type(model).from_pretrained(folder)
-    model.load_state_dict(saved.state_dict())
+    set_model_state_dict(model, saved.state_dict(), options=StateDictOptions(full_state_dict=True))

@@ -1,5 +1,6 @@
 """The model's own preprocessing, reproduced: how imgft's fast uint8 path gives what the image processor gives, or
-that the processor must run itself; the input size that results; and a copy of a processor resized by --image_size.
+that the processor must run itself (once per batch where that gives each image its own output); the input size
+that results; and a copy of a processor resized by --image_size.
 
 The fast path calls the processor's own `process_image`, `resize` and `center_crop` (uint8 in, uint8 out, on the
 processor's backend: torchvision tensors or PIL) in the order its family's `_preprocess` calls them, or timm's own
@@ -168,6 +169,23 @@ def _processor_plan(processor, reason):
     return Plan("processor", {}, False, False, False, shift, scale, reason)
 
 
+def batch_gives_each_its_own(processor):
+    """Whether the processor, called once on the probe images, gives each what it gives it alone, so that a
+    processor run as it is can run once per batch. Not every processor does: PPOCRV5ServerRecImageProcessor,
+    for one, resizes a batch to its widest image's aspect ratio, and a processor that pads a batch to its
+    largest image would differ too: those run image by image."""
+    probes = [_probe(size, seed) for seed, size in enumerate(PROBE_SIZES)]
+    try:
+        together = run_processor(probes, processor)
+        alone = run_processor_on_each(probes, processor)
+    except UserError:  # it fails together (so it runs image by image), or alone too (input_size says why)
+        return False
+    return all(
+        ours.shape == theirs.shape and np.abs(ours - theirs).max() <= FIDELITY_TOLERANCE
+        for ours, theirs in zip(together, alone, strict=True)
+    )
+
+
 def _probe(size, seed):
     pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
     return Image.fromarray(pixels)
@@ -191,22 +209,32 @@ def geometry(image, processor, plan):
     return np.ascontiguousarray(pixels[..., ::-1] if plan.flip_channels else pixels)
 
 
-def run_processor(image, processor):
-    """The processor itself on one image: its 3 x H x W float pixel_values as an H x W x 3 float32 array; UserError
-    when it gives anything else for one plain RGB image (tiles, patch sequences, video frames, an error)."""
+def run_processor(images, processor):
+    """The processor itself, called once on `images` (RGB images): its 3 x H x W float pixel_values for each,
+    as an H x W x 3 float32 array; UserError when it gives anything else for plain RGB images (tiles, patch
+    sequences, video frames, an error)."""
+    images = list(images)
+    if not images:  # a batch whose files were all unreadable: processors refuse an empty list
+        return []
     name = type(processor).__name__
     try:
-        pixel_values = processor(images=[image], return_tensors="pt")["pixel_values"]
+        pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
     except Exception as err:  # any processor's own code, on a plain RGB image: whatever it raises, it cannot serve
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{name} cannot process a plain RGB image: {reason}") from None
     shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
-    if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4 or shape[:2] != (1, 3):
+    if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4 or shape[:2] != (len(images), 3):
+        count = "one image" if len(images) == 1 else f"{len(images)} images"
         raise UserError(
-            f"{name} gives pixel_values of shape {shape} for one image, not one 3-channel image: "
+            f"{name} gives pixel_values of shape {shape} for {count}, not one 3-channel image each: "
             "an image classifier fine-tuned by imgft needs one"
         )
-    return pixel_values[0].float().permute(1, 2, 0).numpy()
+    return list(pixel_values.float().permute(0, 2, 3, 1).numpy())
+
+
+def run_processor_on_each(images, processor):
+    """`run_processor` called once per image: for a processor whose output for a batch is not each image's."""
+    return [run_processor([image], processor)[0] for image in images]
 
 
 def model_input(array, plan):
@@ -223,7 +251,7 @@ def _largest_difference(processor, plan):
     largest = 0.0
     for seed, size in enumerate(PROBE_SIZES):
         image = _probe(size, seed)
-        theirs = torch.from_numpy(run_processor(image, processor)).permute(2, 0, 1)
+        theirs = torch.from_numpy(run_processor([image], processor)[0]).permute(2, 0, 1)
         try:
             ours = model_input(geometry(image, processor, plan), plan)
         except (ValueError, TypeError, RuntimeError):
@@ -239,8 +267,10 @@ def input_size(processor, plan):
     shapes = set()
     for seed, size in enumerate(PROBE_SIZES[:2]):
         image = _probe(size, seed)
-        array = run_processor(image, processor) if plan.kind == "processor" else geometry(image, processor, plan)
-        shapes.add(array.shape[:2])
+        if plan.kind == "processor":
+            shapes.add(run_processor([image], processor)[0].shape[:2])
+        else:
+            shapes.add(geometry(image, processor, plan).shape[:2])
     if len(shapes) > 1:
         raise UserError(
             f"{type(processor).__name__} gives images whose size follows each image's shape "

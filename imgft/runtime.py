@@ -10,10 +10,18 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from accelerate.utils import DistributedType
+from datasets import IterableDataset
 
 from imgft.batches import effective_batch
 
-QUIET_LOGGERS = ("httpx", "datasets", "accelerate.checkpointing", "accelerate.accelerator")
+QUIET_LOGGERS = (
+    "httpx",
+    "datasets",
+    "accelerate.checkpointing",
+    "accelerate.accelerator",
+    "accelerate.utils.fsdp_utils",  # a line per saved shard at every FSDP checkpoint
+)
 
 
 def hub_offline():
@@ -62,10 +70,20 @@ def dataloader_workers(requested, device, num_processes):
 
 def log_run_summary(train_dataset, eval_dataset, label_names, accelerator, train_args, max_train_steps):
     """Log what the run is about to do: data, classes, processes, precision, the real batch and the steps;
-    and warn when accumulation spans more batches than an epoch has (`batches.effective_batch`)."""
+    and warn when accumulation spans more batches than an epoch has (`batches.effective_batch`), or when
+    FSDP was asked for where Accelerate cannot shard (it does so only on GPUs and other accelerators)."""
     per_device = train_args.per_device_train_batch_size
     accumulation = train_args.gradient_accumulation_steps
     processes = accelerator.num_processes
+    if isinstance(train_dataset, IterableDataset):  # a stream: its length is unknown
+        log_once(
+            logging.INFO,
+            f"Streaming training and validation examples, {len(label_names)} classes; {processes} "
+            f"process(es) on {accelerator.device.type}, mixed precision {accelerator.mixed_precision}; batch "
+            f"{per_device * processes * accumulation} = {per_device} per device x {processes} process(es) x "
+            f"{accumulation} accumulated; {max_train_steps} optimizer steps",
+        )
+        return
     batches_per_epoch = math.ceil(len(train_dataset) / (per_device * processes))  # as the sharded loader has it
     images_per_step, warning = effective_batch(batches_per_epoch, per_device, processes, accumulation)
     log_once(
@@ -77,6 +95,13 @@ def log_run_summary(train_dataset, eval_dataset, label_names, accelerator, train
     )
     if warning:
         log_once(logging.WARNING, warning)
+    fsdp_requested = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if fsdp_requested and accelerator.distributed_type != DistributedType.FSDP:
+        log_once(
+            logging.WARNING,
+            f"FSDP was asked for, but Accelerate shards only on GPUs: on {accelerator.device.type} this run "
+            "is plain data parallel, every process holding the whole model and optimizer state",
+        )
 
 
 def install_signal_handlers_and_start_signal_group(accelerator):
@@ -138,6 +163,7 @@ class SpeedClock:
     samples_at_start: int
     started: float = field(default_factory=time.perf_counter)
     data_wait: float = 0.0
+    batches_ran_out: bool = False  # set by `timed` when its batches ran out (rather than being left)
 
     def seconds(self):
         return time.perf_counter() - self.started
@@ -150,13 +176,15 @@ class SpeedClock:
 
 
 def timed(batches, clock):
-    """Yield from `batches`, adding the seconds spent waiting for each one to `clock.data_wait` (a SpeedClock)."""
+    """Yield from `batches`, adding the seconds spent waiting for each one to `clock.data_wait` (a
+    SpeedClock), and noting in `clock.batches_ran_out` when they run out: the end of a stream's epoch."""
     iterator = iter(batches)
     while True:
         start = time.perf_counter()
         try:
             batch = next(iterator)
         except StopIteration:
+            clock.batches_ran_out = True
             return
         clock.data_wait += time.perf_counter() - start
         yield batch

@@ -19,7 +19,7 @@ from imgft.runtime import SpeedClock
 @dataclass
 class TrainState:
     device: InitVar[torch.device | str] = "cpu"
-    batches_per_epoch: InitVar[int] = 1  # this process's share of an epoch
+    batches_per_epoch: InitVar[int | None] = 1  # this process's share of an epoch; None: a stream's, unknown
     completed_steps: int = 0  # optimizer steps taken (a step skipped for a NaN loss or an fp16 overflow counts)
     epoch: int = 0  # whole epochs done
     batch_in_epoch: int = 0  # batches of the current epoch done; a resume skips this many
@@ -52,10 +52,15 @@ class TrainState:
 
     def epoch_position(self):
         """The epoch as a number: 1.5 is halfway through the second epoch. The one definition that every log
-        line, metrics.jsonl and all_results.json use."""
+        line, metrics.jsonl and all_results.json use. A stream's, whose length is unknown: the passes done."""
+        if self.batches_in_an_epoch is None:
+            return self.epoch
         return round(self.epoch + self.batch_in_epoch / self.batches_in_an_epoch, 4)
 
     def epoch_done(self):
+        """Whether the epoch's batches are all done: counted, or for a stream, when its batches ran out."""
+        if self.batches_in_an_epoch is None:
+            return self.epoch_clock.batches_ran_out
         return self.batch_in_epoch == self.batches_in_an_epoch
 
     def start_epoch_clock(self):

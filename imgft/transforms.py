@@ -7,6 +7,7 @@ import math
 import random
 from functools import lru_cache, partial
 
+import datasets
 import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as F
@@ -27,13 +28,15 @@ def stored_image_size(image_processor, image_size, data_args):
 
 
 def build_transforms(image_processor, image_size, random_flip, crop_scale_min):
-    """(train, evaluation): RGB PIL image -> H x W x 3 array at the model's input size.
+    """(train, evaluation): the transforms that give images at the model's input size.
 
-    Evaluation gives what the image processor gives (`preprocessing`): uint8 from the fast path, for `normalizer` to
-    make floats on the device, or, for a processor imgft does not reproduce, the processor's own float output (said
-    once in the log). Training: a random resized crop (+ optional flip) at the same size, with the processor's filter,
-    its randomness drawn from the `rng` it is given; always uint8. `image_size` makes the input square (see
-    `preprocessing.with_image_size`).
+    Train: RGB PIL image, `rng` -> H x W x 3 uint8 array, a random resized crop (+ optional flip) with the
+    processor's filter, its randomness drawn from the `rng` it is given.
+    Evaluation, on a whole batch: RGB PIL images -> one H x W x 3 array each, what the image processor gives
+    (`preprocessing`): uint8 from the fast path, for `normalizer` to make floats on the device, or, for a
+    processor imgft does not reproduce, the processor's own float output, from one call per batch where that
+    gives each image its own output (said once in the log).
+    `image_size` makes the input square (see `preprocessing.with_image_size`).
     """
     processor = preprocessing.with_image_size(image_processor, image_size) if image_size else image_processor
     plan = preprocessing.plan_for(processor)
@@ -46,13 +49,24 @@ def build_transforms(image_processor, image_size, random_flip, crop_scale_min):
         interpolation=preprocessing.interpolation(processor),
         flip_channels=plan.flip_channels,
     )
-    if plan.kind == "processor":
-        log_once(
-            logging.INFO,
-            f"Evaluation and prediction run {type(processor).__name__} itself, image by image: {plan.reason}",
-        )
+    if plan.kind != "processor":
+        geometry = partial(preprocessing.geometry, processor=processor, plan=plan)
+        return train, partial(each_image, image_transform=geometry)
+    name = type(processor).__name__
+    if preprocessing.batch_gives_each_its_own(processor):
+        log_once(logging.INFO, f"Evaluation and prediction run {name} itself, once per batch: {plan.reason}")
         return train, partial(preprocessing.run_processor, processor=processor)
-    return train, partial(preprocessing.geometry, processor=processor, plan=plan)
+    log_once(
+        logging.INFO,
+        f"Evaluation and prediction run {name} itself, image by image, as its output for a batch is not each "
+        f"image's own: {plan.reason}",
+    )
+    return train, partial(preprocessing.run_processor_on_each, processor=processor)
+
+
+def each_image(images, image_transform):
+    """`image_transform` on each of `images` in turn, as a list; `images` may be an iterator, read lazily."""
+    return [image_transform(image) for image in images]
 
 
 def crop_box(width, height, scale, ratio, rng):
@@ -140,30 +154,29 @@ def sample_seed(seed, epoch, row):
     return ((seed * 1_000_003 + epoch) * 1_000_000_007 + row) & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def apply_transform(batch, image_transform, image_column, label_column, seed=None, epoch=None):
-    """Applied lazily by `set_transform` to each fetched batch of rows, so images are decoded on demand."""
+def apply_transform(batch, image_transform, image_column, label_column, seed, epoch):
+    """Applied lazily by `set_transform` to each fetched batch of rows, so images are decoded on demand; each
+    image transformed with its own generator, seeded by (seed, epoch, row)."""
     rgb_images = [images.to_rgb(image) for image in batch[image_column]]
-    if seed is None:
-        pixel_values = [image_transform(image) for image in rgb_images]
-    else:
-        epoch_now = int(epoch)
-        pixel_values = [
-            image_transform(image, random.Random(sample_seed(seed, epoch_now, row)))
-            for image, row in zip(rgb_images, batch[ROW_COLUMN], strict=True)
-        ]
+    epoch_now = int(epoch)
+    pixel_values = [
+        image_transform(image, random.Random(sample_seed(seed, epoch_now, row)))
+        for image, row in zip(rgb_images, batch[ROW_COLUMN], strict=True)
+    ]
     return {"pixel_values": pixel_values, "labels": batch[label_column]}
 
 
-def with_image_transform(split_dataset, image_transform, image_column, label_column, seed=None, epoch=None):
-    """The dataset with `image_transform` applied on access; only the image and label columns are read.
+def with_image_transform(split_dataset, image_transform, image_column, label_column, seed, epoch):
+    """The dataset with training's `image_transform` applied on access; only the image and label columns are
+    read.
 
-    With `seed` (and the shared `epoch` counter), each image's random augmentation is drawn from a
-    generator seeded by (seed, epoch, row): the same on any number of workers and after a resume.
+    Each image's random augmentation is drawn from a generator seeded by (seed, epoch, row), `epoch` being the
+    shared counter (`shared_epoch`): the same on any number of workers and after a resume. A stream
+    (IterableDataset) gets `with_stream_transform` instead.
     """
-    columns = [image_column, label_column]
-    if seed is not None:
-        split_dataset = split_dataset.add_column(ROW_COLUMN, list(range(len(split_dataset))))
-        columns.append(ROW_COLUMN)
+    if isinstance(split_dataset, datasets.IterableDataset):
+        return with_stream_transform(split_dataset, image_transform, image_column, label_column, seed, epoch)
+    split_dataset = split_dataset.add_column(ROW_COLUMN, list(range(len(split_dataset))))
     # partial of a module-level function, not a closure, so DataLoader workers can pickle it under spawn too.
     transform = partial(
         apply_transform,
@@ -173,7 +186,112 @@ def with_image_transform(split_dataset, image_transform, image_column, label_col
         seed=seed,
         epoch=epoch,
     )
-    return split_dataset.with_transform(transform, columns=columns)
+    return split_dataset.with_transform(transform, columns=[image_column, label_column, ROW_COLUMN])
+
+
+def apply_eval_transform(batch, eval_transform, image_column, label_column):
+    """Applied lazily by `set_transform` to each fetched batch of rows: the evaluation transform on all."""
+    rgb_images = [images.to_rgb(image) for image in batch[image_column]]
+    return {"pixel_values": eval_transform(rgb_images), "labels": batch[label_column]}
+
+
+def with_eval_transform(split_dataset, eval_transform, image_column, label_column):
+    """The dataset with the evaluation transform applied on access, to each fetched batch as a whole (a
+    processor run as it is runs once per batch); only the image and label columns are read."""
+    transform = partial(
+        apply_eval_transform,
+        eval_transform=eval_transform,
+        image_column=image_column,
+        label_column=label_column,
+    )
+    return split_dataset.with_transform(transform, columns=[image_column, label_column])
+
+
+STREAM_MAP_BATCH = 16  # examples a stream's map decodes at a time; a resume decodes at most these again
+
+
+def with_stream_transform(stream, image_transform, image_column, label_column, seed=None, epoch=None):
+    """A stream with `image_transform` applied as it is read (in the DataLoader worker that reads it), and its
+    unreadable images dropped, each named once per process (`transform_streamed_batch`).
+
+    A stream has no rows to seed augmentation by: an example's position is its index in what one worker of
+    one process reads in this pass (`IterableDataset.map(with_indices=True)`, whose index a resume restores),
+    made unique across workers and processes. So augmentation is a function of (seed, epoch, position), the
+    same after a resume with the same processes and workers.
+    """
+    from accelerate import PartialState  # the launch's process index and count, also without an Accelerator
+
+    launch = PartialState()
+    return stream.map(
+        transform_streamed_batch,
+        with_indices=True,
+        batched=True,
+        batch_size=STREAM_MAP_BATCH,
+        remove_columns=list(stream.features),
+        fn_kwargs={
+            "transform": image_transform,
+            "image_column": image_column,
+            "label_column": label_column,
+            "seed": seed,
+            "epoch": epoch,
+            "process": (launch.process_index, launch.num_processes),
+        },
+    )
+
+
+_unreadable_named = set()  # the unreadable images this process has already named
+
+
+def transform_streamed_batch(batch, indices, transform, image_column, label_column, seed, epoch, process):
+    """{"pixel_values", "labels"} for the readable examples of a batch read from a stream. `process` is the
+    (index, count) of the launch's processes."""
+    worker = torch.utils.data.get_worker_info()
+    worker_id, workers = (worker.id, worker.num_workers) if worker else (0, 1)
+    process_index, processes = process
+    epoch_now = None if epoch is None else int(epoch)
+    pixel_values, labels = [], []
+    examples = zip(batch[image_column], batch[label_column], indices, strict=True)
+    for row, (value, label, index) in enumerate(examples):
+        image, reason = images.decode_value(value)
+        if image is None:
+            reader = (process_index, worker_id)
+            where = streamed_example_name(batch, image_column, row, index, reader, epoch_now)
+            if where not in _unreadable_named:
+                _unreadable_named.add(where)
+                logging.getLogger("imgft").warning(f"Skipping unreadable image {where}: {reason}")
+            continue
+        if seed is None:
+            pixel_values.append(transform(image))
+        else:
+            position = (index * workers + worker_id) * processes + process_index
+            pixel_values.append(transform(image, random.Random(sample_seed(seed, epoch_now, position))))
+        labels.append(label)
+    return {"pixel_values": pixel_values, "labels": labels}
+
+
+def streamed_example_name(batch, image_column, row, index, reader, epoch):
+    """What names a streamed example for a person: its file name, or webdataset key, and shard; else its
+    place in the stream: the `index`-th example that `reader` (process, worker) read in pass `epoch`."""
+    value = batch[image_column][row]
+    path = value.get("path") if isinstance(value, dict) else None
+    key = path or (batch["__key__"][row] if "__key__" in batch else None)
+    shard = batch["__url__"][row] if "__url__" in batch else None
+    if key:
+        return f"{key} (in {shard})" if shard else key
+    return f"#{index} read by worker {reader[1]} of process {reader[0]} in pass {epoch or 0}"
+
+
+def loader_options(num_workers, device, seed):
+    """The options every DataLoader of a run shares."""
+    return {
+        "collate_fn": collate_fn,
+        "num_workers": num_workers,
+        "pin_memory": device.type == "cuda",  # a non_blocking copy to the GPU needs pinned memory
+        "persistent_workers": num_workers > 0,  # keep the workers alive from one epoch to the next
+        # Each pass draws a seed for its workers: from a generator of its own, not from the global RNG that
+        # dropout draws from, or a run resumed mid-epoch would draw once more than the run it continues.
+        "generator": torch.Generator().manual_seed(seed),
+    }
 
 
 def collate_fn(examples):

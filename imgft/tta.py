@@ -1,6 +1,6 @@
 """Test-time augmentation (--tta) for `python -m imgft evaluate` and `predict`: the views each image is
 seen in, built around the evaluation transform, and the model's logits averaged over them. Training's own
-evaluation (`train_loop.evaluate`) never uses it.
+evaluation never uses it; `evaluate --tta` runs `train_loop.evaluate` on a `ViewAveraged` model.
 
 The views, each of the evaluation crop's size:
     centre         the evaluation transform's output, as without --tta
@@ -10,12 +10,12 @@ The views, each of the evaluation crop's size:
 """
 
 from functools import partial
+from itertools import chain
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as F
-
-from imgft import metrics
 
 ZOOM = 0.875  # the usual centre-crop margin, taken once more
 VIEWS = {
@@ -26,22 +26,37 @@ VIEWS = {
 
 
 def views_transform(eval_transform, tta):
-    """The transform --tta `tta` evaluates with: PIL image -> V x H x W x 3 uint8 array of its views."""
+    """The transform --tta `tta` evaluates with: a batch of PIL images -> a V x H x W x 3 array each."""
     return partial(image_views, eval_transform=eval_transform, views=VIEWS[tta])
 
 
-def image_views(image, eval_transform, views):
-    """The image's `views` (names above), as one V x H x W x 3 uint8 array."""
-    centre = eval_transform(image)
-    arrays = {"centre": centre, "flip": centre[:, ::-1]}
-    if "zoom" in views:
-        zoomed = eval_transform(F.center_crop(image, [round(image.height * ZOOM), round(image.width * ZOOM)]))
-        arrays.update(zoom=zoomed, zoom_flip=zoomed[:, ::-1])
+def image_views(images, eval_transform, views):
+    """Each image's `views` (names above), as one V x H x W x 3 array per image. The evaluation transform runs
+    once for the batch (a processor run as it is: one call), on each image followed, with a zoom view, by its
+    zoomed centre; an iterator feeds it, so that a transform that goes image by image never holds the
+    batch."""
+    per_image = 2 if "zoom" in views else 1
+    outputs = eval_transform(chain.from_iterable(_view_inputs(image, per_image) for image in images))
+    starts = range(0, len(outputs), per_image)
+    return [_stacked_views(outputs[start : start + per_image], views) for start in starts]
+
+
+def _view_inputs(image, per_image):
+    if per_image == 1:
+        return (image,)
+    return image, F.center_crop(image, [round(image.height * ZOOM), round(image.width * ZOOM)])
+
+
+def _stacked_views(outputs, views):
+    """One image's V x H x W x 3 `views`, from its transformed centre and, with a zoom view, zoomed one."""
+    arrays = {"centre": outputs[0], "flip": outputs[0][:, ::-1]}
+    if len(outputs) == 2:
+        arrays.update(zoom=outputs[1], zoom_flip=outputs[1][:, ::-1])
     return np.stack([arrays[name] for name in views])
 
 
 def stack_views(arrays):
-    """V x H x W x 3 uint8 arrays (what `image_views` gives) -> one B x V x 3 x H x W uint8 tensor."""
+    """V x H x W x 3 arrays (what `image_views` gives) -> one B x V x 3 x H x W tensor."""
     return torch.from_numpy(np.stack(arrays)).permute(0, 1, 4, 2, 3)
 
 
@@ -64,16 +79,19 @@ def tta_logits(model, pixel_values, normalize):
     return torch.stack(view_logits).mean(dim=0)
 
 
-@torch.no_grad()
-def evaluate(model, dataloader, normalize, accelerator):
-    """`train_loop.evaluate` on batches of views (`collate_views`), scoring each image's averaged logits:
-    the same metrics and details, gathered with gather_for_metrics, so exact on any number of processes."""
-    id2label = accelerator.unwrap_model(model).config.id2label
-    label_names = [id2label[i] for i in range(len(id2label))]
-    model.eval()
-    tally = metrics.start_tally(label_names, accelerator.device)
-    for batch in dataloader:
-        logits = tta_logits(model, batch["pixel_values"], normalize)
-        logits, labels = accelerator.gather_for_metrics((logits, batch["labels"]))
-        metrics.add_batch(tally, logits, labels)
-    return metrics.finish_tally(tally, label_names)
+class ViewAveraged(torch.nn.Module):
+    """`model` seen through its views: forward takes B x V x 3 x H x W pixel values (`collate_views`) and gives
+    `tta_logits`, so `train_loop.evaluate` scores each image's averaged logits with its own loop and metrics.
+    Its pixel values are normalised already, so `tta_logits` gets an identity `normalize`."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    def forward(self, pixel_values):
+        return SimpleNamespace(logits=tta_logits(self.model, pixel_values, normalize=_as_it_is))
+
+
+def _as_it_is(pixel_values):
+    return pixel_values

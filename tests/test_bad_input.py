@@ -170,7 +170,7 @@ def test_tiny_and_extreme_aspect_ratio_images_give_full_size_tensors(tiny_vit):
     for size in ((1, 1), (1, 500), (500, 1)):
         image = images.to_rgb(Image.new("RGB", size, (10, 200, 30)))
         assert train_transform(image, random.Random(0)).shape == (16, 16, 3)
-        assert eval_transform(image).shape == (16, 16, 3)
+        assert eval_transform([image])[0].shape == (16, 16, 3)
 
 
 def test_every_format_and_extension_case_is_read_and_junk_is_ignored_quietly(train, tmp_path, tiny_vit, caplog):

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from benchmarks import bench
+from benchmarks import memory as memory_bench
 
 
 def test_camera_folder_is_photo_sized_jpegs(tmp_path):
@@ -130,3 +131,28 @@ def test_compile_variant_reports_its_ratios_in_the_table(tmp_path, monkeypatch):
     output = tmp_path / "results.json"
     bench.main(["--pairs", "compile", "--skip_memory", "--output", str(output), "--workdir", str(tmp_path)])
     assert json.loads(output.read_text())[bench.COMPILE] == compiled
+
+
+def test_memory_pair_trains_each_variant_in_its_own_process():
+    results = memory_bench.measure("tiny", batch_size=2, steps=1, variants=("full", "lora+gradient_checkpointing"))
+    full, lora = (results["summary"][variant] for variant in ("full", "lora+gradient_checkpointing"))
+    assert full["trainable_parameters"] == full["total_parameters"]
+    assert 0 < lora["trainable_parameters"] < lora["total_parameters"] // 5
+    assert full["peak_memory_mib"] > 50 and full["training_memory_mib"] > 0
+    assert full["peak_memory_mib_vs_full"] == 1 and lora["peak_memory_mib_vs_full"] > 0
+    assert len(results["runs"]["full"][0]["step_seconds"]) == 1  # after the warm-up step
+    table = memory_bench.format_table(results)
+    assert "| lora+gradient_checkpointing | " in table and "| full | 42,282 (100.00%) |" in table
+    json.dumps(results)
+
+
+def test_memory_pair_alone_makes_no_data(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "write_camera_folder", lambda *args: pytest.fail("no camera pair was asked for"))
+    monkeypatch.setattr(bench, "memory_growth", lambda *args: pytest.fail("no data pair was asked for"))
+    monkeypatch.setattr(memory_bench, "measure", lambda **options: {"measured": options})
+    monkeypatch.setattr(memory_bench, "format_table", lambda results: "memory table")
+    output = tmp_path / "results.json"
+    bench.main(["--pairs", "memory", "--quick", "--output", str(output), "--workdir", str(tmp_path / "work")])
+    written = json.loads(output.read_text())
+    assert written["pairs"] == {} and written["training_memory"] == {"measured": {"steps": 2, "repeats": 1}}
+    assert not (tmp_path / "work" / "digits").exists()

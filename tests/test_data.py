@@ -31,7 +31,7 @@ from imgft.transforms import (
     crop_box,
     normalizer,
     stored_image_size,
-    with_image_transform,
+    with_eval_transform,
 )
 
 
@@ -396,12 +396,12 @@ def test_transforms_give_uint8_images_of_the_crop_size_and_normalizer_makes_mode
     train, evaluation = build_transforms(processor, None, random_flip=True, crop_scale_min=0.5)
     color = (255, 0, 128)
     image = Image.new("RGB", (50, 40), color)  # width 50, height 40
-    for out in (train(image, random.Random(0)), evaluation(image)):
+    for out in (train(image, random.Random(0)), evaluation([image])[0]):
         assert isinstance(out, np.ndarray)
         assert out.dtype == np.uint8
         assert out.shape == (24, 32, 3)
         assert (out == np.array(color, dtype=np.uint8)).all()
-    out = normalizer(processor)(as_batch(evaluation(image)))
+    out = normalizer(processor)(as_batch(evaluation([image])[0]))
     assert out.dtype == torch.float32 and tuple(out.shape) == (1, 3, 24, 32)
     expected = torch.tensor([(c / 255 - m) / s for c, m, s in zip(color, MEAN, STD, strict=True)])
     assert torch.allclose(out[0], expected.view(3, 1, 1).expand_as(out[0]), atol=1e-5)
@@ -433,7 +433,7 @@ def test_eval_transform_with_clip_processor():
     processor = CLIPImageProcessor(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32})
     _, evaluation = build_transforms(processor, None, random_flip=False, crop_scale_min=1.0)
     color = (10, 200, 90)
-    out = normalizer(processor)(as_batch(evaluation(Image.new("RGB", (60, 45), color))))[0]
+    out = normalizer(processor)(as_batch(evaluation([Image.new("RGB", (60, 45), color)])[0]))[0]
     assert tuple(out.shape) == (3, 32, 32)
     mean, std = processor.image_mean, processor.image_std
     for channel in range(3):
@@ -448,7 +448,7 @@ def test_eval_transform_resizes_the_shortest_edge_then_crops_the_centre():
     # resize) fills the crop, and the dark sides are cut off.
     pixels = np.zeros((40, 80, 3), dtype=np.uint8)
     pixels[:, 16:64] = 255
-    out = evaluation(Image.fromarray(pixels))
+    out = evaluation([Image.fromarray(pixels)])[0]
     assert out.shape == (20, 20, 3)
     assert out.min() == 255
 
@@ -456,7 +456,7 @@ def test_eval_transform_resizes_the_shortest_edge_then_crops_the_centre():
 def test_normalizer_without_normalize_keeps_zero_one_range():
     processor = ViTImageProcessor(size={"height": 16, "width": 16}, do_normalize=False)
     _, evaluation = build_transforms(processor, None, random_flip=False, crop_scale_min=1.0)
-    out = normalizer(processor)(as_batch(evaluation(Image.new("RGB", (16, 16), (255, 0, 51)))))
+    out = normalizer(processor)(as_batch(evaluation([Image.new("RGB", (16, 16), (255, 0, 51))])[0]))
     assert torch.allclose(out[0, :, 0, 0], torch.tensor([1.0, 0.0, 0.2]), atol=1e-5)
 
 
@@ -464,7 +464,7 @@ def test_transforms_with_image_size_override():
     processor = ViTImageProcessor(size={"height": 24, "width": 32})
     train, evaluation = build_transforms(processor, 20, random_flip=False, crop_scale_min=0.6)
     image = Image.new("RGB", (40, 30), (1, 2, 3))
-    assert evaluation(image).shape == (20, 20, 3)
+    assert evaluation([image])[0].shape == (20, 20, 3)
     assert train(image, random.Random(0)).shape == (20, 20, 3)
 
 
@@ -537,7 +537,7 @@ def test_collate_fn_makes_a_batch():
     dataset = datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
     processor = ViTImageProcessor(size={"height": 16, "width": 16})
     _, evaluation = build_transforms(processor, None, random_flip=False, crop_scale_min=1.0)
-    transformed = with_image_transform(dataset, evaluation, "image", "label")
+    transformed = with_eval_transform(dataset, evaluation, "image", "label")
     batch = collate_fn([transformed[i] for i in range(4)])
     assert set(batch) == {"pixel_values", "labels"}
     assert batch["pixel_values"].shape == (4, 3, 16, 16)

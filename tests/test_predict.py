@@ -237,3 +237,33 @@ def test_an_existing_file_with_glob_characters_in_its_name_is_taken_as_it_is(tmp
     files, problems = predict.find_images([str(image), str(tmp_path / "folder [a]"), str(tmp_path / "*.jpg")])
     assert files == [str(image), str(tmp_path / "folder [a]" / "x.png")]
     assert problems == [(str(tmp_path / "*.jpg"), "matches no image file")]  # a real glob still globs
+
+
+def test_a_processor_run_as_it_is_labels_each_batch_of_files_with_one_call(model_dir, tmp_path):
+    from test_preprocessing import BatchRecorder, odd_sized_pngs, theirs
+    from tqdm.auto import tqdm
+    from transformers import ViTForImageClassification
+
+    from imgft.transforms import build_transforms, normalizer
+
+    model = ViTForImageClassification.from_pretrained(model_dir).eval()
+    processor = BatchRecorder(size={"height": 16, "width": 16})
+    transform, normalize = build_transforms(processor, None, False, 1.0)[1], normalizer(processor)
+    pictures = odd_sized_pngs(5)
+    files = [tmp_path / f"{i}.png" for i in range(5)]
+    for picture, path in zip(pictures, files, strict=True):
+        picture.save(path)
+    unreadable = [tmp_path / f"bad{i}.png" for i in range(3)]
+    for path in unreadable:
+        path.write_bytes(b"not an image")
+    # Batches of 3: two images and an unreadable file, three images, then nothing readable (no call at all).
+    paths = [str(path) for path in [*files[:2], unreadable[0], *files[2:], *unreadable[1:]]]
+    processor.batch_sizes.clear()
+    with tqdm(disable=True) as progress:
+        records = list(predict.predict_files(model, transform, normalize, paths, 3, 5, progress))
+    assert processor.batch_sizes == [2, 3]
+    assert [record["path"] for record in records] == [str(path) for path in files]
+    alone = torch.cat([theirs(processor, picture) for picture in pictures])
+    with torch.no_grad():
+        expected = model(pixel_values=alone).logits.softmax(dim=-1).max(dim=-1).values
+    assert [record["score"] for record in records] == pytest.approx(expected.tolist(), abs=1e-6)

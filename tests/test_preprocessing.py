@@ -6,19 +6,30 @@ Tolerance: FIDELITY_TOLERANCE (1e-4 in normalised units); measured at most 4.8e-
 pixels, where one uint8 step is 1 / (255 * std), about 0.017."""
 
 import io
+import logging
 
+import datasets
 import numpy as np
 import pytest
 import torch
 import transformers
 from PIL import Image
 from tiny_models import TIMM_DATA_CONFIG
+from torch.utils.data import DataLoader
+from torchvision.transforms.v2 import functional as F
 from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
 
-from imgft import images
+from imgft import images, tta
 from imgft.errors import UserError
-from imgft.preprocessing import FIDELITY_TOLERANCE, input_size, plan_for, with_image_size
-from imgft.transforms import build_transforms, normalizer, stack_images
+from imgft.preprocessing import (
+    FIDELITY_TOLERANCE,
+    batch_gives_each_its_own,
+    input_size,
+    plan_for,
+    run_processor,
+    with_image_size,
+)
+from imgft.transforms import build_transforms, collate_fn, normalizer, stack_images, with_eval_transform
 
 PROCESSOR_CLASSES = sorted({name for backends in IMAGE_PROCESSOR_MAPPING_NAMES.values() for name in backends.values()})
 # The processors of transformers' image classifiers: each must get the fast uint8 path, not the processor itself.
@@ -75,7 +86,7 @@ def imgft_eval(processor):
     """image -> imgft's 1 x 3 x H x W evaluation input, as training's evaluation and predict make it."""
     _, evaluation = build_transforms(processor, None, random_flip=False, crop_scale_min=1.0)
     normalize = normalizer(processor)
-    return lambda image: normalize(stack_images([evaluation(image)]))
+    return lambda image: normalize(stack_images(evaluation([image])))
 
 
 def gives_one_fixed_size_image(processor, samples):
@@ -131,7 +142,7 @@ def test_deit_resizes_to_256_and_crops_the_centre_224():
     pixels = np.zeros((256, 512, 3), dtype=np.uint8)
     pixels[16:240, 32:480] = 255  # squashed to 256 x 256, this is the centre 224 x 224: the dark frame is cut off
     _, evaluation = build_transforms(processor, None, random_flip=False, crop_scale_min=1.0)
-    out = evaluation(Image.fromarray(pixels))
+    out = evaluation([Image.fromarray(pixels)])[0]
     assert out.shape == (224, 224, 3)
     assert out[3:-3, 3:-3].min() == 255 and out.mean() > 245
 
@@ -191,3 +202,78 @@ def test_image_size_scales_the_processors_geometry(processor, resized):
         got = value.shortest_edge if isinstance(expected, int) else (value.height, value.width)
         assert got == expected
     assert input_size(processor, plan_for(processor)) != (32, 32)  # the original is left as it was
+
+
+class BatchRecorder(transformers.ViTImageProcessor):
+    """A processor imgft runs as it is (it negates the normalised pixels, which the fast path cannot know),
+    and that records how many images each call gives it."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.batch_sizes = []
+
+    def rescale_and_normalize(self, images, *args, **kwargs):
+        return -super().rescale_and_normalize(images, *args, **kwargs)
+
+    def __call__(self, images, *args, **kwargs):
+        self.batch_sizes.append(len(images))
+        return super().__call__(images, *args, **kwargs)
+
+
+def odd_sized_pngs(count):
+    return [png(20 + 7 * i, 45 - 3 * i, i) for i in range(count)]
+
+
+def test_a_processor_run_as_it_is_runs_once_per_batch_and_gives_each_image_its_own(caplog):
+    processor = BatchRecorder(size={"height": 16, "width": 16})
+    caplog.set_level(logging.INFO, logger="imgft")
+    _, evaluation = build_transforms(processor, None, random_flip=False, crop_scale_min=1.0)
+    pictures = odd_sized_pngs(10)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    dataset = datasets.Dataset.from_dict({"image": pictures, "label": list(range(10))}, features=features)
+    evaluated = with_eval_transform(dataset, evaluation, "image", "label")
+    loader = DataLoader(evaluated, batch_size=4, collate_fn=collate_fn)
+    processor.batch_sizes.clear()
+    batches = list(loader)
+    assert processor.batch_sizes == [4, 4, 2]
+    alone = torch.cat([theirs(processor, image) for image in pictures])
+    got = normalizer(processor)(torch.cat([batch["pixel_values"] for batch in batches]))
+    assert got.shape == alone.shape == (10, 3, 16, 16)
+    assert (got - alone).abs().max().item() <= FIDELITY_TOLERANCE
+    assert torch.cat([batch["labels"] for batch in batches]).tolist() == list(range(10))
+    assert "run BatchRecorder itself, once per batch" in caplog.text
+
+    # --tta: the centre and the zoomed view of every image of the batch, in one call.
+    processor.batch_sizes.clear()
+    views = tta.stack_views(tta.views_transform(evaluation, "flip_zoom")(pictures[:4]))
+    assert processor.batch_sizes == [8]
+    zoomed = [F.center_crop(pic, [round(pic.height * 0.875), round(pic.width * 0.875)]) for pic in pictures]
+    zoomed_alone = torch.cat([theirs(processor, image) for image in zoomed[:4]])
+    for view, expected in enumerate((alone[:4], alone[:4].flip(-1), zoomed_alone, zoomed_alone.flip(-1))):
+        assert (views[:, view] - expected).abs().max().item() <= FIDELITY_TOLERANCE
+
+
+def test_a_processor_whose_batches_differ_from_its_images_alone_runs_image_by_image(caplog):
+    if not hasattr(transformers, "PPOCRV5ServerRecImageProcessor"):
+        pytest.skip("this transformers has no PPOCRV5ServerRecImageProcessor")
+    # It resizes a batch to its widest image's aspect ratio: one call would change the other images' inputs.
+    processor = transformers.PPOCRV5ServerRecImageProcessor()
+    pictures = [png(131, 89, 0), png(57, 160, 1), png(300, 61, 2)]
+    alone = torch.cat([theirs(processor, image) for image in pictures])
+    together = processor(images=pictures, return_tensors="pt")["pixel_values"]
+    assert together.shape == alone.shape and (together - alone).abs().max().item() > 0.5
+    caplog.set_level(logging.INFO, logger="imgft")
+    _, evaluation = build_transforms(processor, None, random_flip=False, crop_scale_min=1.0)
+    got = normalizer(processor)(stack_images(evaluation(pictures)))
+    assert (got - alone).abs().max().item() <= FIDELITY_TOLERANCE
+    assert not batch_gives_each_its_own(processor)
+    assert "run PPOCRV5ServerRecImageProcessor itself, image by image" in caplog.text
+
+
+def test_a_processor_that_gives_more_images_than_it_was_given_is_refused():
+    class Tiler(transformers.ViTImageProcessor):
+        def __call__(self, images, *args, **kwargs):
+            return {"pixel_values": torch.zeros(2 * len(images), 3, 16, 16)}  # two tiles per image
+
+    with pytest.raises(UserError, match=r"Tiler gives pixel_values of shape \(6, 3, 16, 16\) for 3 images"):
+        run_processor(odd_sized_pngs(3), Tiler())

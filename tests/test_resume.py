@@ -146,6 +146,9 @@ def test_resume_is_exact_with_every_speed_option_on(tmp_path):
 # Every fine-tuning recipe on at once. Recipes that draw random numbers or keep state add their flags here.
 EVERY_RECIPE = ["--label_smoothing_factor", "0.1", "--mixup_alpha", "0.8", "--cutmix_alpha", "1.0"]
 EVERY_RECIPE += ["--mixup_prob", "0.8", "--ema_decay", "0.9", "--balanced_sampling", "--class_weighted_loss"]
+EVERY_RECIPE += ["--layer_decay", "0.75", "--head_learning_rate", "0.003"]
+EVERY_RECIPE += ["--auto_augment", "randaugment", "--random_erasing", "0.25"]
+EVERY_RECIPE += ["--freeze_backbone", "--unfreeze_after_epochs", "1"]
 
 
 def test_resume_is_exact_with_every_recipe_on(tmp_path, colors_data, tiny_vit):
@@ -153,6 +156,8 @@ def test_resume_is_exact_with_every_recipe_on(tmp_path, colors_data, tiny_vit):
     # epoch, 10 in all, a checkpoint every 3; killed at a random step.
     extra = [*data_flags(colors_data), *vit_flags(tiny_vit), "--per_device_train_batch_size", "6"]
     extra += ["--num_workers", "0", "--checkpointing_steps", "3", *EVERY_RECIPE]
+    # ViT has no drop path; its dropout draws from the same random state, mid-epoch, as drop path would.
+    extra += ["--config_overrides", "hidden_dropout_prob=0.1,attention_probs_dropout_prob=0.1"]
     reference, out = tmp_path / "reference", tmp_path / "killed"
     finish(reference, extra)
     process = start(out, extra, "1")

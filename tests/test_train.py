@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -349,3 +350,25 @@ def test_resuming_from_another_folders_checkpoint_keeps_its_metrics_history(
     assert metrics_lines(second) == metrics_lines(first)
     # Changing the folder or asking to resume is what a resume is for: no warning about either.
     assert "output_dir" not in caplog.text and "resume_from_checkpoint:" not in caplog.text
+
+
+def test_dataloader_workers_start_once_per_run_not_once_per_epoch(train, tmp_path, colors_data, tiny_vit, monkeypatch):
+    # Each batch records the pid of the worker that made it. With persistent workers, the 2 batches of each
+    # of 3 epochs come from the same 2 training workers, and the 1 validation batch of each evaluation from
+    # one evaluation worker: 3 in all. A DataLoader rebuilt each epoch (skip_first_batches with nothing to
+    # skip) would start 2 new training workers every epoch: 7.
+    from imgft import transforms
+
+    pids_file = tmp_path / "pids.txt"
+    make_batch = transforms.apply_transform
+
+    def recording_pid(*args, **kwargs):
+        with open(pids_file, "a") as file:
+            file.write(f"{os.getpid()}\n")
+        return make_batch(*args, **kwargs)
+
+    monkeypatch.setattr(transforms, "apply_transform", recording_pid)
+    flags = ["--output_dir", tmp_path / "out", "--num_train_epochs", "3", "--num_workers", "2"]
+    train(data_flags(colors_data) + vit_flags(tiny_vit) + flags)
+    pids = set(pids_file.read_text().split())
+    assert len(pids) == 3 and str(os.getpid()) not in pids, pids

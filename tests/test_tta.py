@@ -41,9 +41,9 @@ def test_tta_logits_are_the_mean_of_the_views_logits_made_by_hand(model_dir, tmp
     _, eval_transform = transforms.build_transforms(processor, None, False, 1.0)
     normalize = transforms.normalizer(processor)
     images = [picture(i) for i in range(5)]
-    centre = [eval_transform(image) for image in images]
+    centre = eval_transform(images)
     # The central 87.5 %: 42 x 28 of 48 x 32, from (3, 2).
-    zoom = [eval_transform(image.crop((3, 2, 45, 30))) for image in images]
+    zoom = eval_transform([image.crop((3, 2, 45, 30)) for image in images])
     by_view = {
         "centre": logits_of(model, normalize, centre),
         "flip": logits_of(model, normalize, [np.fliplr(array) for array in centre]),
@@ -55,7 +55,7 @@ def test_tta_logits_are_the_mean_of_the_views_logits_made_by_hand(model_dir, tmp
     view_names = {"flip": ["centre", "flip"], "zoom": ["centre", "zoom"], "flip_zoom": list(by_view)}
     for choice, names in view_names.items():
         views = tta.views_transform(eval_transform, choice)
-        pixel_values = tta.stack_views([views(image) for image in images])
+        pixel_values = tta.stack_views(views(images))
         assert pixel_values.shape == (5, len(names), 3, 16, 16) and pixel_values.dtype == torch.uint8
         with torch.no_grad():
             averaged = tta.tta_logits(model, pixel_values, normalize)

@@ -61,7 +61,7 @@ def main(argv):
         eval_transform = tta.views_transform(eval_transform, data_args.tta)
         collate_fn = tta.collate_views
     dataloader = DataLoader(
-        transforms.with_image_transform(validation, eval_transform, image_column, label_column),
+        transforms.with_eval_transform(validation, eval_transform, image_column, label_column),
         batch_size=train_args.per_device_eval_batch_size,
         collate_fn=collate_fn,
         num_workers=runtime.dataloader_workers(data_args.num_workers, accelerator.device, accelerator.num_processes),
@@ -70,9 +70,9 @@ def main(argv):
     model, dataloader = accelerator.prepare(model, dataloader)
     normalize = transforms.normalizer(image_processor)
     if data_args.tta:  # logits averaged over each image's views; training's evaluation has no --tta
-        results, details = tta.evaluate(model, dataloader, normalize, accelerator)
-    else:  # the loop training evaluates with, so both give the same numbers for the same model and data
-        results, details = train_loop.evaluate(model, dataloader, normalize, accelerator)
+        model = tta.ViewAveraged(model)
+    # The loop training evaluates with, so both give the same numbers for the same model and data.
+    results, details = train_loop.evaluate(model, dataloader, normalize, accelerator)
     if report_dir is not None and accelerator.is_main_process:
         _write_report(report_dir, results, details, validation, original_validation, image_column)
     if accelerator.is_main_process:

@@ -172,29 +172,37 @@ def to_record(path, ranked, id2label):
 
 
 def predict_files(model, transform, normalize, files, batch_size, top_k, progress, with_views=False):
-    """Yield one record per readable file, in order, decoding only one batch of images at a time;
-    unreadable files are named through the progress bar (on stderr, without breaking the bar).
-    `with_views`: `transform` gives each image's --tta views (`tta.views_transform`)."""
+    """Yield one record per readable file, in order, a batch at a time: `transform` (the evaluation transform)
+    runs once per batch, reading the batch's images as they are decoded; unreadable files are named through
+    the progress bar (on stderr, without breaking the bar). `with_views`: `transform` gives each image's --tta
+    views (`tta.views_transform`)."""
     from imgft.transforms import stack_images
     from imgft.tta import stack_views
 
     device = next(model.parameters()).device
     id2label = {int(key): value for key, value in model.config.id2label.items()}
     for start in range(0, len(files), batch_size):
-        readable, pixel_values = [], []
-        for path in files[start : start + batch_size]:
-            image, reason = load_image(path)
-            if image is None:
-                progress.write(f"warning: skipping unreadable image {path}: {reason}", file=sys.stderr)
-                continue
-            readable.append(path)
-            pixel_values.append(transform(image))
+        readable = []
+        pixel_values = transform(readable_images(files[start : start + batch_size], readable, progress))
         if readable:
             batch = (stack_views if with_views else stack_images)(pixel_values).to(device)
             logits = predicted_logits(model, batch, normalize, with_views)
             for path, ranked in zip(readable, top_classes(logits, top_k), strict=True):
                 yield to_record(path, ranked, id2label)
         progress.update(len(files[start : start + batch_size]))
+
+
+def readable_images(paths, readable, progress):
+    """Yield each of `paths`' images, decoded when asked for, and append its path to `readable`; name each
+    unreadable file through the progress bar instead. A generator, so that a transform that goes image by
+    image holds one decoded image at a time, not the batch."""
+    for path in paths:
+        image, reason = load_image(path)
+        if image is None:
+            progress.write(f"warning: skipping unreadable image {path}: {reason}", file=sys.stderr)
+            continue
+        readable.append(path)
+        yield image
 
 
 def write_records(records, output):

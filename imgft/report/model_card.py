@@ -1,13 +1,15 @@
 """output_dir/README.md: a Hub model card, its metadata built with huggingface_hub rather than written by hand."""
 
+import json
 import os
 import re
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from imgft.outputs import CARD_FILE
+from imgft.outputs import ADAPTER_DIR, CARD_FILE
 
 TAGS = ["image-classification", "imgft"]
+ADAPTER_NAMES = {"lora": "LoRA", "loha": "LoHa", "ia3": "IA3"}  # --use_peft's choices, as papers write them
 # `owner/name` or `name`: what the Hub accepts as a repository id.
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 # (key in results, label in the card, metric type and arguments for model-index; None: table only)
@@ -68,7 +70,7 @@ def write_model_card(output_dir, config, results, label_names, per_class=None, n
         license=license,
         library_name="transformers",
         pipeline_tag="image-classification",
-        tags=list(TAGS),
+        tags=TAGS + [config["use_peft"]] if config.get("use_peft") else list(TAGS),
         metrics=sorted({row[2][0] for row in RESULT_ROWS if row[2] and row[0] in results}) or None,
         eval_results=_eval_results(results, config, dataset) or None,
     )
@@ -84,6 +86,8 @@ def write_model_card(output_dir, config, results, label_names, per_class=None, n
         sections += ["## Per-class metrics", _per_class_table(per_class)]
     else:
         sections += ["## Classes", ", ".join(f"`{name}`" for name in label_names)]
+    if config.get("use_peft"):
+        sections += ["## Adapter", _adapter(config["use_peft"], output_dir)]
     sections += [
         "## Training hyperparameters",
         _table(["hyperparameter", "value"], _hyperparameters(config, num_processes)),
@@ -151,6 +155,28 @@ def _origin(config, base_model, dataset, num_classes):
     else:
         data = "imgft's digits demo"
     return f"This image classifier ({num_classes} classes) is {model}, trained on {data} with imgft's `train_loop.py`."
+
+
+def _adapter(method, output_dir):
+    """How a --use_peft run was trained, from the adapter config it saved in output_dir/adapter."""
+    with open(os.path.join(output_dir, ADAPTER_DIR, "adapter_config.json"), encoding="utf-8") as file:
+        adapter = json.load(file)
+    name = ADAPTER_NAMES[method]
+    settings = {
+        "method": f"{name} (`--use_peft {method}`)",
+        "adapted layers": ", ".join(f"`{target}`" for target in sorted(adapter["target_modules"])),
+        "fully trained": ", ".join(f"`{module}`" for module in adapter["modules_to_save"]),
+    }
+    for key in ("r", "lora_alpha", "alpha", "lora_dropout", "rank_dropout"):
+        if key in adapter:
+            settings[key] = f"`{adapter[key]}`"
+    text = (
+        f"Only a {name} adapter ([🤗 PEFT](https://huggingface.co/docs/peft)) and the classifier head were "
+        "trained; the rest of the weights stayed frozen. The weights here have the adapter merged in: they "
+        "load with transformers alone. The adapter itself is in `adapter/`, and loads with "
+        '`PeftModel.from_pretrained(base_model, "adapter")`.'
+    )
+    return text + "\n\n" + _table(["setting", "value"], list(settings.items()))
 
 
 def _hyperparameters(config, num_processes):

@@ -2,7 +2,10 @@
 
 import os
 
-from imgft import images, metrics
+import datasets
+from accelerate import PartialState
+
+from imgft import images, metrics, runtime, stream
 from imgft.outputs import (
     CONFUSION_MATRIX_FILE,
     EVAL_RESULTS_FILE,
@@ -13,16 +16,22 @@ from imgft.outputs import (
 from imgft.report import model_card, plots
 
 
-def write_evaluation_report(output_dir, results, details, split, image_column):
+def write_evaluation_report(output_dir, results, details, split, image_column, stream_loader_settings=None):
     """Write the three report files to `output_dir` (created if needed); return their paths.
 
     `results, details` come from `metrics.detailed_evaluation`; `split` is the evaluated dataset as
     evaluated (same rows, same order) but without the image transform, so the mistakes' images can be
-    read back by row. Call it on the main process only.
+    read back by row. A streamed split is read again, through a loader of the evaluation's
+    `stream_loader_settings` = (batch size, workers). Call it on the main process only.
     """
     os.makedirs(output_dir, exist_ok=True)
     mistakes = details["mistakes"]
-    mistake_images = [images.to_rgb(split[mistake["index"]][image_column]) for mistake in mistakes]
+    rows = [mistake["index"] for mistake in mistakes]
+    if isinstance(split, datasets.IterableDataset):
+        found = stream.images_in_evaluation_order(split, image_column, rows, *stream_loader_settings)
+        mistake_images = [found[row] for row in rows]
+    else:
+        mistake_images = [images.to_rgb(split[row][image_column]) for row in rows]
     confusion = details["confusion_matrix"]
     return [
         metrics.write_eval_results(os.path.join(output_dir, EVAL_RESULTS_FILE), results, details),
@@ -36,7 +45,9 @@ def write_evaluation_report(output_dir, results, details, split, image_column):
 def write_training_report(output_dir, config, results, details, eval_rows, image_column, num_processes):
     """After training, on the main process: the evaluation report, the training curves (from the run's
     metrics.jsonl) and the model card."""
-    write_evaluation_report(output_dir, results, details, eval_rows, image_column)
+    workers = runtime.dataloader_workers(config["num_workers"], PartialState().device, num_processes)
+    eval_loader = (config["per_device_eval_batch_size"], workers)  # as train_loop.py made it, for a stream
+    write_evaluation_report(output_dir, results, details, eval_rows, image_column, eval_loader)
     metrics_log = os.path.join(output_dir, METRICS_LOG)
     plots.plot_training_curves(metrics_log, os.path.join(output_dir, TRAINING_CURVES_FILE))
     labels = details["confusion_matrix"]["labels"]
