@@ -138,7 +138,8 @@ def test_a_mixed_batch_reaches_the_model_normalised_as_a_plain_one_does(flags):
         assert torch.all((model_input == plain) | (model_input == plain.flip(0)))
     processed = {**batch, "pixel_values": plain}  # a processor's own float output is mixed as it is
     blended = mixing.mix_batch(processed, mix_options(**flags), epoch=0, batch_in_epoch=3)["pixel_values"]
-    assert blended.dtype == torch.float32 and torch.allclose(normalize(blended), model_input, atol=0.5 / 127.5 + 1e-6)
+    assert blended.dtype == torch.float32
+    assert torch.allclose(normalize(blended), model_input, atol=0.5 / 127.5 + 1e-6)
 
 
 def test_no_mixing_leaves_the_batch_as_it_is():
