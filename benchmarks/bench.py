@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -46,7 +47,10 @@ RECIPE_VARIANTS = {
     "small-data, batch 32": (SMALL_DATA_CONFIG, ("--per_device_train_batch_size", "32")),
     "small-data, crop 0.6": (SMALL_DATA_CONFIG, ("--crop_scale_min", "0.6")),
     "small-data + label smoothing 0.1": (SMALL_DATA_CONFIG, ("--label_smoothing_factor", "0.1")),
-    "small-data + Mixup 0.8/CutMix 1.0": (SMALL_DATA_CONFIG, ("--mixup_alpha", "0.8", "--cutmix_alpha", "1.0")),
+    "small-data + Mixup 0.8/CutMix 1.0": (
+        SMALL_DATA_CONFIG,
+        ("--mixup_alpha", "0.8", "--cutmix_alpha", "1.0"),
+    ),
     "small-data + RandAugment": (SMALL_DATA_CONFIG, ("--auto_augment", "randaugment")),
     "small-data + EMA 0.99": (SMALL_DATA_CONFIG, ("--ema_decay", "0.99")),
 }
@@ -337,7 +341,7 @@ def main(argv=None):
         nargs="+",
         default=RECIPE_SEEDS,
         help="recipes: the seeds, each drawing its own training images and passed as --seed (default 0 1 2; "
-        "--quick: the first). Medians are over them.",
+        "--quick: the first, and no ablation rows). Medians are over them.",
     )
     parser.add_argument("--skip_memory", action="store_true", help="Leave out the 1x/4x peak-memory runs.")
     args = parser.parse_args(argv)
@@ -374,8 +378,11 @@ def main(argv=None):
         _write(args.output, results)
     if RECIPES in args.pairs:
         seeds = args.seeds[:1] if args.quick else args.seeds
+        # --quick: the pair alone, without the rows that take one part of the recipe out or add one.
+        pair = {name: RECIPE_VARIANTS[name] for name in ("default", "small-data")}
+        variants = pair if args.quick else RECIPE_VARIANTS
         print(f"recipes: the digits, defaults against {SMALL_DATA_CONFIG}, seeds {seeds}", flush=True)
-        results[RECIPES] = measure_recipes(work, seeds=seeds)
+        results[RECIPES] = measure_recipes(work, seeds=seeds, variants=variants)
         _write(args.output, results)
     if not args.skip_memory and data_pairs:
         results["memory"] = memory_growth(digits, work)
@@ -475,8 +482,8 @@ def measure_recipes(
             write_digits_subsample(data_dir, per_class, seed)
             data = ["--train_dir", f"{data_dir}/train", "--validation_dir", f"{data_dir}/validation"]
             for variant, (config, variant_flags) in variants.items():
-                prefix = f"recipes-{per_class}-{variant.replace(' ', '_')}-"
-                out_dir = tempfile.mkdtemp(prefix=prefix, dir=work)
+                folder_name = re.sub(r"[^\w.-]+", "_", variant)  # "Mixup 0.8/CutMix 1.0": no slash
+                out_dir = tempfile.mkdtemp(prefix=f"recipes-{per_class}-{folder_name}-", dir=work)
                 cache = os.path.join(out_dir, "cache")
                 env = {**os.environ, "HF_DATASETS_CACHE": cache, "HF_HUB_OFFLINE": "1"}
                 command = [sys.executable, "train_loop.py", *([config] if config else []), *data]
