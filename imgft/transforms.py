@@ -197,7 +197,11 @@ def apply_eval_transform(batch, eval_transform, image_column, label_column):
 
 def with_eval_transform(split_dataset, eval_transform, image_column, label_column):
     """The dataset with the evaluation transform applied on access, to each fetched batch as a whole (a
-    processor run as it is runs once per batch); only the image and label columns are read."""
+    processor run as it is runs once per batch); only the image and label columns are read. A streamed
+    split gets `with_stream_transform`, image by image."""
+    if isinstance(split_dataset, datasets.IterableDataset):
+        one_image = partial(_on_one_image, batch_transform=eval_transform)
+        return with_stream_transform(split_dataset, one_image, image_column, label_column)
     transform = partial(
         apply_eval_transform,
         eval_transform=eval_transform,
@@ -205,6 +209,11 @@ def with_eval_transform(split_dataset, eval_transform, image_column, label_colum
         label_column=label_column,
     )
     return split_dataset.with_transform(transform, columns=[image_column, label_column])
+
+
+def _on_one_image(image, batch_transform):
+    """`batch_transform` (images in, one array each out) on one image."""
+    return batch_transform([image])[0]
 
 
 STREAM_MAP_BATCH = 16  # examples a stream's map decodes at a time; a resume decodes at most these again

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+from functools import partial
 
 import pytest
 import torch
@@ -360,15 +361,16 @@ def test_dataloader_workers_start_once_per_run_not_once_per_epoch(train, tmp_pat
     from imgft import transforms
 
     pids_file = tmp_path / "pids.txt"
-    make_batch = transforms.apply_transform
-
-    def recording_pid(*args, **kwargs):
-        with open(pids_file, "a") as file:
-            file.write(f"{os.getpid()}\n")
-        return make_batch(*args, **kwargs)
-
-    monkeypatch.setattr(transforms, "apply_transform", recording_pid)
+    for name in ("apply_transform", "apply_eval_transform"):  # training's batches, then evaluation's
+        monkeypatch.setattr(transforms, name, partial(recording_pid, pids_file, getattr(transforms, name)))
     flags = ["--output_dir", tmp_path / "out", "--num_train_epochs", "3", "--num_workers", "2"]
     train(data_flags(colors_data) + vit_flags(tiny_vit) + flags)
     pids = set(pids_file.read_text().split())
     assert len(pids) == 3 and str(os.getpid()) not in pids, pids
+
+
+def recording_pid(pids_file, make_batch, *args, **kwargs):
+    """`make_batch(*args, **kwargs)`, after appending this process's pid to `pids_file`."""
+    with open(pids_file, "a") as file:
+        file.write(f"{os.getpid()}\n")
+    return make_batch(*args, **kwargs)
