@@ -6,7 +6,9 @@ Two pairs, on data the benchmark makes itself:
 Upstream (`benchmarks/upstream.py`) and imgft alternate, cold (empty datasets cache) then warm (the cache
 the cold run left). Timings are ratios against upstream measured in the same run, never absolute claims.
 `--pairs compile` times imgft on the digits with and without --torch_compile instead, the ratio again
-measured in the same run.
+measured in the same run. `--pairs recipes` trains on 10 and on 30 digits per class, validated on all the
+other digits, with the default flags and with configs/recipes/small-data.yaml (and that recipe with one part
+left out), alternating, over `--seeds`: top-1 and wall time, the recipe's gain measured in the same run.
 `--pairs memory` measures something else: the peak training memory and step time of a ViT-B/16 with full
 fine-tuning, LoRA and gradient checkpointing, against full fine-tuning (`benchmarks/memory.py`).
 """
@@ -17,6 +19,8 @@ import contextlib
 import json
 import os
 import platform
+import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -34,6 +38,28 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_PAIRS = ("camera", "digits")
 PAIRS = (*DATA_PAIRS, "memory")
 COMPILE = "compile"  # not a pair against upstream: imgft with --torch_compile against imgft without
+RECIPES = "recipes"  # not a pair against upstream: imgft's defaults against the small-data recipe
+SMALL_DATA_CONFIG = "configs/recipes/small-data.yaml"
+# What runs in the recipes pair: a config file (or None) and flags after it. The rows after the first two
+# undo one part of the recipe, or add one it leaves out, to show what each part adds or costs.
+RECIPE_VARIANTS = {
+    "default": (None, ()),
+    "small-data": (SMALL_DATA_CONFIG, ()),
+    "small-data, batch 32": (SMALL_DATA_CONFIG, ("--per_device_train_batch_size", "32")),
+    "small-data, crop 0.6": (SMALL_DATA_CONFIG, ("--crop_scale_min", "0.6")),
+    "small-data + label smoothing 0.1": (SMALL_DATA_CONFIG, ("--label_smoothing_factor", "0.1")),
+    "small-data + Mixup 0.8/CutMix 1.0": (
+        SMALL_DATA_CONFIG,
+        ("--mixup_alpha", "0.8", "--cutmix_alpha", "1.0"),
+    ),
+    "small-data + RandAugment": (SMALL_DATA_CONFIG, ("--auto_augment", "randaugment")),
+    "small-data + EMA 0.99": (SMALL_DATA_CONFIG, ("--ema_decay", "0.99")),
+}
+# What each run reports, from its all_results.json (eval_ema_accuracy and saved_weights with --ema_decay).
+RECIPE_RESULTS = ("eval_accuracy", "eval_samples", "train_samples", "train_steps")
+RECIPE_RESULTS += ("eval_ema_accuracy", "saved_weights")
+RECIPE_IMAGES_PER_CLASS = (10, 30)
+RECIPE_SEEDS = (0, 1, 2)
 
 
 def write_camera_folder(root, train_per_class, validation_per_class, classes=4, size=(2000, 1500), seed=0):
@@ -304,10 +330,19 @@ def main(argv=None):
     parser.add_argument(
         "--pairs",
         nargs="+",
-        choices=(*PAIRS, COMPILE),
+        choices=(*PAIRS, COMPILE, RECIPES),
         default=DATA_PAIRS,
         help="What to run (default: camera and digits); memory: LoRA and gradient checkpointing against full "
-        "fine-tuning; compile: imgft with and without --torch_compile.",
+        "fine-tuning; compile: imgft with and without --torch_compile; recipes: the defaults against "
+        f"{SMALL_DATA_CONFIG} on 10 and 30 digits per class.",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=RECIPE_SEEDS,
+        help="recipes: the seeds, each drawing its own training images and passed as --seed (default 0 1 2; "
+        "--quick: the first, and no ablation rows). Medians are over them.",
     )
     parser.add_argument("--skip_memory", action="store_true", help="Leave out the 1x/4x peak-memory runs.")
     args = parser.parse_args(argv)
@@ -341,6 +376,14 @@ def main(argv=None):
     if COMPILE in args.pairs:
         print(f"compile: digits, {digits_epochs} epochs, with and without --torch_compile", flush=True)
         results[COMPILE] = measure_compile(digits, work, digits_epochs, repeats)
+        _write(args.output, results)
+    if RECIPES in args.pairs:
+        seeds = args.seeds[:1] if args.quick else args.seeds
+        # --quick: the pair alone, without the rows that take one part of the recipe out or add one.
+        pair = {name: RECIPE_VARIANTS[name] for name in ("default", "small-data")}
+        variants = pair if args.quick else RECIPE_VARIANTS
+        print(f"recipes: the digits, defaults against {SMALL_DATA_CONFIG}, seeds {seeds}", flush=True)
+        results[RECIPES] = measure_recipes(work, seeds=seeds, variants=variants)
         _write(args.output, results)
     if not args.skip_memory and data_pairs:
         results["memory"] = memory_growth(digits, work)
@@ -402,6 +445,88 @@ def _compile_summary(runs):
         "seconds": statistics.median(run["seconds"] for run in runs),
         "images_per_second_after_first_epoch": statistics.median(after_first_epoch),
         "eval_accuracy": statistics.median(run["eval_accuracy"] for run in runs),
+    }
+
+
+def write_digits_subsample(root, images_per_class, seed):
+    """The demo's 1,797 digits, as its images: `images_per_class` of each digit in root/train (drawn with
+    `seed`), all the others in root/validation. Returns root."""
+    from sklearn.datasets import load_digits
+
+    from imgft.commands.demo_data import digit_image
+
+    digits = load_digits()
+    rng = np.random.default_rng(seed)
+    for label in range(10):
+        indices = rng.permutation(np.flatnonzero(digits.target == label))
+        splits = {"train": indices[:images_per_class], "validation": indices[images_per_class:]}
+        for split, split_indices in splits.items():
+            folder = os.path.join(root, split, str(label))
+            os.makedirs(folder)
+            for index in split_indices:
+                digit_image(digits.images[index]).save(os.path.join(folder, f"{index:04d}.png"))
+    return root
+
+
+def measure_recipes(
+    work, images_per_class=RECIPE_IMAGES_PER_CLASS, seeds=RECIPE_SEEDS, variants=RECIPE_VARIANTS, flags=()
+):
+    """Each variant of `variants` trained on `images_per_class` digits of each class and validated on all the
+    others, for every seed (the training images' draw and --seed alike), the variants alternating; whole
+    processes, each with an empty datasets cache. `flags` go to every run. Medians over the seeds, and the
+    recipe against the defaults: top-1 points gained, and the ratio of wall times."""
+    results = {}
+    for per_class in images_per_class:
+        runs = {variant: [] for variant in variants}
+        for seed in seeds:
+            data_dir = os.path.join(work, f"digits-{per_class}-seed{seed}")
+            write_digits_subsample(data_dir, per_class, seed)
+            data = ["--train_dir", f"{data_dir}/train", "--validation_dir", f"{data_dir}/validation"]
+            for variant, (config, variant_flags) in variants.items():
+                folder_name = re.sub(r"[^\w.-]+", "_", variant)  # "Mixup 0.8/CutMix 1.0": no slash
+                out_dir = tempfile.mkdtemp(prefix=f"recipes-{per_class}-{folder_name}-", dir=work)
+                cache = os.path.join(out_dir, "cache")
+                env = {**os.environ, "HF_DATASETS_CACHE": cache, "HF_HUB_OFFLINE": "1"}
+                command = [sys.executable, "train_loop.py", *([config] if config else []), *data]
+                command += [*variant_flags, "--seed", str(seed), "--output_dir", f"{out_dir}/run", *flags]
+                cpu_before = children_cpu_seconds()
+                seconds = run_process(command, env, f"{out_dir}.log")[0]
+                cpu_seconds = children_cpu_seconds() - cpu_before
+                with open(f"{out_dir}/run/all_results.json") as file:
+                    finished = json.load(file)
+                run = {"seed": seed, "seconds": seconds, "cpu_seconds": cpu_seconds}
+                run |= {key: finished[key] for key in RECIPE_RESULTS if key in finished}
+                runs[variant].append(run)
+                top1 = run["eval_accuracy"]
+                print(f"  {per_class}/class {variant:34} seed {seed}: {top1:.2%} in {seconds:5.1f} s", flush=True)
+                shutil.rmtree(out_dir)
+            shutil.rmtree(data_dir)
+        results[str(per_class)] = _recipes_summary(runs)
+    return results
+
+
+def children_cpu_seconds():
+    """CPU seconds (user + system) of this process' finished children: the delta across a run is its
+    compute, which other jobs on shared cores inflate far less than its wall time."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _recipes_summary(runs):
+    def medians(variant_runs):
+        # With --ema_decay the raw weights train as without it: the EMA weights' top-1 is what it adds.
+        keys = ("eval_accuracy", "seconds", "cpu_seconds", "eval_ema_accuracy")
+        keys = [key for key in keys if key in variant_runs[0]]
+        return {key: statistics.median(run[key] for run in variant_runs) for key in keys}
+
+    summary = {variant: medians(variant_runs) for variant, variant_runs in runs.items()}
+    default, recipe = summary["default"], summary["small-data"]
+    return {
+        "runs": runs,
+        "summary": summary,
+        "recipe_minus_default_points": 100 * (recipe["eval_accuracy"] - default["eval_accuracy"]),
+        "recipe_vs_default_seconds": recipe["seconds"] / default["seconds"],
+        "recipe_vs_default_cpu_seconds": recipe["cpu_seconds"] / default["cpu_seconds"],
     }
 
 
@@ -480,6 +605,8 @@ def format_table(results):
             f"first epoch {fast[rate]:.0f} against {eager[rate]:.0f} images/s "
             f"({compiled['compiled_vs_eager_rate_after_first_epoch']:.2f}x)."
         )
+    if RECIPES in results:
+        lines.append("\n" + format_recipes_table(results[RECIPES]))
     memory = results.get("memory")
     if memory:
         lines.append(
@@ -488,4 +615,28 @@ def format_table(results):
         )
     if results.get("training_memory"):
         lines += ["", memory_bench.format_table(results["training_memory"])]
+    return "\n".join(lines)
+
+
+def format_recipes_table(recipes):
+    """The recipes pair as a Markdown table: each run's median top-1, wall and CPU time, then the recipe's
+    gain."""
+    lines = [
+        "| images per class | run | top-1, median | wall s, median | CPU s, median | top-1 by seed |",
+        "|---|---|---|---|---|---|",
+    ]
+    for per_class, measured in recipes.items():
+        for variant, summary in measured["summary"].items():
+            runs = measured["runs"][variant]
+            by_seed = ", ".join(f"{run['eval_accuracy']:.1%}" for run in runs)
+            top1 = f"{summary['eval_accuracy']:.1%}"
+            if "eval_ema_accuracy" in summary:
+                top1 += f" (EMA weights {summary['eval_ema_accuracy']:.1%})"
+                by_seed += " (EMA " + ", ".join(f"{run['eval_ema_accuracy']:.1%}" for run in runs) + ")"
+            times = f"{summary['seconds']:.1f} | {summary['cpu_seconds']:.1f}"
+            lines.append(f"| {per_class} | {variant} | {top1} | {times} | {by_seed} |")
+        gain = measured["recipe_minus_default_points"]
+        wall, cpu = measured["recipe_vs_default_seconds"], measured["recipe_vs_default_cpu_seconds"]
+        ratios = f"**{wall:.2f}x** | **{cpu:.2f}x**"
+        lines.append(f"| {per_class} | **small-data against default** | **{gain:+.1f} points** | {ratios} | |")
     return "\n".join(lines)

@@ -2,6 +2,7 @@
 label smoothing and class weights (imgft/losses.py), Mixup and CutMix (imgft/recipes/mixing.py), model EMA
 (imgft/recipes/ema.py), class-balanced sampling (imgft/recipes/sampling.py), and --torch_compile."""
 
+import functools
 import json
 import math
 import re
@@ -12,7 +13,7 @@ import torch
 from conftest import data_flags, vit_flags, write_color_imagefolder
 from safetensors.torch import load_file
 
-from imgft import losses
+from imgft import losses, transforms
 from imgft.args import TrainArguments
 from imgft.recipes import ema, mixing, sampling
 
@@ -100,8 +101,8 @@ def test_mixup_mixes_images_and_labels_by_the_same_share():
         partner = 3 - i
         assert labels[i, i].item() == pytest.approx(share)
         assert labels[i, partner].item() == pytest.approx(1 - share)
-        expected = share * levels[i] + (1 - share) * levels[partner]
-        assert torch.allclose(mixed["pixel_values"][i], torch.full((3, 8, 8), expected))
+        expected = round(share * levels[i] + (1 - share) * levels[partner])  # uint8 in, uint8 out
+        assert torch.equal(mixed["pixel_values"][i], torch.full((3, 8, 8), expected, dtype=torch.uint8))
     # The same batch position mixes alike (a resume), another one differently.
     again = mixing.mix_batch(four_plain_images(), mix_options(mixup_alpha=0.4), epoch=0, batch_in_epoch=3)
     assert torch.equal(again["labels"], labels) and torch.equal(again["pixel_values"], mixed["pixel_values"])
@@ -119,6 +120,26 @@ def test_cutmix_pastes_a_box_whose_area_is_the_label_share():
         pasted = (images[i] != level).float().mean().item()  # the share of pixels that came from image 3 - i
         assert pasted == pytest.approx(1 - share) and labels[i, 3 - i].item() == pytest.approx(1 - share)
         assert set(images[i].unique().tolist()) == {level, [40.0, 30.0, 20.0, 10.0][i]}
+
+
+@pytest.mark.parametrize("flags", [{"mixup_alpha": 0.4}, {"cutmix_alpha": 1.0}], ids=["mixup", "cutmix"])
+def test_a_mixed_batch_reaches_the_model_normalised_as_a_plain_one_does(flags):
+    normalize = functools.partial(transforms.normalize, shift=[127.5] * 3, scale=[127.5] * 3)
+    batch = four_plain_images()
+    mixed = mixing.mix_batch(batch, mix_options(**flags), epoch=0, batch_in_epoch=3)
+    plain = normalize(batch["pixel_values"])
+    model_input = normalize(mixed["pixel_values"])
+    assert model_input.dtype == torch.float32 and -1 <= model_input.min() < model_input.max() <= 1
+    if "mixup_alpha" in flags:  # Mixup: the blend of the normalised images, to within rounding to a level
+        share = mixed["labels"][0, 0].item()
+        expected = share * plain + (1 - share) * plain.flip(0)
+        assert torch.allclose(model_input, expected, atol=0.5 / 127.5 + 1e-6)
+    else:  # CutMix: each pixel is the normalised pixel of the image or of its partner
+        assert torch.all((model_input == plain) | (model_input == plain.flip(0)))
+    processed = {**batch, "pixel_values": plain}  # a processor's own float output is mixed as it is
+    blended = mixing.mix_batch(processed, mix_options(**flags), epoch=0, batch_in_epoch=3)["pixel_values"]
+    assert blended.dtype == torch.float32
+    assert torch.allclose(normalize(blended), model_input, atol=0.5 / 127.5 + 1e-6)
 
 
 def test_no_mixing_leaves_the_batch_as_it_is():

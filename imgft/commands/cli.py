@@ -11,7 +11,8 @@ predict --model_name_or_path MODEL PATH...
 check-data [CONFIG] [flags]   report on the data as training would see it; exit 2 where training would refuse it
 lr-find [CONFIG] [flags]      sweep the learning rate over a few training steps; write
                               output_dir/lr_find.png and print a suggested --learning_rate
-bench [--quick] [--output F]  time imgft's data path against the upstream example's, whole processes
+bench [--quick] [--output F]  time imgft's data path against the upstream example's, whole processes;
+                              --pairs recipes: top-1 of the small-data recipe against the defaults
 flags                         print the flags table
 """
 

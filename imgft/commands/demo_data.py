@@ -38,15 +38,18 @@ def write_digits_imagefolder(root, seed=0):
             class_dir = os.path.join(staging, split, str(label))
             os.makedirs(class_dir)
             for index in split_indices:
-                # 8x8 values in 0..16 -> white digit on black, upscaled smoothly to 32x32 RGB.
-                pixels = (digits.images[index] * (255 / 16)).astype(np.uint8)
-                image = Image.fromarray(pixels).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
-                image.convert("RGB").save(os.path.join(class_dir, f"{index:04d}.png"))
+                digit_image(digits.images[index]).save(os.path.join(class_dir, f"{index:04d}.png"))
     if os.path.exists(root):
         shutil.rmtree(staging)
         raise FileExistsError(f"{root} already exists")
     os.rename(staging, root)
     return root
+
+
+def digit_image(values):
+    """One digit's 8x8 values in 0..16 as a white digit on black, upscaled smoothly to a 32x32 RGB image."""
+    pixels = (values * (255 / 16)).astype(np.uint8)
+    return Image.fromarray(pixels).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR).convert("RGB")
 
 
 def ensure_digits_imagefolder(root):

@@ -43,21 +43,27 @@ def mix_options(train_args, num_classes, process_index):
 
 def mix_batch(batch, options, epoch, batch_in_epoch):
     """The batch with its images and labels mixed, or unchanged (with `options` None, or when this batch
-    draws no mixing). Mixed: float pixel_values (0-255, as `normalize` takes them) and B x C labels."""
+    draws no mixing). Mixed: B x C labels, and pixel_values of the batch's own dtype, so that `normalize`
+    treats them as it treats an unmixed batch: uint8 stays uint8 (Mixup rounded to the nearest level, as
+    timm's FastCollateMixup does), and a processor's float output is mixed as it is."""
     if options is None:
         return batch
     rng = np.random.default_rng([options.seed, epoch, batch_in_epoch, options.process_index])
     share, use_cutmix = draw_share(rng, options)
     if share == 1.0:
         return batch
-    images = batch["pixel_values"].to(torch.float32, copy=True)
-    partners = images.flip(0)  # image i is mixed with image B-1-i
+    pixels = batch["pixel_values"]
+    partners = pixels.flip(0)  # image i is mixed with image B-1-i
     if use_cutmix:
+        images = pixels.clone()
         top, bottom, left, right = cutmix_box(rng, images.shape[-2], images.shape[-1], share)
         images[..., top:bottom, left:right] = partners[..., top:bottom, left:right]
         share = 1.0 - (bottom - top) * (right - left) / (images.shape[-2] * images.shape[-1])
     else:
-        images = images.mul_(share).add_(partners, alpha=1.0 - share)
+        # Back to uint8: `normalize` passes a float batch through untouched, as a processor's own output that
+        # is normalised already, so a 0-255 float batch would reach the model unnormalised.
+        blended = pixels.to(torch.float32).mul_(share).add_(partners.to(torch.float32), alpha=1.0 - share)
+        images = blended.round_().to(torch.uint8) if pixels.dtype == torch.uint8 else blended.to(pixels.dtype)
     one_hot = F.one_hot(batch["labels"], options.num_classes).float()
     labels = one_hot.mul(share).add_(one_hot.flip(0), alpha=1.0 - share)
     return {**batch, "pixel_values": images, "labels": labels}
