@@ -8,7 +8,7 @@ the cold run left). Timings are ratios against upstream measured in the same run
 `--pairs compile` times imgft on the digits with and without --torch_compile instead, the ratio again
 measured in the same run. `--pairs recipes` trains on 10 and on 30 digits per class, validated on all the
 other digits, with the default flags and with configs/recipes/small-data.yaml (and that recipe with one part
-left out), alternating, over `--seeds`: top-1 and wall time, the recipe's gain measured in the same run.
+undone or one recipe added), alternating, over `--seeds`: top-1 and wall time, the gain measured in one run.
 `--pairs memory` measures something else: the peak training memory and step time of a ViT-B/16 with full
 fine-tuning, LoRA and gradient checkpointing, against full fine-tuning (`benchmarks/memory.py`).
 """
