@@ -48,6 +48,7 @@ from imgft.model import check_model_source, load_model
 from imgft.peft_model import save_adapter_and_merge
 from imgft.recipes import ema, mixing, sampling
 from imgft.report import reports
+from imgft.train_log import log_evaluation, log_train_loss, read_losses
 from imgft.train_state import TrainState
 
 logger = get_logger("imgft")
@@ -318,20 +319,16 @@ def main(argv=None):
         )
         if accelerator.is_main_process:
             image_processor.save_pretrained(output_dir)  # pipeline() reads sizes and normalisation from it
-            results = {
-                **eval_results,
-                "epoch": state.epoch_position(),
-                "train_steps": state.completed_steps,
-                "train_loss": state.mean_train_loss(),
-                "train_runtime": train_runtime,
-                "train_samples": train_samples,
-                "train_samples_per_second": train_speed["train_images_per_second"],
-                "unreadable_images": unreadable_images,
-                "skipped_nonfinite_steps": state.skipped_steps,
-                "stopped_early": stop is not None,
-                **best.summary(state.best),
-                **ema.summary(saved_weights),
-            }
+            results = outputs.final_results(
+                eval_results,
+                state,
+                train_samples,
+                unreadable_images,
+                train_runtime,
+                train_speed,
+                stopped_early=stop is not None,
+                saved_weights=saved_weights,
+            )
             reports.write_training_report(
                 output_dir, config, results, eval_details, eval_rows, image_column, accelerator.num_processes
             )
@@ -381,41 +378,13 @@ def evaluate_and_record(model, ema_model, eval_dataloader, normalize, accelerato
     speed = state.epoch_clock.speed(state.samples_seen, accelerator.num_processes)  # before evaluating
     results, details = evaluate_all(model, ema_model, eval_dataloader, normalize, accelerator)
     state.evaluated_at = state.completed_steps
-    record = {"step": state.completed_steps, "epoch": state.epoch_position(), **results, **speed}
-    logger.info(metrics.format_results(record))
-    outputs.append_metrics_line(accelerator, train_args.output_dir, record)
-    accelerator.log(outputs.tracker_scalars(record), step=state.completed_steps)  # TensorBoard, W&B, ...
+    log_evaluation(accelerator, state, results, speed, train_args.output_dir)
     state.best, improved = best.update(
         state.best, results, state.completed_steps, state.epoch_position(), train_args
     )
     if improved and train_args.load_best_model_at_end:
         outputs.save_best_model(accelerator, model, train_args.output_dir)
     return results, details
-
-
-def read_losses(accelerator, state, train_args):
-    """The loop's reads from the GPU, made only every logging_steps and at checkpoints: the loss window,
-    summed over processes, and the count of NaN/inf losses. Returns the Stop a NaN calls for, or None."""
-    state.fold_window_loss(accelerator)
-    return nonfinite.check_skipped_steps(state, train_args.on_nonfinite_loss, train_args.output_dir)
-
-
-def log_train_loss(accelerator, state, train_args, lr_scheduler, progress):
-    """`read_losses`, then log the mean loss since the last line (metrics.jsonl, the trackers, tqdm)."""
-    stop = read_losses(accelerator, state, train_args)
-    mean_loss = state.end_log_window(accelerator.num_processes)
-    if stop is None and mean_loss is not None:
-        learning_rate = lr_scheduler.get_last_lr()[0]
-        record = {
-            "step": state.completed_steps,
-            "epoch": state.epoch_position(),
-            "loss": mean_loss,
-            "learning_rate": learning_rate,
-        }
-        outputs.append_metrics_line(accelerator, train_args.output_dir, record)
-        accelerator.log(outputs.tracker_scalars(record), step=state.completed_steps)
-        progress.set_postfix(loss=f"{mean_loss:.4f}")
-    return stop
 
 
 def save_checkpoint(accelerator, name, state, run_identity, resume_path, train_args):

@@ -12,6 +12,7 @@ import yaml
 from accelerate.utils import DistributedType, broadcast_object_list, gather_object
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+from imgft import best
 from imgft.args import ABSOLUTE_PATHS_KEY, absolute_paths
 from imgft.checkpoint import (
     CHECKPOINT_NAME,
@@ -22,6 +23,7 @@ from imgft.checkpoint import (
     save_failed_message,
 )
 from imgft.errors import WRITE_ERRORS, UserError
+from imgft.recipes import ema
 from imgft.runtime import hub_offline
 
 RESULTS_FILE = "all_results.json"
@@ -232,6 +234,28 @@ def replay_metrics_to_trackers(accelerator, output_dir):
 def tracker_config(config):
     """Trackers take flat scalars; TensorBoard's hparams refuse None and lists, so those become strings."""
     return {key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in config.items()}
+
+
+def final_results(
+    eval_results, state, train_samples, unreadable_images, train_runtime, train_speed, stopped_early, saved_weights
+):
+    """What all_results.json holds: the final evaluation and how the training went (`state`, a TrainState;
+    `train_speed` from runtime.SpeedClock.speed), the best evaluation, and with --ema_decay which weights
+    were saved."""
+    return {
+        **eval_results,
+        "epoch": state.epoch_position(),
+        "train_steps": state.completed_steps,
+        "train_loss": state.mean_train_loss(),
+        "train_runtime": train_runtime,
+        "train_samples": train_samples,
+        "train_samples_per_second": train_speed["train_images_per_second"],
+        "unreadable_images": unreadable_images,
+        "skipped_nonfinite_steps": state.skipped_steps,
+        "stopped_early": stopped_early,
+        **best.summary(state.best),
+        **ema.summary(saved_weights),
+    }
 
 
 def json_safe(values):
