@@ -194,7 +194,7 @@ def main(argv=None):
     if accelerator.is_main_process:
         outputs.start_run_files(output_dir, train_args, resume_path, config)
     if train_args.with_tracking:
-        # init_trackers starts TensorBoard/W&B/... on the main process only; log() is a no-op elsewhere.
+        # init_trackers starts TensorBoard/W&B/... on the main process only; imgft/train_log.py logs to them.
         accelerator.init_trackers(outputs.TRACKER_DIR, outputs.tracker_config(config))
         outputs.replay_metrics_to_trackers(accelerator, output_dir)  # a resumed run's history, as logged
     runtime.log_run_summary(train_rows, eval_rows, label_names, accelerator, train_args, max_train_steps)

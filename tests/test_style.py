@@ -57,7 +57,7 @@ def test_the_accelerate_calls_a_learner_comes_to_see_are_code_in_the_loop_file()
         "register_for_checkpointing",
         "skip_first_batches",
         "gather_for_metrics",
-        "log",
+        "init_trackers",
         "wait_for_everyone",
         "unwrap_model",
         "end_training",
