@@ -4,7 +4,7 @@ with its own image processor class (defaults, sizes shrunk about 7x), for the br
 import math
 
 import torch
-from transformers import AutoConfig, AutoImageProcessor
+from transformers import AutoConfig
 from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
@@ -222,7 +222,3 @@ def save_tiny_checkpoint(path, model_type, label_names, weights=True):
     if processor is not None:
         processor.save_pretrained(path)
     return path
-
-
-def load_processor(path):
-    return AutoImageProcessor.from_pretrained(path)
