@@ -207,7 +207,7 @@ def main(argv=None):
     signal_received = runtime.install_signal_handlers_and_start_signal_group(accelerator)
     checkpoint_every = imgft_args.checkpoint_interval(train_args)  # None, a number of steps, or "epoch"
     stop = None  # a runtime.Stop, once a signal, a NaN loss or early stopping ends the run before its end
-    eval_results = eval_details = None
+    evaluation = None  # the latest metrics.Evaluation: results, and the details the report draws
     run_clock = runtime.SpeedClock(state.samples_seen)
     while state.completed_steps < max_train_steps and stop is None:
         model.train()
@@ -253,7 +253,7 @@ def main(argv=None):
             elif checkpoint_now:
                 stop = read_losses(accelerator, state, train_args)  # a checkpoint holds the whole loss window
             if stop is None and train_args.eval_steps and state.completed_steps % train_args.eval_steps == 0:
-                eval_results, eval_details = evaluate_and_record(
+                evaluation = evaluate_and_record(
                     model, ema_model, eval_dataloader, normalize, accelerator, state, train_args
                 )
                 stop = best.stop_if_no_better(state.best, train_args)
@@ -269,7 +269,7 @@ def main(argv=None):
             state.end_epoch()
             stop = log_train_loss(accelerator, state, train_args, lr_scheduler, progress)
             if stop is None and not train_args.eval_steps:
-                eval_results, eval_details = evaluate_and_record(
+                evaluation = evaluate_and_record(
                     model, ema_model, eval_dataloader, normalize, accelerator, state, train_args
                 )
                 stop = best.stop_if_no_better(state.best, train_args)
@@ -293,19 +293,20 @@ def main(argv=None):
     train_runtime = run_clock.seconds()
     train_speed = run_clock.speed(state.samples_seen, accelerator.num_processes)
     if state.evaluated_at != state.completed_steps:  # --eval_steps off the last step, or a run cut mid-epoch
-        eval_results, eval_details = evaluate_and_record(
+        evaluation = evaluate_and_record(
             model, ema_model, eval_dataloader, normalize, accelerator, state, train_args
         )
     if train_args.load_best_model_at_end and state.best["step"] not in (None, state.completed_steps):
         best_dir = os.path.join(output_dir, outputs.BEST_DIR)
         outputs.load_weights(accelerator.unwrap_model(model, keep_torch_compile=False), best_dir)
-        eval_results = None
-    if eval_results is None:  # the best model was loaded, or we resumed after the last evaluation
-        eval_results, eval_details = evaluate_all(model, ema_model, eval_dataloader, normalize, accelerator)
-    saved_weights = ema.choose_weights(eval_results, train_args)  # with --ema_decay: "ema" or "raw"
+        evaluation = None
+    if evaluation is None:  # the best model was loaded, or we resumed after the last evaluation
+        evaluation = evaluate_all(model, ema_model, eval_dataloader, normalize, accelerator)
+    saved_weights = ema.choose_weights(evaluation.results, train_args)  # with --ema_decay: "ema" or "raw"
+    eval_details = evaluation.details
     if saved_weights == "ema":  # the EMA weights are saved, and the report describes them
         model = ema_model
-        eval_details = evaluate(model, eval_dataloader, normalize, accelerator)[1]
+        eval_details = evaluate(model, eval_dataloader, normalize, accelerator).details
 
     # ---------------------------------------------------------------- Save a model anyone can load
     accelerator.wait_for_everyone()
@@ -320,7 +321,7 @@ def main(argv=None):
         if accelerator.is_main_process:
             image_processor.save_pretrained(output_dir)  # pipeline() reads sizes and normalisation from it
             results = outputs.final_results(
-                eval_results,
+                evaluation.results,
                 state,
                 train_samples,
                 unreadable_images,
@@ -346,8 +347,8 @@ def main(argv=None):
 
 @torch.no_grad()
 def evaluate(model, eval_dataloader, normalize, accelerator):
-    """(results, details) over the whole validation set: top-1/top-5 accuracy, macro precision/recall/F1
-    and loss, then per-class numbers, the confusion matrix and the most confident mistakes for the report.
+    """A metrics.Evaluation of the whole validation set: results (top-1/top-5 accuracy, macro precision,
+    recall, F1 and loss), and details (per class, the confusion matrix, the most confident mistakes).
     Every process must call it, and all get the same answer."""
     id2label = accelerator.unwrap_model(model).config.id2label
     label_names = [id2label[i] for i in range(len(id2label))]
@@ -366,25 +367,26 @@ def evaluate(model, eval_dataloader, normalize, accelerator):
 
 def evaluate_all(model, ema_model, eval_dataloader, normalize, accelerator):
     """`evaluate` the model, and with --ema_decay the EMA weights too: their results join as eval_ema_*."""
-    results, details = evaluate(model, eval_dataloader, normalize, accelerator)
-    if ema_model is not None:
-        ema.broadcast_ema_buffers(ema_model)  # process 0's BatchNorm statistics, which the checkpoints hold
-        results.update(ema.ema_results(evaluate(ema_model, eval_dataloader, normalize, accelerator)[0]))
-    return results, details
+    evaluation = evaluate(model, eval_dataloader, normalize, accelerator)
+    if ema_model is None:
+        return evaluation
+    ema.broadcast_ema_buffers(ema_model)  # process 0's BatchNorm statistics, which the checkpoints hold
+    ema_results = ema.ema_results(evaluate(ema_model, eval_dataloader, normalize, accelerator).results)
+    return metrics.Evaluation({**evaluation.results, **ema_results}, evaluation.details)
 
 
 def evaluate_and_record(model, ema_model, eval_dataloader, normalize, accelerator, state, train_args):
     """Evaluate; log one line with the training speed since the epoch began; keep the best model."""
     speed = state.epoch_clock.speed(state.samples_seen, accelerator.num_processes)  # before evaluating
-    results, details = evaluate_all(model, ema_model, eval_dataloader, normalize, accelerator)
+    evaluation = evaluate_all(model, ema_model, eval_dataloader, normalize, accelerator)
     state.evaluated_at = state.completed_steps
-    log_evaluation(accelerator, state, results, speed, train_args.output_dir)
+    log_evaluation(accelerator, state, evaluation.results, speed, train_args.output_dir)
     state.best, improved = best.update(
-        state.best, results, state.completed_steps, state.epoch_position(), train_args
+        state.best, evaluation.results, state.completed_steps, state.epoch_position(), train_args
     )
     if improved and train_args.load_best_model_at_end:
         outputs.save_best_model(accelerator, model, train_args.output_dir)
-    return results, details
+    return evaluation
 
 
 def save_checkpoint(accelerator, name, state, run_identity, resume_path, train_args):

@@ -9,6 +9,7 @@ that, the confusion matrix and supports do not).
 
 import json
 import re
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -83,8 +84,17 @@ def add_batch(tally, logits, labels):
     tally["labels"].append(labels)
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """One evaluation: `results`, the numbers logged and written to all_results.json, and `details`, what
+    the report draws from them (see `finish_tally`)."""
+
+    results: dict
+    details: dict
+
+
 def finish_tally(tally, label_names, num_mistakes=NUM_MISTAKES):
-    """(results, details) of a finished tally:
+    """The Evaluation of a finished tally:
 
         results = {"eval_accuracy", "eval_top5_accuracy" (above 5 classes), "eval_macro_precision",
                    "eval_macro_recall", "eval_macro_f1", "eval_loss", "eval_samples"}
@@ -121,7 +131,7 @@ def finish_tally(tally, label_names, num_mistakes=NUM_MISTAKES):
     results = {f"eval_{name}": computed[name].item() for name in SUMMARY_METRICS if name in computed}
     results["eval_loss"] = (tally["loss_sum"] / max(tally["samples"], 1)).item()
     results["eval_samples"] = tally["samples"]
-    return results, details
+    return Evaluation(results, details)
 
 
 def _on_cpu(batches):

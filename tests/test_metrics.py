@@ -64,7 +64,7 @@ def test_top5_is_not_top1_when_the_first_batch_gets_every_answer_right():
     second_logits = torch.zeros(8, 8)
     second_logits[torch.arange(8), (second_labels + 1) % 8] = 5.0
     second_logits[torch.arange(8), second_labels] = 4.0
-    results, _ = tally_of([(first_logits, first_labels), (second_logits, second_labels)])
+    results = tally_of([(first_logits, first_labels), (second_logits, second_labels)]).results
     assert results["eval_accuracy"] == pytest.approx(0.5)
     assert results["eval_top5_accuracy"] == pytest.approx(1.0)
 
@@ -77,7 +77,9 @@ def test_every_reported_metric_matches_a_hand_count(seed):
         labels = torch.randint(0, 7, (size,), generator=generator)  # class7 never occurs as a label
         logits = torch.randn(size, 8, generator=generator) + 1.5 * torch.nn.functional.one_hot(labels, 8)
         batches.append((logits, labels))
-    results, details = tally_of(batches)
+    evaluation = tally_of(batches)
+    results = evaluation.results
+    details = evaluation.details
     expected = hand_count(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]), 8)
     for name in ("accuracy", "top5_accuracy", "macro_precision", "macro_recall", "macro_f1", "loss"):
         assert results[f"eval_{name}"] == pytest.approx(expected[name], abs=1e-6), name
@@ -97,7 +99,7 @@ def test_mistakes_are_the_most_confident_wrong_answers_in_dataset_order_on_ties(
     logits[1, 1] = 9.0  # right
     logits[2, 0] = 5.0  # wrong, less confident
     logits[3, 7] = 9.0  # wrong, as confident as row 0: after it, in dataset order
-    _, details = tally_of([(logits, labels)])
+    details = tally_of([(logits, labels)]).details
     softmax_nine = math.exp(9) / (math.exp(9) + 7)
     assert [m["index"] for m in details["mistakes"]] == [0, 3, 2]
     assert details["mistakes"][0] == {

@@ -77,7 +77,9 @@ def batches_for(confusion, confidences, batch_size):
 def test_metrics_match_a_hand_computed_confusion_matrix():
     confidences = [2.0, 2.5, 3.0, 6.0, 4.0, 1.0, 1.5, 5.0, 2.0, 3.5]
     batches, logits, labels = batches_for(CONFUSION, confidences, batch_size=3)  # a short last batch
-    results, details = detailed_evaluation(batches, LABEL_NAMES)
+    evaluation = detailed_evaluation(batches, LABEL_NAMES)
+    results = evaluation.results
+    details = evaluation.details
 
     assert details["confusion_matrix"] == {"labels": LABEL_NAMES, "matrix": CONFUSION.tolist()}
     # By hand: precision = diagonal / column sums, recall = diagonal / row sums.
@@ -110,7 +112,7 @@ def test_metrics_match_a_hand_computed_confusion_matrix():
     tally = metrics.start_tally(LABEL_NAMES, "cpu")
     for batch in batches:
         metrics.add_batch(tally, batch["pixel_values"], batch["labels"])
-    _, fewer = metrics.finish_tally(tally, LABEL_NAMES, num_mistakes=2)
+    fewer = metrics.finish_tally(tally, LABEL_NAMES, num_mistakes=2).details
     assert [m["index"] for m in fewer["mistakes"]] == [3, 7]
 
 
@@ -121,7 +123,9 @@ def test_macro_average_leaves_out_a_class_absent_from_labels_and_predictions_and
     confusion[4, 0] = 1  # class 4 occurs once and is always missed
     batches, _, _ = batches_for(confusion, [1.0] * int(confusion.sum()), batch_size=4)
     names = [f"c{i}" for i in range(7)]
-    results, details = detailed_evaluation(batches, names)
+    evaluation = detailed_evaluation(batches, names)
+    results = evaluation.results
+    details = evaluation.details
     recall = [3 / 4, 2 / 4, 2 / 2, 1.0, 0.0]  # classes 0-4; 5 and 6 are left out
     assert results["eval_macro_recall"] == pytest.approx(sum(recall) / 5)
     assert details["per_class"]["c4"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
@@ -131,7 +135,9 @@ def test_macro_average_leaves_out_a_class_absent_from_labels_and_predictions_and
 
 def test_eval_results_json_names_classes_and_keeps_matrix_rows_on_one_line(tmp_path):
     batches, _, _ = batches_for(CONFUSION, [1.0 + i for i in range(10)], batch_size=4)
-    results, details = detailed_evaluation(batches, LABEL_NAMES)
+    evaluation = detailed_evaluation(batches, LABEL_NAMES)
+    results = evaluation.results
+    details = evaluation.details
     results["eval_loss"] = math.nan  # a diverged run must still give valid JSON
     path = metrics.write_eval_results(tmp_path / "eval_results.json", results, details)
     text = path.read_text()

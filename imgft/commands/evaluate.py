@@ -72,11 +72,11 @@ def main(argv):
     if data_args.tta:  # logits averaged over each image's views; training's evaluation has no --tta
         model = tta.ViewAveraged(model)
     # The loop training evaluates with, so both give the same numbers for the same model and data.
-    results, details = train_loop.evaluate(model, dataloader, normalize, accelerator)
+    evaluation = train_loop.evaluate(model, dataloader, normalize, accelerator)
     if report_dir is not None and accelerator.is_main_process:
-        _write_report(report_dir, results, details, validation, original_validation, image_column)
+        _write_report(report_dir, evaluation.results, evaluation.details, validation, original_validation, image_column)
     if accelerator.is_main_process:
-        print(json.dumps(results))
+        print(json.dumps(evaluation.results))
     accelerator.end_training()  # leaves the process group, on every process
 
 

@@ -19,7 +19,7 @@ from imgft.report import model_card, plots
 def write_evaluation_report(output_dir, results, details, split, image_column, stream_loader_settings=None):
     """Write the three report files to `output_dir` (created if needed); return their paths.
 
-    `results, details` come from `metrics.detailed_evaluation`; `split` is the evaluated dataset as
+    `results` and `details` are an evaluation's (`metrics.Evaluation`); `split` is the evaluated dataset as
     evaluated (same rows, same order) but without the image transform, so the mistakes' images can be
     read back by row. A streamed split is read again, through a loader of the evaluation's
     `stream_loader_settings` = (batch size, workers). Call it on the main process only.
