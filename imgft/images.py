@@ -152,7 +152,9 @@ def shrink_file(path=None, data=None, stored_size=None):
 
 
 def _shrink_batch(batch, image_column, stored_size):
-    stored, reasons, paths = [], [], []
+    stored = []
+    reasons = []
+    paths = []
     for value in batch[image_column]:
         content, reason = shrink_file(value.get("path"), value.get("bytes"), stored_size)
         stored.append({"bytes": content, "path": None} if content else None)

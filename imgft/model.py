@@ -50,7 +50,9 @@ def parse_config_overrides(text):
     """`a=1,b=[1,2],c=basic` -> {"a": 1, "b": [1, 2], "c": "basic"}; commas inside brackets do not split."""
     if not text:
         return {}
-    pairs, depth, start = [], 0, 0
+    pairs = []
+    depth = 0
+    start = 0
     for i, char in enumerate(text + ","):
         if char in "[(":
             depth += 1
@@ -379,9 +381,11 @@ def _resampled(table, shape):
     if len(table.shape) != len(shape) or len(differing) != 1:
         return None
     axis = differing[0]
-    old_length, new_length = table.shape[axis], shape[axis]
+    old_length = table.shape[axis]
+    new_length = shape[axis]
     for extra in range(9):
-        old_side, new_side = math.isqrt(old_length - extra), math.isqrt(max(new_length - extra, 0))
+        old_side = math.isqrt(old_length - extra)
+        new_side = math.isqrt(max(new_length - extra, 0))
         if old_side > 0 and new_side > 0 and old_side**2 == old_length - extra and new_side**2 == new_length - extra:
             break
     else:

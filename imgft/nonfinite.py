@@ -34,7 +34,8 @@ def check_skipped_steps(state, on_nonfinite_loss, output_dir):
     last check are logged (--on_nonfinite_loss skip) or give the Stop that ends the run (stop)."""
     skipped = state.skipped_steps + int(state.skipped_on_device.item())
     state.skipped_on_device.zero_()
-    first, last = state.steps_checked + 1, state.completed_steps
+    first = state.steps_checked + 1
+    last = state.completed_steps
     new_skips = skipped - state.skipped_steps
     state.skipped_steps = skipped
     state.steps_checked = last

@@ -1,4 +1,5 @@
-"""What a run leaves in output_dir: the model, results, metrics log and config; and guarding that folder."""
+"""What a run leaves in output_dir: the model, results, metrics log and config; guarding that folder; and
+pushing the finished model to the Hub."""
 
 import contextlib
 import json

@@ -258,7 +258,8 @@ def transform_streamed_batch(batch, indices, transform, image_column, label_colu
     worker_id, workers = (worker.id, worker.num_workers) if worker else (0, 1)
     process_index, processes = process
     epoch_now = None if epoch is None else int(epoch)
-    pixel_values, labels = [], []
+    pixel_values = []
+    labels = []
     examples = zip(batch[image_column], batch[label_column], indices, strict=True)
     for row, (value, label, index) in enumerate(examples):
         image, reason = images.decode_value(value)

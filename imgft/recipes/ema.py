@@ -42,7 +42,8 @@ def update_ema(ema_model, model, step, decay):
     """Move the average towards `model`'s weights after optimizer step `step`; nothing when EMA is off."""
     if ema_model is None:
         return
-    averaged, current = [], []
+    averaged = []
+    current = []
     # The same order in both: DDP and torch.compile wrappers list their module's tensors unchanged.
     ema_tensors = itertools.chain(ema_model.parameters(), ema_model.buffers())
     tensors = itertools.chain(model.parameters(), model.buffers())
@@ -77,7 +78,8 @@ def choose_weights(results, train_args):
     ema_key = EMA_PREFIX + key.removeprefix("eval_")
     if ema_key not in results:
         return None
-    value, ema_value = results[key], results[ema_key]
+    value = results[key]
+    ema_value = results[ema_key]
     chosen = "ema" if (ema_value > value if greater_is_better(train_args) else ema_value < value) else "raw"
     weights = "EMA" if chosen == "ema" else "raw (not the EMA)"
     log_once(logging.INFO, f"Saving the {weights} weights: {ema_key} {ema_value:.4f}, {key} {value:.4f}")

@@ -47,7 +47,8 @@ _warned_characters = set()  # each character that no font has is warned about on
 
 def read_metrics_log(path):
     """(training log records, evaluation records) from a metrics.jsonl, each sorted by step."""
-    train, evals = [], []
+    train = []
+    evals = []
     with open(path, encoding="utf-8") as file:
         for line in file:
             if not line.strip():
