@@ -1,10 +1,18 @@
 """imgft: fine-tune any 🤗 Transformers image classifier with a plain PyTorch + Accelerate loop.
 
-train_loop.py is the loop. This package holds what sits behind its steps, in three layers:
-- the core the loop uses: args (step 1), data and images (step 2: datasets, labels, decoding files),
-  model (step 3), transforms (step 4), optimizer (step 5), then train_state, nonfinite, metrics, best,
-  checkpoint, outputs, runtime and errors for the loop itself;
-- commands/: the tools around the loop (`python -m imgft ...`): evaluate, predict, check-data, demo-data;
+train_loop.py is the loop. This package holds what sits behind its steps, in layers:
+- the core the loop uses, module by module in the order the loop reaches them:
+  - step 1: args;
+  - step 2: data, images (reading files) and stream (--streaming);
+  - step 3: model, with preprocessing (the processor's own resize and crop), layers (backbone or head),
+    drop_path, freezing and peft_model;
+  - step 4: transforms and augment;
+  - step 5: optimizer, layer_decay and batches (what one optimizer step sees);
+  - the loop itself: train_state (its counters), losses, nonfinite (NaN/inf steps), metrics, best,
+    train_log (its log lines), checkpoint, outputs (what it leaves in output_dir), run_lock, runtime and errors;
+- recipes/: fine-tuning recipes turned on by flag (Mixup/CutMix, EMA, class-balanced sampling);
+- commands/: the tools around the loop (`python -m imgft ...`): evaluate (with tta), predict, lr-find,
+  check-data, demo-data;
 - report/: what a person reads after a run: eval_results.json, the pictures and the model card.
 The benchmark lives apart from the package, in benchmarks/ at the top of the repository.
 """
