@@ -94,7 +94,8 @@ def check_every_process_sees_output_dir(accelerator, output_dir):
 
     The main process writes a file with a fresh random name into output_dir; every process then looks for
     it, and every process raises the same UserError naming the hosts that cannot see it. The file goes, and
-    so does the folder if the check made it: a run refused later leaves nothing behind.
+    so does the folder if the check made it: a run refused later leaves nothing behind. No process returns
+    before they are gone: one that went on would read the folder (`check_output_dir`) as it vanished.
     """
     if accelerator.num_processes == 1:
         return
@@ -111,6 +112,7 @@ def check_every_process_sees_output_dir(accelerator, output_dir):
         os.remove(marker)
         if made_folder:
             os.rmdir(output_dir)
+    accelerator.wait_for_everyone()
     main = views[0]
     blind = [view for view in views if not view["sees"]]
     if blind:

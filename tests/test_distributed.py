@@ -1,10 +1,11 @@
 """Real 2-process DDP on CPU (gloo), launched with accelerate like a multi-GPU job."""
 
 import json
+import re
 import shutil
 import sys
 
-from conftest import launch_two_processes, run_command
+from conftest import REPO, launch_two_processes, run_command
 
 
 def last_json_line(stdout):
@@ -45,3 +46,15 @@ def test_two_process_training_and_evaluation_match_one_process(train, tmp_path, 
     assert one["eval_samples"] == two["eval_samples"] == 37
     assert one["eval_accuracy"] == two["eval_accuracy"] == results["eval_accuracy"]
     assert abs(one["eval_loss"] - two["eval_loss"]) < 1e-5
+
+
+def test_no_process_reads_a_new_output_dir_while_the_shared_folder_check_removes_it(tmp_path):
+    # The check makes the folder, and the main process removes it again; a process that went on at once
+    # listed a folder that vanished under it: FileNotFoundError, now and then, on a first launch.
+    out = tmp_path / "new"
+    result = launch_two_processes([REPO / "tests" / "output_dir_check_race.py", out])
+    assert result.returncode == 0, result.stderr[-3000:]
+    # The two processes' lines may interleave.
+    answers = sorted(re.findall(r"rank \d: finished (?:True|False)", result.stdout))
+    assert answers == ["rank 0: finished False", "rank 1: finished False"]
+    assert not out.exists()
