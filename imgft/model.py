@@ -127,9 +127,10 @@ def check_model_folder(name):
         return
     checkpoints = sorted(entry for entry in os.listdir(name) if CHECKPOINT_NAME.match(entry))
     if checkpoints:
+        listed = ", ".join(checkpoints)
         raise UserError(
-            f"cannot load model '{name}': it holds no config.json, only checkpoints ({', '.join(checkpoints)}) "
-            "of a run not finished yet; the model is saved at its end (a stopped run goes on with "
+            f"cannot load model '{name}': it holds no config.json, only checkpoints ({listed}) of a run not "
+            "finished yet; the model is saved at its end (a stopped run goes on with "
             "--resume_from_checkpoint latest)"
         )
     raise UserError(f"cannot load model '{name}': the folder holds no config.json, so no saved model")
