@@ -58,6 +58,7 @@ def main(argv=None):
     data_args, model_args, train_args = imgft_args.parse_args(argv)
     config = imgft_args.to_dict(data_args, model_args, train_args)
     output_dir = train_args.output_dir
+    outputs.check_output_dir_can_be_a_folder(output_dir)
     outputs.check_push_possible(train_args)
     check_model_source(model_args)
 

@@ -256,6 +256,19 @@ def hub_token(explicit_token):
     return explicit_token or get_token()
 
 
+def check_output_dir_can_be_a_folder(output_dir):
+    """Refuse, before any work, an output_dir that is a file or lies under one: otherwise the first write,
+    after the data, the model and perhaps the whole run, would end in a FileExistsError traceback."""
+    existing = os.path.abspath(output_dir)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if os.path.isdir(existing):
+        return
+    where = "is" if existing == os.path.abspath(output_dir) else f"lies under {existing}, which is"
+    what = "a file" if os.path.exists(existing) else f"a link to {os.readlink(existing)}, which does not exist"
+    raise UserError(f"--output_dir {output_dir} {where} {what}, not a folder: choose another --output_dir")
+
+
 def check_push_possible(train_args):
     """Say before training, not after it, that a requested push cannot happen."""
     if not train_args.push_to_hub:

@@ -120,10 +120,11 @@ def _report_dir(argv, train_args):
     wrote to. A folder holding a finished run (all_results.json) is refused unless --overwrite_output_dir is
     on the command line too, since the report would replace the run's own, which its results and card describe.
     """
-    from imgft.outputs import RESULTS_FILE
+    from imgft.outputs import RESULTS_FILE, check_output_dir_can_be_a_folder
 
     if not any(_is_flag(token, "output_dir") for token in argv):
         return None
+    check_output_dir_can_be_a_folder(train_args.output_dir)
     told = train_args.overwrite_output_dir and any(_is_flag(token, "overwrite_output_dir") for token in argv)
     if os.path.exists(os.path.join(train_args.output_dir, RESULTS_FILE)) and not told:
         raise UserError(
