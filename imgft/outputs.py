@@ -265,7 +265,7 @@ def check_output_dir_can_be_a_folder(output_dir):
     if os.path.isdir(existing):
         return
     where = "is" if existing == os.path.abspath(output_dir) else f"lies under {existing}, which is"
-    what = "a file" if os.path.exists(existing) else f"a link to {os.readlink(existing)}, which does not exist"
+    what = "a file" if os.path.exists(existing) else f"a link to the missing {os.readlink(existing)}"
     raise UserError(f"--output_dir {output_dir} {where} {what}, not a folder: choose another --output_dir")
 
 
