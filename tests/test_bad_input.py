@@ -259,9 +259,11 @@ def test_an_output_dir_that_is_a_file_is_refused_before_any_work(tmp_path, tiny_
     from imgft.commands import evaluate, lr_find
 
     (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "link").symlink_to(tmp_path / "gone")
     for output_dir, says in [
         (tmp_path / "notes.txt", "notes.txt is a file, not a folder"),
         (tmp_path / "notes.txt" / "run", f"run lies under {tmp_path / 'notes.txt'}, which is a file"),
+        (tmp_path / "link", f"link is a link to the missing {tmp_path / 'gone'}, not a folder"),
     ]:
         assert says in run_cleanly(["--train_dir", tmp_path / "nope", "--output_dir", output_dir], capsys)
         for command in (evaluate.main, lr_find.main):  # each once wrote only after all its work
