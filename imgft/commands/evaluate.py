@@ -32,7 +32,7 @@ def main(argv):
     report_dir = _report_dir(argv, train_args)
     accelerator = Accelerator(cpu=runtime.distributed_without_gpu(), mixed_precision=train_args.mixed_precision)
     runtime.setup_logging()
-    with accelerator.main_process_first():
+    with runtime.main_process_first(accelerator):
         model, image_processor = load_saved_classifier(model_args)
         model_label_names = [model.config.id2label[i] for i in range(model.config.num_labels)]
         # Labelled with the model's own class ids, matched to the data's classes by name.
