@@ -119,7 +119,9 @@ def log_run_summary(train_dataset, eval_dataset, label_names, accelerator, train
         )
         return
     batches_per_epoch = math.ceil(len(train_dataset) / (per_device * processes))  # as the sharded loader has it
-    images_per_step, warning = effective_batch(batches_per_epoch, per_device, processes, accumulation)
+    images_per_step, warning = effective_batch(
+        batches_per_epoch, per_device, processes, accumulation, len(train_dataset)
+    )
     log_once(
         logging.INFO,
         f"{len(train_dataset)} training / {len(eval_dataset)} validation examples, {len(label_names)} classes; "
