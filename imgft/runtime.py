@@ -104,8 +104,9 @@ def dataloader_workers(requested, device, num_processes):
 
 def log_run_summary(train_dataset, eval_dataset, label_names, accelerator, train_args, max_train_steps):
     """Log what the run is about to do: data, classes, processes, precision, the real batch and the steps;
-    and warn when accumulation spans more batches than an epoch has (`batches.effective_batch`), or when
-    FSDP was asked for where Accelerate cannot shard (it does so only on GPUs and other accelerators)."""
+    and warn when accumulation spans more batches than an epoch has or the data is smaller than a batch
+    (`batches.effective_batch`), or when FSDP was asked for where Accelerate cannot shard (it does so only on
+    GPUs and other accelerators)."""
     per_device = train_args.per_device_train_batch_size
     accumulation = train_args.gradient_accumulation_steps
     processes = accelerator.num_processes
