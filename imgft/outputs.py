@@ -53,7 +53,8 @@ RUN_FILES = (
 
 
 def check_output_dir(output_dir, resume_requested, overwrite, config):
-    """Refuse to start over an earlier run unless asked to; return True when this run has already finished.
+    """Refuse to start over an earlier run, or over files of the names a run writes, unless asked to; return
+    True when this run has already finished.
 
     A finished run relaunched with --resume_from_checkpoint (a scheduler's blind restart) has nothing
     left to do, provided it is the same run.
@@ -80,6 +81,13 @@ def check_output_dir(output_dir, resume_requested, overwrite, config):
         raise UserError(
             f"{output_dir} holds checkpoints of an unfinished run; pass --resume_from_checkpoint latest "
             "to continue it, or --overwrite_output_dir to start over"
+        )
+    # Someone's own README.md or config.json, say: no imgft run wrote them (each writes its config first).
+    theirs = [name for name in RUN_FILES if os.path.isfile(os.path.join(output_dir, name))]
+    if not resume_requested and theirs and not os.path.exists(os.path.join(output_dir, CONFIG_FILE)):
+        raise UserError(
+            f"{output_dir} holds {', '.join(theirs)}, not written by an imgft run, which this run would "
+            "replace; choose another --output_dir, or pass --overwrite_output_dir to replace them"
         )
     return False
 
