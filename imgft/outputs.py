@@ -12,7 +12,7 @@ import yaml
 from accelerate.utils import DistributedType, broadcast_object_list, gather_object
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-from imgft.args import ABSOLUTE_PATHS_KEY, absolute_paths
+from imgft.args import ABSOLUTE_PATHS_KEY, absolute_paths, field_defaults
 from imgft.checkpoint import (
     CHECKPOINT_NAME,
     STAGING_PREFIX,
@@ -66,6 +66,7 @@ def check_output_dir(output_dir, resume_requested, overwrite, config):
         saved_config_path = os.path.join(output_dir, CONFIG_FILE)
         saved = _read_run_config(saved_config_path) if os.path.exists(saved_config_path) else {}
         unsafe, _ = compare_runs({"config": saved}, {"config": config})
+        unsafe += training_length_changes(saved, config)
         if unsafe:
             raise UserError(
                 f"{output_dir} holds a finished run with other settings ({'; '.join(unsafe)}); "
@@ -90,6 +91,18 @@ def check_output_dir(output_dir, resume_requested, overwrite, config):
             "replace; choose another --output_dir, or pass --overwrite_output_dir to replace them"
         )
     return False
+
+
+def training_length_changes(saved, config):
+    """A finished run's length against this one's, as 'name: then -> now': a resume may change the flags of
+    length, but its schedule holds it to the same number of steps, so a longer finished run is no relaunch.
+    --num_train_epochs counts only where --max_train_steps, which overrides it, is set in neither."""
+    defaults = field_defaults()
+    before, now = {**defaults, **saved}, {**defaults, **config}
+    names = ["max_train_steps"]
+    if not (before["max_train_steps"] and now["max_train_steps"]):
+        names.append("num_train_epochs")
+    return [f"{name}: {before[name]!r} -> {now[name]!r}" for name in names if before[name] != now[name]]
 
 
 SHARED_CHECK_PREFIX = ".imgft-shared-check-"

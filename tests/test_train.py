@@ -195,6 +195,11 @@ def test_finished_run_is_left_alone(train, tmp_path, colors_data, tiny_vit, capl
     train(common + ["--checkpointing_steps", "2", "--resume_from_checkpoint", "latest"])
     assert ((out / "model.safetensors").read_bytes(), (out / "all_results.json").read_text()) == before
     assert "nothing to do" in caplog.text
+    # Asked to train longer, the same command once said "nothing to do" too, and exited 0 after 2 steps.
+    longer = ["--max_train_steps", "3", "--checkpointing_steps", "2", "--resume_from_checkpoint", "latest"]
+    with pytest.raises(UserError, match=r"a finished run with other settings \(max_train_steps: 2 -> 3\)"):
+        train(common + longer)
+    assert ((out / "model.safetensors").read_bytes(), (out / "all_results.json").read_text()) == before
 
 
 def test_output_dir_is_guarded(train, tmp_path, colors_data, tiny_vit):
