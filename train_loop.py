@@ -59,6 +59,7 @@ def main(argv=None):
     data_args, model_args, train_args = imgft_args.parse_args(argv)
     config = imgft_args.to_dict(data_args, model_args, train_args)
     output_dir = train_args.output_dir
+    outputs.check_output_dir_can_be_a_folder(output_dir)
     outputs.check_push_possible(train_args)
     check_model_source(model_args)
 
@@ -97,21 +98,21 @@ def main(argv=None):
     # ---------------------------------------------------------------- 2. Dataset and labels
     # A Hub name or imagefolders (class folders become labels), a seeded split if there is no validation
     # set, and the class names that become id2label. main_process_first: process 0 fills the datasets
-    # cache, and the others then read it instead of building it again.
-    with accelerator.main_process_first():
+    # cache, and the others then read it instead of building it again (or all stop, if it refused the data).
+    with runtime.main_process_first(accelerator):
         dataset, image_column, label_column, label_names = data.load_labeled_dataset(
             data_args, model_args.cache_dir, train_args.seed
         )
 
     # ---------------------------------------------------------------- 3. Model and image processor
-    with accelerator.main_process_first():
+    with runtime.main_process_first(accelerator):
         model, image_processor = load_model(model_args, label_names)  # says so when training from scratch
 
     # ---------------------------------------------------------------- 4. Transforms and DataLoaders
     # One decode of every image: unreadable files are set aside (each named), and with --resize_once the
     # rest are stored shrunk to what the transforms need, in a cached file later epochs and runs reuse.
     stored_size = transforms.stored_image_size(image_processor, model_args.image_size, data_args)
-    with accelerator.main_process_first():
+    with runtime.main_process_first(accelerator):
         dataset, unreadable_images = data.decode_once_dropping_unreadable(
             dataset, image_column, label_column, label_names, data_args, stored_size
         )

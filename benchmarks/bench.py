@@ -345,6 +345,12 @@ def main(argv=None):
     )
     parser.add_argument("--skip_memory", action="store_true", help="Leave out the 1x/4x peak-memory runs.")
     args = parser.parse_args(argv)
+    # Said now rather than when the first results are written, minutes of measuring later.
+    output_folder = os.path.dirname(os.path.abspath(args.output))
+    if os.path.isdir(args.output) or not os.path.isdir(output_folder):
+        parser.error(f"--output {args.output}: give a file in an existing folder")
+    if args.repeats is not None and args.repeats < 1:
+        parser.error(f"--repeats must be at least 1 (got {args.repeats})")
     repeats = args.repeats or (1 if args.quick else 3)
     per_class, val_per_class, camera_epochs, digits_epochs = (16, 4, 3, 2) if args.quick else (80, 20, 10, 3)
     data_pairs = [name for name in args.pairs if name in DATA_PAIRS]

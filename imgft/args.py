@@ -725,6 +725,8 @@ def check_args(data_args, model_args, train_args):
             raise UserError(f"--{name} must be a non-negative number (got {value})")
     if train_args.learning_rate == 0:
         raise UserError("--learning_rate must be greater than 0")
+    if not 0 <= train_args.seed < 2**32:  # numpy's and torch's seeding (set_seed) take no other
+        raise UserError(f"--seed must lie in [0, 2**32 - 1] (got {train_args.seed})")
     _check_recipes(model_args, train_args)
     if not 0 < data_args.train_val_split < 1:
         raise UserError(f"--train_val_split must lie strictly between 0 and 1 (got {data_args.train_val_split})")

@@ -309,7 +309,8 @@ def _load_named(data_args, cache_dir):
 
 
 def _load_imagefolders(folders, data_args, cache_dir, min_classes):
-    """A DatasetDict of `folders` ({split: (folder, flag)}) read by the imagefolder loader.
+    """A DatasetDict of `folders` ({split: (folder, flag)}) read by the imagefolder loader; the train folder
+    must hold `min_classes` classes, the others one at least (a validation set may lack some classes).
 
     Each image's class is the top-level subfolder of its split's folder that holds it, at any depth, as
     torchvision's ImageFolder has it (the loader's own labels are its parent folder's name, and none at all
@@ -327,7 +328,7 @@ def _load_imagefolders(folders, data_args, cache_dir, min_classes):
         )
     if not with_metadata:
         for split, (folder, flag) in folders.items():
-            _check_class_folders(found[split][0], folder, flag, min_classes)
+            _check_class_folders(found[split][0], folder, flag, min_classes if split == "train" else 1)
     data_files = {split: images + metadata for split, (images, metadata) in found.items()}
     try:
         # drop_labels: the loader's labels would be the images' parent folders (see above).

@@ -21,6 +21,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATIO
 
 from imgft import peft_model, preprocessing
 from imgft.args import DEMO_CONFIG_OVERRIDES
+from imgft.checkpoint import CHECKPOINT_NAME
 from imgft.drop_path import set_drop_path_rate
 from imgft.errors import UserError
 from imgft.runtime import hub_offline, log_once
@@ -102,8 +103,9 @@ def _load_error(what, name, err):
 
 
 def check_model_source(model_args):
-    """Fail fast, before any data is loaded, on a checkpoint that cannot be had: a missing local folder,
-    or a Hub id while offline that is not in the local cache."""
+    """Fail fast, before any data is loaded, on a checkpoint that cannot be had: a missing local folder, a
+    local folder that holds no model, or a Hub id while offline that is not in the local cache."""
+    check_model_folder(model_args.model_name_or_path)
     sources = (
         ("model", model_args.model_name_or_path, "config.json"),
         ("image processor", model_args.image_processor_name, "preprocessor_config.json"),
@@ -118,6 +120,22 @@ def check_model_source(model_args):
         )
         if hub_offline() and not isinstance(cached, str):
             raise UserError(f"cannot load {what} '{name}': {OFFLINE_REASON}")
+
+
+def check_model_folder(name):
+    """Refuse a local folder without config.json, saying what it is where it is a run's output_dir (whose
+    model is saved only at its end); transformers would raise a ValueError about a missing model_type."""
+    if name is None or not os.path.isdir(name) or os.path.isfile(os.path.join(name, "config.json")):
+        return
+    checkpoints = sorted(entry for entry in os.listdir(name) if CHECKPOINT_NAME.match(entry))
+    if checkpoints:
+        listed = ", ".join(checkpoints)
+        raise UserError(
+            f"cannot load model '{name}': it holds no config.json, only checkpoints ({listed}) of a run not "
+            "finished yet; the model is saved at its end (a stopped run goes on with "
+            "--resume_from_checkpoint latest)"
+        )
+    raise UserError(f"cannot load model '{name}': the folder holds no config.json, so no saved model")
 
 
 def load_model(model_args, label_names):
@@ -204,6 +222,7 @@ def _scratch_image_size(image_size, overrides):
 
 def _model_from_checkpoint(model_args, label_names, overrides, hub):
     path = model_args.model_name_or_path
+    check_model_folder(path)
     try:
         config = AutoConfig.from_pretrained(path, finetuning_task="image-classification", **hub)
     except OSError as err:
@@ -452,6 +471,7 @@ def _checked_forward(model, pixel_values, labels, failure):
 def load_saved_classifier(model_args):
     """A trained image classifier and its processor, as saved by imgft or any transformers checkpoint."""
     path = model_args.model_name_or_path
+    check_model_folder(path)
     hub = {
         "cache_dir": model_args.cache_dir,
         "revision": model_args.model_revision,

@@ -14,7 +14,7 @@ from accelerate.utils import DistributedType, broadcast_object_list, gather_obje
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 from imgft import best
-from imgft.args import ABSOLUTE_PATHS_KEY, absolute_paths
+from imgft.args import ABSOLUTE_PATHS_KEY, absolute_paths, field_defaults
 from imgft.checkpoint import (
     CHECKPOINT_NAME,
     STAGING_PREFIX,
@@ -56,7 +56,8 @@ RUN_FILES = (
 
 
 def check_output_dir(output_dir, resume_requested, overwrite, config):
-    """Refuse to start over an earlier run unless asked to; return True when this run has already finished.
+    """Refuse to start over an earlier run, or over files of the names a run writes, unless asked to; return
+    True when this run has already finished.
 
     A finished run relaunched with --resume_from_checkpoint (a scheduler's blind restart) has nothing
     left to do, provided it is the same run.
@@ -68,6 +69,7 @@ def check_output_dir(output_dir, resume_requested, overwrite, config):
         saved_config_path = os.path.join(output_dir, CONFIG_FILE)
         saved = _read_run_config(saved_config_path) if os.path.exists(saved_config_path) else {}
         unsafe, _ = compare_runs({"config": saved}, {"config": config})
+        unsafe += training_length_changes(saved, config)
         if unsafe:
             raise UserError(
                 f"{output_dir} holds a finished run with other settings ({'; '.join(unsafe)}); "
@@ -84,7 +86,26 @@ def check_output_dir(output_dir, resume_requested, overwrite, config):
             f"{output_dir} holds checkpoints of an unfinished run; pass --resume_from_checkpoint latest "
             "to continue it, or --overwrite_output_dir to start over"
         )
+    # Someone's own README.md or config.json, say: no imgft run wrote them (each writes its config first).
+    theirs = [name for name in RUN_FILES if os.path.isfile(os.path.join(output_dir, name))]
+    if not resume_requested and theirs and not os.path.exists(os.path.join(output_dir, CONFIG_FILE)):
+        raise UserError(
+            f"{output_dir} holds {', '.join(theirs)}, not written by an imgft run, which this run would "
+            "replace; choose another --output_dir, or pass --overwrite_output_dir to replace them"
+        )
     return False
+
+
+def training_length_changes(saved, config):
+    """A finished run's length against this one's, as 'name: then -> now': a resume may change the flags of
+    length, but its schedule holds it to the same number of steps, so a longer finished run is no relaunch.
+    --num_train_epochs counts only where --max_train_steps, which overrides it, is set in neither."""
+    defaults = field_defaults()
+    before, now = {**defaults, **saved}, {**defaults, **config}
+    names = ["max_train_steps"]
+    if not (before["max_train_steps"] and now["max_train_steps"]):
+        names.append("num_train_epochs")
+    return [f"{name}: {before[name]!r} -> {now[name]!r}" for name in names if before[name] != now[name]]
 
 
 SHARED_CHECK_PREFIX = ".imgft-shared-check-"
@@ -97,7 +118,8 @@ def check_every_process_sees_output_dir(accelerator, output_dir):
 
     The main process writes a file with a fresh random name into output_dir; every process then looks for
     it, and every process raises the same UserError naming the hosts that cannot see it. The file goes, and
-    so does the folder if the check made it: a run refused later leaves nothing behind.
+    so does the folder if the check made it: a run refused later leaves nothing behind. No process returns
+    before they are gone: one that went on would read the folder (`check_output_dir`) as it vanished.
     """
     if accelerator.num_processes == 1:
         return
@@ -114,6 +136,7 @@ def check_every_process_sees_output_dir(accelerator, output_dir):
         os.remove(marker)
         if made_folder:
             os.rmdir(output_dir)
+    accelerator.wait_for_everyone()
     main = views[0]
     blind = [view for view in views if not view["sees"]]
     if blind:
@@ -277,6 +300,19 @@ def hub_token(explicit_token):
     from huggingface_hub import get_token
 
     return explicit_token or get_token()
+
+
+def check_output_dir_can_be_a_folder(output_dir):
+    """Refuse, before any work, an output_dir that is a file or lies under one: otherwise the first write,
+    after the data, the model and perhaps the whole run, would end in a FileExistsError traceback."""
+    existing = os.path.abspath(output_dir)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if os.path.isdir(existing):
+        return
+    where = "is" if existing == os.path.abspath(output_dir) else f"lies under {existing}, which is"
+    what = "a file" if os.path.exists(existing) else f"a link to the missing {os.readlink(existing)}"
+    raise UserError(f"--output_dir {output_dir} {where} {what}, not a folder: choose another --output_dir")
 
 
 def check_push_possible(train_args):

@@ -1,6 +1,8 @@
 """Process-level setup and run control shared by train_loop.py and the commands: logging, the CPU-DDP switch,
-DataLoader workers, the stop signals (SIGTERM/SIGINT) and why a run stops, and the training-speed clock."""
+the main process's turn first, DataLoader workers, the stop signals (SIGTERM/SIGINT) and why a run stops, and
+the training-speed clock."""
 
+import contextlib
 import logging
 import math
 import os
@@ -14,6 +16,7 @@ from accelerate.utils import DistributedType
 from datasets import IterableDataset
 
 from imgft.batches import effective_batch
+from imgft.errors import UserError
 
 QUIET_LOGGERS = (
     "httpx",
@@ -55,6 +58,37 @@ def distributed_without_gpu():
     return launched and not has_gpu
 
 
+@contextlib.contextmanager
+def main_process_first(accelerator):
+    """`accelerator.main_process_first()`, where a UserError in the main process's turn (bad data, a model
+    that cannot load) stops every process with exit code 2 and one `error:` line from each machine. With
+    Accelerate's own, the others, left waiting for the main process at a barrier, ended in a gloo or NCCL
+    traceback once it had gone. The others take their turn only after the main process ended its own well.
+    """
+    if accelerator.num_processes == 1:
+        yield
+        return
+    from accelerate.utils import broadcast_object_list
+
+    if accelerator.is_main_process:
+        refusal = None
+        try:
+            yield
+        except UserError as err:
+            refusal = str(err)
+            # Before the broadcast: the launcher ends every process as soon as one exits, message or not.
+            print(f"error: {refusal}", file=sys.stderr, flush=True)
+        if broadcast_object_list([refusal])[0] is not None:
+            raise SystemExit(2)
+        return
+    refusal = broadcast_object_list([None])[0]  # waits for the main process's turn to end
+    if refusal is not None:
+        if accelerator.is_local_main_process:  # the main process said it on its machine
+            print(f"error: {refusal}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+    yield
+
+
 def dataloader_workers(requested, device, num_processes):
     """--num_workers, else a default that keeps an accelerator fed without starving a CPU-only run.
 
@@ -70,8 +104,9 @@ def dataloader_workers(requested, device, num_processes):
 
 def log_run_summary(train_dataset, eval_dataset, label_names, accelerator, train_args, max_train_steps):
     """Log what the run is about to do: data, classes, processes, precision, the real batch and the steps;
-    and warn when accumulation spans more batches than an epoch has (`batches.effective_batch`), or when
-    FSDP was asked for where Accelerate cannot shard (it does so only on GPUs and other accelerators)."""
+    and warn when accumulation spans more batches than an epoch has or the data is smaller than a batch
+    (`batches.effective_batch`), or when FSDP was asked for where Accelerate cannot shard (it does so only on
+    GPUs and other accelerators)."""
     per_device = train_args.per_device_train_batch_size
     accumulation = train_args.gradient_accumulation_steps
     processes = accelerator.num_processes
@@ -85,7 +120,9 @@ def log_run_summary(train_dataset, eval_dataset, label_names, accelerator, train
         )
         return
     batches_per_epoch = math.ceil(len(train_dataset) / (per_device * processes))  # as the sharded loader has it
-    images_per_step, warning = effective_batch(batches_per_epoch, per_device, processes, accumulation)
+    images_per_step, warning = effective_batch(
+        batches_per_epoch, per_device, processes, accumulation, len(train_dataset)
+    )
     log_once(
         logging.INFO,
         f"{len(train_dataset)} training / {len(eval_dataset)} validation examples, {len(label_names)} classes; "

@@ -205,6 +205,8 @@ def test_list_value_for_a_scalar_flag_is_refused(tmp_path):
         (["--random_erasing", "-0.1"], "--random_erasing must lie in [0, 1] (got -0.1)"),
         (["--randaugment_num_ops", "0"], "--randaugment_num_ops must be at least 1 (got 0)"),
         (["--randaugment_magnitude", "31"], "--randaugment_magnitude must lie in [0, 30] (got 31)"),
+        (["--seed", "-1"], "--seed must lie in [0, 2**32 - 1] (got -1)"),
+        (["--seed", str(2**32)], f"--seed must lie in [0, 2**32 - 1] (got {2**32})"),
     ],
 )
 def test_out_of_range_values_are_refused(argv, flag):

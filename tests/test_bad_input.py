@@ -237,6 +237,10 @@ STRUCTURAL = {
     "resume from nothing": (lambda t: ["--resume_from_checkpoint", t / "nothing"], ["nothing does not exist"]),
     "missing model path": (lambda t: ["--model_name_or_path", t / "no_model"], ["no such local folder"]),
     "hub id offline": (lambda t: ["--model_name_or_path", "google/vit-base-patch16-224"], ["HF_HUB_OFFLINE"]),
+    "model folder without config.json": (
+        lambda t: ["--model_name_or_path", (t / "no_model").mkdir() or t / "no_model"],
+        ["holds no config.json"],
+    ),
 }
 
 
@@ -249,6 +253,23 @@ def test_structural_problems_stop_before_any_work(case, tmp_path, capsys):
         assert fragment in message, (fragment, message)
     assert len(message.strip().splitlines()) <= 2
     assert not out.exists()
+
+
+def test_an_output_dir_that_is_a_file_is_refused_before_any_work(tmp_path, tiny_vit, capsys):
+    from imgft.commands import evaluate, lr_find
+
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "link").symlink_to(tmp_path / "gone")
+    for output_dir, says in [
+        (tmp_path / "notes.txt", "notes.txt is a file, not a folder"),
+        (tmp_path / "notes.txt" / "run", f"run lies under {tmp_path / 'notes.txt'}, which is a file"),
+        (tmp_path / "link", f"link is a link to the missing {tmp_path / 'gone'}, not a folder"),
+    ]:
+        assert says in run_cleanly(["--train_dir", tmp_path / "nope", "--output_dir", output_dir], capsys)
+        for command in (evaluate.main, lr_find.main):  # each once wrote only after all its work
+            with pytest.raises(UserError, match=says):
+                command(["--model_name_or_path", str(tiny_vit), "--output_dir", str(output_dir)])
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_validation_classes_missing_from_train_are_named(tmp_path, capsys):

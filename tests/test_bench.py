@@ -117,6 +117,25 @@ def test_pairs_and_skip_memory_choose_what_runs(tmp_path, monkeypatch):
     assert list(written["pairs"]) == ["digits"] and "memory" not in written
 
 
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--output", "{tmp}/no_folder/results.json"], "give a file in an existing folder"),
+        (["--output", "{tmp}"], "give a file in an existing folder"),
+        (["--repeats", "0", "--output", "{tmp}/results.json"], "--repeats must be at least 1 (got 0)"),
+    ],
+)
+def test_an_unwritable_output_or_no_repeats_is_refused_at_once(tmp_path, capsys, monkeypatch, flags, says):
+    # The results were written first after the first pair's runs, minutes in: a traceback, the runs lost.
+    monkeypatch.setattr(bench, "measure_pair", lambda *args: measured_pair())
+    argv = [flag.format(tmp=tmp_path) for flag in flags] + ["--pairs", "digits", "--skip_memory"]
+    with pytest.raises(SystemExit) as stopped:
+        bench.main([*argv, "--workdir", str(tmp_path / "work")])
+    assert stopped.value.code == 2
+    assert says in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()
+
+
 def test_compile_variant_reports_its_ratios_in_the_table(tmp_path, monkeypatch):
     def run(rates, seconds):
         return {"seconds": seconds, "images_per_second_by_epoch": rates, "eval_accuracy": 0.9}

@@ -55,6 +55,14 @@ def test_rotation_keeps_the_newest_and_the_one_resumed_from(tmp_path):
     assert checkpoint.delete_oldest_checkpoints(MainProcess(), tmp_path, None) == []
 
 
+def test_a_finished_runs_length_counts_epochs_only_where_no_max_train_steps_overrides_them():
+    from imgft.outputs import training_length_changes as changes
+
+    assert changes({"num_train_epochs": 1}, {"num_train_epochs": 3}) == ["num_train_epochs: 1 -> 3"]
+    assert changes({"max_train_steps": 8}, {"max_train_steps": 8, "num_train_epochs": 9}) == []
+    assert changes({"max_train_steps": 8}, {}) == ["max_train_steps: 8 -> None"]  # 5 epochs both
+
+
 def test_compare_runs_separates_harmless_changes_from_ones_that_change_training():
     saved = {"config": {"learning_rate": 1e-3, "num_workers": 0, "logging_steps": 10}, "num_processes": 2}
     current = {"config": {"learning_rate": 2e-3, "num_workers": 4, "logging_steps": 10}, "num_processes": 1}

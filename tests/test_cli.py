@@ -68,6 +68,7 @@ def test_help_lists_every_flag():
         ("evaluate", ["--model_name_or_path", "--per_device_eval_batch_size", "--tta"], ["--auto_augment"]),
         ("check-data", ["--train_dir", "--strict_data"], ["--learning_rate", "--model_name_or_path"]),
         ("demo-data", ["DIR", "the digits demo"], ["error"]),
+        ("flags", ["Markdown table"], ["--learning_rate"]),  # not the table itself
     ],
 )
 def test_module_command_help_names_the_command_and_its_arguments(command, listed, left_out, capsys):
@@ -94,6 +95,15 @@ def test_module_usage_and_unknown_command():
     assert usage.returncode == 2 and "evaluate" in usage.stdout
     assert_clean_error(run_command([PYTHON, "-m", "imgft", "frobnicate"]), "unknown command 'frobnicate'")
     assert_clean_error(run_command([PYTHON, "-m", "imgft", "evaluate"]), "needs --model_name_or_path")
+
+
+def test_flags_refuses_arguments_it_would_ignore(capsys):
+    from imgft.commands.cli import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["flags", "--learning_rate"])
+    assert stopped.value.code == 2
+    assert capsys.readouterr() == ("", "error: flags takes no arguments (got --learning_rate)\n")
 
 
 def test_readme_flags_table_matches_the_code_and_ci_runs_the_readme_test_command():

@@ -307,6 +307,18 @@ def test_load_labeled_dataset_on_an_imagefolder(colors_data, tmp_path):
     assert np.bincount(ids(dataset["validation"]), minlength=5).tolist() == [5] * 5
 
 
+def test_a_validation_folder_may_hold_one_of_the_two_classes(tmp_path):
+    # The rule of two classes is training's: a validation set that lacks a class is still one.
+    train = write_color_imagefolder(tmp_path / "train", ["cat", "dog"], 2)
+    validation = write_color_imagefolder(tmp_path / "validation", ["dog"], 3, seed=5)
+    data_args = DataArguments(train_dir=str(train), validation_dir=str(validation))
+    dataset, _, _, names = load_labeled_dataset(data_args, str(tmp_path / "cache"), 0)
+    assert names == ["cat", "dog"]
+    assert ids(dataset["validation"]) == [1, 1, 1]
+    with pytest.raises(UserError, match="--train_dir .*: found a single class \\(dog\\)"):
+        load_labeled_dataset(DataArguments(train_dir=str(validation)), str(tmp_path / "cache"), 0)
+
+
 def test_resize_once_stores_shrunk_images_and_sets_unreadable_ones_aside(tmp_path):
     from conftest import write_color_imagefolder
 

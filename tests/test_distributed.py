@@ -1,10 +1,11 @@
 """Real 2-process DDP on CPU (gloo), launched with accelerate like a multi-GPU job."""
 
 import json
+import re
 import shutil
 import sys
 
-from conftest import launch_two_processes, run_command
+from conftest import REPO, launch_two_processes, run_command
 
 
 def last_json_line(stdout):
@@ -45,3 +46,19 @@ def test_two_process_training_and_evaluation_match_one_process(train, tmp_path, 
     assert one["eval_samples"] == two["eval_samples"] == 37
     assert one["eval_accuracy"] == two["eval_accuracy"] == results["eval_accuracy"]
     assert abs(one["eval_loss"] - two["eval_loss"]) < 1e-5
+
+
+def test_setup_steps_where_one_process_outruns_the_other(tmp_path):
+    out = tmp_path / "new"
+    result = launch_two_processes([REPO / "tests" / "two_process_setup.py", out])
+    # A new output_dir: the shared-folder check makes it and the main process removes it again. A process
+    # that went on at once listed a folder that vanished under it: FileNotFoundError, now and then.
+    answers = sorted(re.findall(r"rank \d: finished (?:True|False)", result.stdout))  # lines may interleave
+    assert answers == ["rank 0: finished False", "rank 1: finished False"], result.stderr[-3000:]
+    assert not out.exists()
+    # The main process refuses the data in its turn first: every process stops, exit code 2, one line.
+    # The other, waiting at Accelerate's barrier, crashed there in a gloo traceback once the main one left.
+    assert "read the data" not in result.stdout
+    assert result.stderr.count("error: the data is refused") == 1, result.stderr[-3000:]
+    assert "[rank1]: Traceback" not in result.stderr and "[rank0]: Traceback" not in result.stderr
+    assert re.search(r"exitcode\s*:\s*2\b", result.stderr)  # the launcher passes on a worker's exit code 2

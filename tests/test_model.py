@@ -18,7 +18,13 @@ from transformers import (
 
 from imgft.args import ModelArguments
 from imgft.errors import UserError
-from imgft.model import load_model, load_saved_classifier, optimizer_param_groups, parse_config_overrides
+from imgft.model import (
+    check_model_source,
+    load_model,
+    load_saved_classifier,
+    optimizer_param_groups,
+    parse_config_overrides,
+)
 
 TEN = [chr(ord("a") + i) for i in range(10)]
 
@@ -359,3 +365,18 @@ def test_load_saved_classifier_missing(tmp_path):
         with pytest.raises(UserError, match="cannot load model"):
             load_saved_classifier(model_args(model_name_or_path=name))
     assert time.perf_counter() - start < 5
+
+
+@pytest.mark.parametrize(
+    "load",
+    [check_model_source, load_saved_classifier, lambda args: load_model(args, ["a", "b"])],
+    ids=["check_model_source", "load_saved_classifier", "load_model"],
+)
+def test_a_folder_without_config_json_is_one_line_that_tells_an_unfinished_run(tmp_path, load):
+    # transformers' own answer is a ValueError traceback about a missing model_type.
+    with pytest.raises(UserError, match="the folder holds no config.json, so no saved model"):
+        load(model_args(model_name_or_path=str(tmp_path)))
+    (tmp_path / "step_4").mkdir()
+    (tmp_path / "step_2").mkdir()
+    with pytest.raises(UserError, match=r"only checkpoints \(step_2, step_4\) of a run not finished yet"):
+        load(model_args(model_name_or_path=str(tmp_path)))

@@ -195,6 +195,11 @@ def test_finished_run_is_left_alone(train, tmp_path, colors_data, tiny_vit, capl
     train(common + ["--checkpointing_steps", "2", "--resume_from_checkpoint", "latest"])
     assert ((out / "model.safetensors").read_bytes(), (out / "all_results.json").read_text()) == before
     assert "nothing to do" in caplog.text
+    # Asked to train longer, the same command once said "nothing to do" too, and exited 0 after 2 steps.
+    longer = ["--max_train_steps", "3", "--checkpointing_steps", "2", "--resume_from_checkpoint", "latest"]
+    with pytest.raises(UserError, match=r"a finished run with other settings \(max_train_steps: 2 -> 3\)"):
+        train(common + longer)
+    assert ((out / "model.safetensors").read_bytes(), (out / "all_results.json").read_text()) == before
 
 
 def test_output_dir_is_guarded(train, tmp_path, colors_data, tiny_vit):
@@ -211,6 +216,20 @@ def test_output_dir_is_guarded(train, tmp_path, colors_data, tiny_vit):
     assert (out / "notes.txt").read_text() == "mine"
     assert not list(out.glob("step_*"))  # the old run's checkpoints are gone
     assert (out / "all_results.json").is_file()
+
+
+def test_files_named_as_a_run_names_its_own_are_not_overwritten_unless_told(train, tmp_path, tiny_vit):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "README.md").write_text("my notes")
+    (out / "config.json").write_text("{}")
+    # Refused before the data is read (there is none here): the model card and config.json replaced them.
+    flags = ["--train_dir", tmp_path / "no_data", *vit_flags(tiny_vit), "--output_dir", out]
+    with pytest.raises(UserError, match="holds README.md, config.json, not written by an imgft run"):
+        train(flags)
+    assert (out / "README.md").read_text() == "my notes" and (out / "config.json").read_text() == "{}"
+    with pytest.raises(UserError, match="no_data is not a folder"):  # told: it goes on, to the data
+        train([*flags, "--overwrite_output_dir"])
 
 
 def test_tensorboard_tracking_writes_event_files(train, tmp_path, colors_data, tiny_vit):

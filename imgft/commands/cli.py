@@ -20,6 +20,10 @@ import sys
 
 from imgft.errors import exit_on_user_error
 
+FLAGS_USAGE = (
+    "usage: python -m imgft flags [--help]\n\n"
+    "Print every flag, its default and its help as a Markdown table (README.md holds the same)."
+)
 COMMANDS = ("demo-data", "evaluate", "predict", "check-data", "lr-find", "bench", "flags")
 
 
@@ -62,6 +66,17 @@ def main(argv=None):
 
         bench_main(rest)
     elif command == "flags":
-        from imgft.args import flags_markdown
+        exit_on_user_error(print_flags_table, rest)
 
+
+def print_flags_table(argv):
+    """`flags`: the table of every flag, as README.md shows it; it takes no arguments but --help."""
+    from imgft.args import flags_markdown
+    from imgft.errors import UserError
+
+    if argv and argv[0] in ("-h", "--help"):
+        print(FLAGS_USAGE)
+    elif argv:
+        raise UserError(f"flags takes no arguments (got {' '.join(argv)})")
+    else:
         print(flags_markdown(), end="")

@@ -32,7 +32,7 @@ def main(argv):
     report_dir = _report_dir(argv, train_args)
     accelerator = Accelerator(cpu=runtime.distributed_without_gpu(), mixed_precision=train_args.mixed_precision)
     runtime.setup_logging()
-    with accelerator.main_process_first():
+    with runtime.main_process_first(accelerator):
         model, image_processor = load_saved_classifier(model_args)
         model_label_names = [model.config.id2label[i] for i in range(model.config.num_labels)]
         # Labelled with the model's own class ids, matched to the data's classes by name.
@@ -120,10 +120,11 @@ def _report_dir(argv, train_args):
     wrote to. A folder holding a finished run (all_results.json) is refused unless --overwrite_output_dir is
     on the command line too, since the report would replace the run's own, which its results and card describe.
     """
-    from imgft.outputs import RESULTS_FILE
+    from imgft.outputs import RESULTS_FILE, check_output_dir_can_be_a_folder
 
     if not any(_is_flag(token, "output_dir") for token in argv):
         return None
+    check_output_dir_can_be_a_folder(train_args.output_dir)
     told = train_args.overwrite_output_dir and any(_is_flag(token, "overwrite_output_dir") for token in argv)
     if os.path.exists(os.path.join(train_args.output_dir, RESULTS_FILE)) and not told:
         raise UserError(

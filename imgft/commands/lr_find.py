@@ -101,13 +101,14 @@ def main(argv):
     from accelerate.utils import set_seed
     from torch.utils.data import DataLoader
 
-    from imgft import data, freezing, layer_decay, optimizer, runtime, transforms
+    from imgft import data, freezing, layer_decay, optimizer, outputs, runtime, transforms
     from imgft.args import parse_args
     from imgft.model import check_model_source, load_model
 
     sweep, training_argv = split_sweep_flags(argv)
     data_args, model_args, train_args = parse_args(training_argv)
     check_model_source(model_args)
+    outputs.check_output_dir_can_be_a_folder(train_args.output_dir)
     cpu = runtime.distributed_without_gpu()  # launched on several processes, so refused just below
     accelerator = Accelerator(cpu=cpu, mixed_precision=train_args.mixed_precision)
     if accelerator.num_processes > 1:
