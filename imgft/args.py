@@ -446,8 +446,8 @@ CONFIG_NOTE = (
     "output_dir/imgft_config.yaml); flags after it override its values."
 )
 TRAIN_COMMAND = Command("train_loop.py", "Fine-tune a 🤗 Transformers image classifier. " + CONFIG_NOTE)
-DATA_FLAGS = ("dataset_name", "dataset_config_name", "train_dir", "validation_dir", "train_val_split")
-DATA_FLAGS += ("image_column_name", "label_column_name", "num_workers", "strict_data")
+DATA_FLAGS = ("dataset_name", "dataset_config_name", "train_dir", "validation_dir", "eval_split")
+DATA_FLAGS += ("train_val_split", "image_column_name", "label_column_name", "num_workers", "strict_data")
 EVALUATE_COMMAND = Command(
     "python -m imgft evaluate",
     "Evaluate a saved model on the validation split, read as training reads it; with --output_dir, also write "
