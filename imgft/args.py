@@ -156,7 +156,8 @@ class DataArguments:
         default=1000,
         metadata={
             "help": "With --streaming: examples held in the shuffle buffer each DataLoader worker draws "
-            "from. 0: no buffer, only the shards' order is shuffled, and a resume is exact."
+            "from. 0: no buffer, and a resume is exact; the shards are then read in their stored order in "
+            "the first pass, and in an order drawn from the pass's number (not --seed) in each later one."
         },
     )
     label_names: str | None = field(
