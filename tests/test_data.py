@@ -183,10 +183,6 @@ def test_find_columns_falls_back_to_a_column_named_label():
 def test_find_columns_keeps_named_columns():
     dataset = image_dataset(label_feature=datasets.ClassLabel(names=["x", "y"]))
     assert find_columns(dataset, "img", "idx") == ("img", "idx")
-    # Of two image columns the first is the default; --image_column_name picks the other.
-    two = dataset.map(lambda row: {"thumbnail": row["img"]}).cast_column("thumbnail", datasets.Image())
-    assert find_columns(two, None, None) == ("img", "target")
-    assert find_columns(two, "thumbnail", None) == ("thumbnail", "target")
 
 
 @pytest.mark.parametrize(
@@ -204,6 +200,17 @@ def test_find_columns_refuses_a_missing_named_column(image_column, label_column,
     assert flag in message
     assert f"'{name}'" in message
     assert "columns: idx, img, target" in message
+
+
+def test_image_column_name_picks_one_of_two_image_columns(tmp_path):
+    image = datasets.Image()
+    features = datasets.Features({"photo": image, "sketch": image, "label": datasets.Value("string")})
+    rows = {"photo": small_images(10), "sketch": small_images(10, seed=1), "label": ["cat", "dog"] * 5}
+    (tmp_path / "data").mkdir()
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "data" / "train.parquet"))
+    for flag, column in ((None, "photo"), ("sketch", "sketch")):  # the first image column by default
+        data_args = DataArguments(dataset_name=str(tmp_path / "data"), image_column_name=flag)
+        assert load_labeled_dataset(data_args, str(tmp_path / "cache"), 0)[1] == column
 
 
 def test_find_columns_without_label_column_lists_columns():
@@ -840,6 +847,7 @@ def test_dataset_config_name_chooses_the_configuration_and_a_missing_one_is_one_
         data_args = DataArguments(dataset_name=str(root), dataset_config_name=config_name)
         dataset, _, _, _ = load_labeled_dataset(data_args, str(tmp_path / "cache"), 0)
         assert (len(dataset["train"]), len(dataset["validation"])) == rows, config_name
+    assert (tmp_path / "cache" / "data").is_dir()  # --cache_dir holds the datasets cache
     available = re.escape("['small', 'large']")
     with pytest.raises(UserError, match=f"no --dataset_config_name: Config name is missing.*{available}$"):
         load_labeled_dataset(DataArguments(dataset_name=str(root)), str(tmp_path / "cache"), 0)
