@@ -68,7 +68,10 @@ class DataArguments:
     )
     max_eval_samples: int | None = field(
         default=None,
-        metadata={"help": "Keep only this many validation examples (a seeded random subset), for debugging."},
+        metadata={
+            "help": "Keep only this many validation examples (a seeded random subset; of a stream, its first "
+            "ones), for debugging."
+        },
     )
     image_column_name: str | None = field(
         default=None,
