@@ -359,6 +359,7 @@ def test_lr_find_help_lists_its_own_flags_and_the_training_flags_it_reads(capsys
         "--layer_decay",
         "--freeze_backbone",
         "--learning_rate",
+        "--streaming",
     ):
         assert flag in text
     assert "--eval_steps" not in text
