@@ -459,7 +459,7 @@ EVALUATE_COMMAND = Command(
     DATA_FLAGS
     + ("resize_once", "stored_image_size", "max_eval_samples", "tta")
     + ("model_name_or_path", "image_processor_name", "image_size", "cache_dir", "model_revision", "trust_remote_code")
-    + ("per_device_eval_batch_size", "mixed_precision", "seed", "output_dir"),
+    + ("per_device_eval_batch_size", "mixed_precision", "seed", "output_dir", "overwrite_output_dir"),
 )
 CHECK_DATA_COMMAND = Command(
     "python -m imgft check-data",

@@ -536,7 +536,7 @@ def test_train_help_names_the_config_file_and_every_flag():
 @pytest.mark.parametrize(
     ("command", "read", "not_read"),
     [
-        ("EVALUATE_COMMAND", ["eval_split", "max_eval_samples", "per_device_eval_batch_size"], ["learning_rate"]),
+        ("EVALUATE_COMMAND", ["eval_split", "max_eval_samples", "overwrite_output_dir"], ["learning_rate"]),
         ("CHECK_DATA_COMMAND", ["eval_split", "strict_data", "seed"], ["per_device_eval_batch_size", "image_size"]),
     ],
 )
