@@ -135,7 +135,8 @@ def test_lora_flags_set_the_adapted_layers_the_update_scale_and_the_dropout():
         first_key_layer = next(m for name, m in model.named_modules() if name.endswith("0.attention.k_proj"))
         return model.eval(), first_key_layer
 
-    (model, half), (_, whole) = adapted(alpha=4), adapted(alpha=8)
+    model, half = adapted(alpha=4)
+    whole = adapted(alpha=8)[1]
     adapted_layers = {name.split(".lora_")[0] for name, _ in model.named_parameters() if ".lora_" in name}
     assert len(adapted_layers) == 2 and all(name.endswith("attention.k_proj") for name in adapted_layers)
     assert half.lora_dropout["default"].p == 0.25

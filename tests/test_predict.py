@@ -92,7 +92,8 @@ def test_matches_the_transformers_pipeline_and_does_not_depend_on_batching(model
     from transformers import pipeline
 
     files = sorted((colors_data / "validation").rglob("*.png"))[::4]  # 7 files, every class
-    batch_sizes, logits_of = [], predict.predicted_logits
+    batch_sizes = []
+    logits_of = predict.predicted_logits
 
     def recording_logits(model, batch, normalize, with_views):
         batch_sizes.append(len(batch))
