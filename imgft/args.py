@@ -68,7 +68,10 @@ class DataArguments:
     )
     max_eval_samples: int | None = field(
         default=None,
-        metadata={"help": "Keep only this many validation examples (a seeded random subset), for debugging."},
+        metadata={
+            "help": "Keep only this many validation examples (a seeded random subset; of a stream, its first "
+            "ones), for debugging."
+        },
     )
     image_column_name: str | None = field(
         default=None,
@@ -156,7 +159,8 @@ class DataArguments:
         default=1000,
         metadata={
             "help": "With --streaming: examples held in the shuffle buffer each DataLoader worker draws "
-            "from. 0: no buffer, only the shards' order is shuffled, and a resume is exact."
+            "from. 0: no buffer, and a resume is exact; the shards are then read in their stored order in "
+            "the first pass, and in an order drawn from the pass's number (not --seed) in each later one."
         },
     )
     label_names: str | None = field(
@@ -446,8 +450,8 @@ CONFIG_NOTE = (
     "output_dir/imgft_config.yaml); flags after it override its values."
 )
 TRAIN_COMMAND = Command("train_loop.py", "Fine-tune a 🤗 Transformers image classifier. " + CONFIG_NOTE)
-DATA_FLAGS = ("dataset_name", "dataset_config_name", "train_dir", "validation_dir", "train_val_split")
-DATA_FLAGS += ("image_column_name", "label_column_name", "num_workers", "strict_data")
+DATA_FLAGS = ("dataset_name", "dataset_config_name", "train_dir", "validation_dir", "eval_split")
+DATA_FLAGS += ("train_val_split", "image_column_name", "label_column_name", "num_workers", "strict_data")
 EVALUATE_COMMAND = Command(
     "python -m imgft evaluate",
     "Evaluate a saved model on the validation split, read as training reads it; with --output_dir, also write "
@@ -455,7 +459,7 @@ EVALUATE_COMMAND = Command(
     DATA_FLAGS
     + ("resize_once", "stored_image_size", "max_eval_samples", "tta")
     + ("model_name_or_path", "image_processor_name", "image_size", "cache_dir", "model_revision", "trust_remote_code")
-    + ("per_device_eval_batch_size", "mixed_precision", "seed", "output_dir"),
+    + ("per_device_eval_batch_size", "mixed_precision", "seed", "output_dir", "overwrite_output_dir"),
 )
 CHECK_DATA_COMMAND = Command(
     "python -m imgft check-data",

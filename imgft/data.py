@@ -56,6 +56,11 @@ def load_labeled_stream(data_args, cache_dir, seed):
     except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as err:
         offline = " (HF_HUB_OFFLINE is set: Hub datasets cannot be streamed)" if hub_offline() else ""
         raise UserError(f"cannot stream dataset '{name}'{offline}: {err}") from None
+    except ValueError as err:  # a configuration it cannot pick, said in one line; any other as it is
+        refusal = _configuration_refusal(data_args, err)
+        if refusal is None:
+            raise
+        raise refusal from None
     train = _train_split(streams)
     if data_args.eval_split == "train":
         raise UserError("--eval_split train: training would be evaluated on its own images")
@@ -303,9 +308,25 @@ def _load_named(data_args, cache_dir):
     ) as err:
         offline = " (HF_HUB_OFFLINE is set: Hub datasets cannot be downloaded)" if hub_offline() else ""
         raise UserError(f"cannot load dataset '{name}'{offline}: {err}") from None
+    except ValueError as err:  # a configuration it cannot pick, said in one line; any other as it is
+        refusal = _configuration_refusal(data_args, err)
+        if refusal is None:
+            raise
+        raise refusal from None
     if os.path.isdir(name):
         _refuse_metadata_without_labels(dataset, data_args.label_column_name, [name])
     return dataset
+
+
+def _configuration_refusal(data_args, err):
+    """load_dataset's ValueError as a UserError where it names a configuration it cannot pick (none given
+    where the dataset has several, or one it lacks) and those it has; None for any other ValueError."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if not lines or not lines[0].startswith(("Config name is missing", "BuilderConfig ")):
+        return None
+    given = data_args.dataset_config_name
+    flag = f"--dataset_config_name {given}" if given else "no --dataset_config_name"
+    return UserError(f"dataset '{data_args.dataset_name}' with {flag}: {' '.join(lines[:2])}")
 
 
 def _load_imagefolders(folders, data_args, cache_dir, min_classes):

@@ -469,7 +469,8 @@ def _checked_forward(model, pixel_values, labels, failure):
 
 
 def load_saved_classifier(model_args):
-    """A trained image classifier and its processor, as saved by imgft or any transformers checkpoint."""
+    """A trained image classifier and its processor, as saved by imgft or any transformers checkpoint; with
+    --image_size (evaluate's), both at that size, as training makes a checkpoint (`at_input_size`)."""
     path = model_args.model_name_or_path
     check_model_folder(path)
     hub = {
@@ -481,7 +482,12 @@ def load_saved_classifier(model_args):
         model = AutoModelForImageClassification.from_pretrained(path, **hub)
     except OSError as err:
         raise _load_error("model", path, err) from None
-    return model, _load_processor(model_args.image_processor_name or path, hub)
+    image_processor = _load_processor(model_args.image_processor_name or path, hub)
+    if model_args.image_size:
+        image_processor = preprocessing.with_image_size(image_processor, model_args.image_size)
+        size = preprocessing.input_size(image_processor, preprocessing.plan_for(image_processor))
+        model = at_input_size(model, size)
+    return model, image_processor
 
 
 def _load_processor(name, hub):

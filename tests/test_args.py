@@ -538,8 +538,8 @@ def test_train_help_names_the_config_file_and_every_flag():
 @pytest.mark.parametrize(
     ("command", "read", "not_read"),
     [
-        ("EVALUATE_COMMAND", ["max_eval_samples", "per_device_eval_batch_size", "output_dir"], ["learning_rate"]),
-        ("CHECK_DATA_COMMAND", ["train_dir", "strict_data", "seed"], ["per_device_eval_batch_size", "image_size"]),
+        ("EVALUATE_COMMAND", ["eval_split", "max_eval_samples", "overwrite_output_dir"], ["learning_rate"]),
+        ("CHECK_DATA_COMMAND", ["eval_split", "strict_data", "seed"], ["per_device_eval_batch_size", "image_size"]),
     ],
 )
 def test_command_help_lists_only_the_flags_it_reads(command, read, not_read):

@@ -31,10 +31,10 @@ def picture(index, size=40):
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
-def train_transform(auto_augment=None, random_erasing=0.0, random_flip=True):
+def train_transform(auto_augment=None, random_erasing=0.0, random_flip=True, **randaugment):
     processor = ViTImageProcessor(size={"height": 24, "width": 24}, image_mean=MEAN, image_std=STD)
     crop, _ = transforms.build_transforms(processor, None, random_flip=random_flip, crop_scale_min=0.5)
-    data_args = DataArguments(auto_augment=auto_augment, random_erasing=random_erasing)
+    data_args = DataArguments(auto_augment=auto_augment, random_erasing=random_erasing, **randaugment)
     return augment.with_auto_augment_and_erasing(crop, data_args, processor)
 
 
@@ -88,6 +88,22 @@ def test_a_policy_changes_most_images(policy, least_changed):
         # The same generator draws the same crop and flip first, so only the policy can differ.
         changed += not np.array_equal(plain(image, seeded(0, 0, row)), augmented(image, seeded(0, 0, row)))
     assert changed >= least_changed
+
+
+def test_randaugment_changes_images_more_with_more_operations_and_a_higher_magnitude():
+    plain = train_transform()
+
+    def mean_change(**randaugment):
+        augmented = train_transform("randaugment", **randaugment)
+        changes = []
+        for row in range(20):
+            after = augmented(picture(row), seeded(0, 0, row)).astype(int)
+            changes.append(np.abs(after - plain(picture(row), seeded(0, 0, row))).mean())
+        return np.mean(changes)
+
+    # Measured: 2 against 47 levels of 255, and 15 against 43.
+    assert 5 * mean_change(randaugment_magnitude=0) < mean_change(randaugment_magnitude=30)
+    assert 2 * mean_change(randaugment_num_ops=1) < mean_change(randaugment_num_ops=4)
 
 
 def test_random_erasing_fills_a_rectangle_with_the_colour_normalisation_makes_zero():

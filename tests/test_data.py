@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import re
 
 import datasets
 import numpy as np
@@ -201,6 +202,17 @@ def test_find_columns_refuses_a_missing_named_column(image_column, label_column,
     assert "columns: idx, img, target" in message
 
 
+def test_image_column_name_picks_one_of_two_image_columns(tmp_path):
+    image = datasets.Image()
+    features = datasets.Features({"photo": image, "sketch": image, "label": datasets.Value("string")})
+    rows = {"photo": small_images(10), "sketch": small_images(10, seed=1), "label": ["cat", "dog"] * 5}
+    (tmp_path / "data").mkdir()
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "data" / "train.parquet"))
+    for flag, column in ((None, "photo"), ("sketch", "sketch")):  # the first image column by default
+        data_args = DataArguments(dataset_name=str(tmp_path / "data"), image_column_name=flag)
+        assert load_labeled_dataset(data_args, str(tmp_path / "cache"), 0)[1] == column
+
+
 def test_find_columns_without_label_column_lists_columns():
     dataset = image_dataset()
     with pytest.raises(UserError, match=r"no label column found.*columns: idx, img"):
@@ -265,6 +277,7 @@ def test_load_raw_datasets_uses_the_validation_dir(train_folder, tmp_path):
     data_args = DataArguments(train_dir=str(train_folder), validation_dir=str(validation))
     dataset, source = load_raw_datasets(data_args, str(tmp_path / "cache"), 0, str(tmp_path / "no_demo"))
     assert source == f"--validation_dir {validation}"
+    assert (tmp_path / "cache" / "imagefolder").is_dir()  # --cache_dir holds the datasets cache
     assert len(dataset["train"]) == len(CLASSES) * PER_CLASS
     assert len(dataset["validation"]) == len(CLASSES) * 2
     assert all(path.startswith(str(validation)) for path in image_paths(dataset["validation"]))
@@ -828,6 +841,32 @@ def test_eval_split_overrides_the_validation_split(tmp_path):
         load_raw_datasets(DataArguments(dataset_name=str(root), eval_split="holdout"), None, 0, None)
     with pytest.raises(UserError, match="--eval_split train"):
         load_raw_datasets(DataArguments(dataset_name=str(root), eval_split="train"), None, 0, None)
+
+
+def config_entry(name):
+    """A dataset card's `configs` entry: the configuration `name`, its splits in the folder `name`."""
+    files = [f"  - split: {split}\n    path: {name}/{split}.parquet\n" for split in ("train", "validation")]
+    return f"- config_name: {name}\n  data_files:\n{''.join(files)}"
+
+
+def test_dataset_config_name_chooses_the_configuration_and_a_missing_one_is_one_line(tmp_path):
+    root = tmp_path / "data"
+    for name, sizes in (("small", {"train": 4, "validation": 2}), ("large", {"train": 8, "validation": 6})):
+        (root / name).mkdir(parents=True)
+        write_parquet_dataset(root / name, sizes)
+    (root / "README.md").write_text(f"---\nconfigs:\n{config_entry('small')}{config_entry('large')}---\n")
+    for config_name, rows in (("small", (4, 2)), ("large", (8, 6))):
+        data_args = DataArguments(dataset_name=str(root), dataset_config_name=config_name)
+        dataset, _, _, _ = load_labeled_dataset(data_args, str(tmp_path / "cache"), 0)
+        assert (len(dataset["train"]), len(dataset["validation"])) == rows, config_name
+    assert (tmp_path / "cache" / "data").is_dir()  # --cache_dir holds the datasets cache
+    available = re.escape("['small', 'large']")
+    with pytest.raises(UserError, match=f"no --dataset_config_name: Config name is missing.*{available}$"):
+        load_labeled_dataset(DataArguments(dataset_name=str(root)), str(tmp_path / "cache"), 0)
+    streamed = DataArguments(dataset_name=str(root), dataset_config_name="tiny", streaming=True)
+    unknown = f"--dataset_config_name tiny: BuilderConfig 'tiny' not found.*{available}"
+    with pytest.raises(UserError, match=unknown):
+        load_labeled_dataset(streamed, str(tmp_path / "cache"), 0)
 
 
 def test_eval_split_is_refused_with_folders(train_folder, tmp_path):

@@ -52,6 +52,17 @@ def test_a_test_folder_may_hold_a_single_class(model_dir, tmp_path, capsys):
     assert results["eval_samples"] == 2
 
 
+def test_image_size_evaluates_the_model_resized_to_it_as_training_would(model_dir, tmp_path, capsys):
+    # The 16 px ViT at 32 px: its position table resampled to the 4 x 4 patch grid, not a crash.
+    test_dir = write_color_imagefolder(tmp_path / "test", ["red", "blue"], 2)
+    argv = ["--model_name_or_path", model_dir, "--validation_dir", test_dir]
+    at_16 = evaluate(argv, capsys)
+    at_32 = evaluate([*argv, "--image_size", "32"], capsys)
+    assert at_32[0] == 0, at_32[2]
+    assert at_32[1]["eval_samples"] == 4
+    assert at_32[1]["eval_loss"] != pytest.approx(at_16[1]["eval_loss"], rel=1e-5)
+
+
 def test_a_class_the_model_does_not_know_is_one_line_naming_it(model_dir, tmp_path, capsys):
     test_dir = write_color_imagefolder(tmp_path / "test", ["red", "purple"], 2)
     code, _, err = evaluate(["--model_name_or_path", model_dir, "--validation_dir", test_dir], capsys)

@@ -127,6 +127,27 @@ def test_lora_trains_adapter_and_head_only_with_decay_on_matrices_alone(caplog):
     assert f"of {total:,} parameters trainable ({share:.2f}%)" in caplog.text
 
 
+def test_lora_flags_set_the_adapted_layers_the_update_scale_and_the_dropout():
+    def adapted(alpha):
+        lora = {"lora_r": 4, "lora_alpha": alpha, "lora_dropout": 0.25, "lora_target_modules": "k_proj"}
+        model = peft_model.prepare_for_training(tiny_vit_model(), model_args(use_peft="lora", **lora))
+        perturb_adapter(model)
+        first_key_layer = next(m for name, m in model.named_modules() if name.endswith("0.attention.k_proj"))
+        return model.eval(), first_key_layer
+
+    model, half = adapted(alpha=4)
+    whole = adapted(alpha=8)[1]
+    adapted_layers = {name.split(".lora_")[0] for name, _ in model.named_parameters() if ".lora_" in name}
+    assert len(adapted_layers) == 2 and all(name.endswith("attention.k_proj") for name in adapted_layers)
+    assert half.lora_dropout["default"].p == 0.25
+    # The update is multiplied by lora_alpha / lora_r: with the same A and B, alpha 8 adds twice alpha 4's.
+    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        updates = [layer(x) - layer.base_layer(x) for layer in (half, whole)]
+    assert updates[0].abs().max() > 1e-3
+    torch.testing.assert_close(updates[1], 2 * updates[0])
+
+
 def test_layer_decay_and_head_learning_rate_see_through_the_adapter():
     from imgft import layer_decay
     from imgft.args import TrainArguments

@@ -92,9 +92,18 @@ def test_matches_the_transformers_pipeline_and_does_not_depend_on_batching(model
     from transformers import pipeline
 
     files = sorted((colors_data / "validation").rglob("*.png"))[::4]  # 7 files, every class
-    records, _ = run_predict(
-        ["--model_name_or_path", model_dir, "--top_k", "9", "--per_device_eval_batch_size", "3", *files], capsys
-    )
+    batch_sizes = []
+    logits_of = predict.predicted_logits
+
+    def recording_logits(model, batch, normalize, with_views):
+        batch_sizes.append(len(batch))
+        return logits_of(model, batch, normalize, with_views)
+
+    flags = ["--model_name_or_path", model_dir, "--top_k", "9", "--per_device_eval_batch_size", "3"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(predict, "predicted_logits", recording_logits)
+        records, _ = run_predict([*flags, *files], capsys)
+    assert batch_sizes == [3, 3, 1]
     assert [r["path"] for r in records] == [str(f) for f in files]
     assert all(len(r["top_k"]) == 5 for r in records)  # capped at the number of classes
     assert len({r["label"] for r in records}) > 1  # the model does tell images apart

@@ -75,6 +75,16 @@ def test_class_weights_by_hand_and_the_weighted_loss_is_a_mean_over_images():
     assert soft_loss.item() == pytest.approx(loss.item(), rel=1e-6)
 
 
+def test_loss_options_follow_the_flags():
+    labels = [0] * 6 + [1] * 3 + [2]
+    options = losses.loss_options(
+        TrainArguments(label_smoothing_factor=0.3, class_weighted_loss=True), labels, 4, "cpu"
+    )
+    assert options.label_smoothing == 0.3
+    assert options.class_weights.tolist() == pytest.approx([10 / 18, 10 / 9, 10 / 3, 0.0])
+    assert losses.loss_options(TrainArguments(), labels, 4, "cpu") == losses.LossOptions()
+
+
 # ------------------------------------------------------------------------------------------ Mixup, CutMix
 
 
@@ -140,6 +150,17 @@ def test_a_mixed_batch_reaches_the_model_normalised_as_a_plain_one_does(flags):
     blended = mixing.mix_batch(processed, mix_options(**flags), epoch=0, batch_in_epoch=3)["pixel_values"]
     assert blended.dtype == torch.float32
     assert torch.allclose(normalize(blended), model_input, atol=0.5 / 127.5 + 1e-6)
+
+
+@pytest.mark.parametrize("switch_prob", [0.0, 1.0])
+def test_mixup_switch_prob_is_the_share_of_mixed_batches_in_cutmix(switch_prob):
+    train_args = TrainArguments(mixup_alpha=0.4, cutmix_alpha=1.0, mixup_switch_prob=switch_prob)
+    options = mixing.mix_options(train_args, num_classes=4, process_index=0)
+    for batch_in_epoch in range(10):
+        mixed = mixing.mix_batch(four_plain_images(), options, epoch=0, batch_in_epoch=batch_in_epoch)
+        # CutMix pastes image 3's level 40 into image 0's 10; Mixup blends them into a level between.
+        levels = set(mixed["pixel_values"][0].unique().tolist())
+        assert (levels == {10, 40}) == (switch_prob == 1.0), levels
 
 
 def test_no_mixing_leaves_the_batch_as_it_is():
@@ -286,6 +307,11 @@ def plain_run(tmp_path_factory, colors_data, tiny_vit):
     finally:
         reset_accelerate()
     return out
+
+
+def test_the_learning_rate_given_stays_put_under_a_constant_schedule(plain_run):
+    rates = [record["learning_rate"] for record in records(plain_run) if "loss" in record]
+    assert len(rates) == 12 and set(rates) == {6e-2}  # RUN's --learning_rate, --lr_scheduler_type constant
 
 
 def test_ema_is_evaluated_beside_and_saved_when_better(train, plain_run, colors_data, tiny_vit, tmp_path):

@@ -112,6 +112,17 @@ def test_sigkill_at_a_random_step_then_resume_latest_is_identical(shards, tmp_pa
     assert_same_run(reference, out)
 
 
+def test_lr_find_reads_a_stream_as_training_does(shards, tmp_path, capsys):
+    from test_finetune_recipes import run_lr_find
+
+    # The demo's ResNet on the stream: 12 steps of 8 images outlast a pass (9 batches), so the sweep reads on.
+    stream = ["--dataset_name", shards, "--streaming", "--max_train_steps", "12", "--output_dir", tmp_path]
+    sweep = ["--num_steps", "12", "--start_lr", "1e-5", "--end_lr", "1e-2"]
+    summary = run_lr_find([*stream, *sweep, "--per_device_train_batch_size", "8"], capsys)
+    assert summary["steps"] == 12 and not summary["stopped_early"]
+    assert (tmp_path / "lr_find.png").is_file()
+
+
 def test_two_processes_read_their_own_shares_and_resume_exactly(tmp_path):
     # 3 shards on 2 processes: one reads two, the other one (its pass is then 4 batches of 8). An unreadable
     # image in the second shard puts the processes' positions at step 3 apart: 24 examples read against 25.

@@ -114,12 +114,41 @@ def test_accumulation_counts_optimizer_steps_and_ends_schedule(train, tmp_path, 
     assert json.loads((out / "all_results.json").read_text())["train_steps"] == 2 * steps_per_epoch
 
 
-def test_max_train_steps_overrides_epochs(train, tmp_path, colors_data, tiny_vit):
+def test_max_train_steps_max_grad_norm_and_eval_batch_size_do_what_they_say(
+    train, tmp_path, colors_data, tiny_vit, monkeypatch
+):
+    from accelerate import Accelerator
+
+    from imgft import metrics
+
+    norms = []  # (gradient norm before clipping, after) at each optimizer step
+    clip = Accelerator.clip_grad_norm_
+
+    def recording_clip(accelerator, parameters, max_norm, **options):
+        parameters = list(parameters)
+        before = clip(accelerator, parameters, max_norm, **options)
+        after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters]))
+        norms.append((before.item(), after.item()))
+        return before
+
+    eval_batches = []  # the size of each evaluation batch
+    add_batch = metrics.add_batch
+
+    def recording_add_batch(tally, logits, labels):
+        eval_batches.append(len(labels))
+        return add_batch(tally, logits, labels)
+
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", recording_clip)
+    monkeypatch.setattr(metrics, "add_batch", recording_add_batch)
     out = tmp_path / "out"
-    train(data_flags(colors_data) + vit_flags(tiny_vit) + ["--output_dir", out, "--max_train_steps", "3"])
+    flags = ["--max_train_steps", "3", "--max_grad_norm", "0.25", "--per_device_eval_batch_size", "10"]
+    train(data_flags(colors_data) + vit_flags(tiny_vit) + ["--output_dir", out, *flags])
     results = json.loads((out / "all_results.json").read_text())
     assert results["train_steps"] == 3
     assert results["epoch"] == pytest.approx(3 / math.ceil(60 / 32))
+    assert len(norms) == 3 and all(after <= 0.25 * (1 + 1e-5) for _, after in norms)
+    assert max(before for before, _ in norms) > 0.25  # there was something to clip
+    assert eval_batches == [10, 10, 5] * 2  # 25 validation images, evaluated after epoch 1 and at the end
 
 
 def test_sample_limits_and_seeded_split(train, tmp_path, colors_data, tiny_vit):
@@ -295,6 +324,40 @@ def test_push_to_hub_offline_is_refused_before_anything_is_written(train, tmp_pa
     with pytest.raises(UserError, match="offline"):
         train(data_flags(colors_data) + vit_flags(tiny_vit) + ["--output_dir", out, "--push_to_hub"])
     assert not out.exists()
+
+
+def test_push_uploads_the_final_files_to_hub_model_id_with_hub_token(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import huggingface_hub
+
+    from imgft import outputs
+    from imgft.args import TrainArguments
+
+    calls = []
+
+    class RecordingApi:
+        def __init__(self, token):
+            calls.append(("token", token))
+
+        def create_repo(self, repo_id, exist_ok):
+            calls.append(("create", repo_id))
+            return SimpleNamespace(repo_id=repo_id if "/" in repo_id else f"me/{repo_id}")
+
+        def upload_folder(self, repo_id, folder_path, commit_message, ignore_patterns):
+            calls.append(("upload", repo_id, folder_path, {"step_*", "epoch_*"} <= set(ignore_patterns)))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)
+    run = str(tmp_path / "colors-run")
+    told = TrainArguments(output_dir=run, push_to_hub=True, hub_model_id="org/colors", hub_token="hf_flag")
+    assert outputs.push_to_hub(told) == "org/colors"
+    assert calls == [("token", "hf_flag"), ("create", "org/colors"), ("upload", "org/colors", run, True)]
+    calls.clear()
+    # The defaults: HF_TOKEN's token, and a repository of the token's account named after output_dir.
+    monkeypatch.setenv("HF_TOKEN", "hf_environment")
+    assert outputs.push_to_hub(TrainArguments(output_dir=run, push_to_hub=True)) == "me/colors-run"
+    assert calls[:2] == [("token", "hf_environment"), ("create", "colors-run")]
+    assert calls[2] == ("upload", "me/colors-run", run, True)
 
 
 def test_local_dataset_folder_with_string_labels_and_named_columns(train, tmp_path, tiny_vit):

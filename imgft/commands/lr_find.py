@@ -34,6 +34,7 @@ LR_FIND_COMMAND = Command(
     "training config file and flags; training flags not listed are ignored.",
     DATA_FLAGS
     + ("max_train_samples", "random_flip", "crop_scale_min", "resize_once", "stored_image_size")
+    + ("streaming", "shuffle_buffer_size", "label_names")
     + ("model_name_or_path", "model_type", "config_overrides", "image_processor_name", "image_size")
     + ("ignore_mismatched_sizes", "trust_remote_code", "model_revision", "cache_dir", "drop_path_rate")
     + ("per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "weight_decay")
@@ -139,7 +140,7 @@ def main(argv):
     dataloader = DataLoader(
         train_dataset,
         train_args.per_device_train_batch_size,
-        shuffle=True,
+        shuffle=not data_args.streaming,  # a stream is shuffled as training's is, by its buffer (data.py)
         generator=torch.Generator().manual_seed(train_args.seed),
         collate_fn=transforms.collate_fn,
         num_workers=workers,
