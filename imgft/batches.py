@@ -16,12 +16,16 @@ def effective_batch(batches_per_epoch, per_device, processes, accumulation, num_
     if accumulation > batches_per_epoch:
         return images, (
             f"--gradient_accumulation_steps {accumulation} is more than the {batches_per_epoch} batches of "
-            f"an epoch (per process): each optimizer step sums {batches_per_epoch} batches, {real} images, "
+            f"an epoch (per process): each optimizer step sums {batches_per_epoch} batches, {_images(real)}, "
             f"not {nominal}; lower --gradient_accumulation_steps to {batches_per_epoch} or less"
         )
     if real < per_device:  # one process, one short batch an epoch
         return images, (
-            f"--per_device_train_batch_size {per_device} is more than the {num_images} training images: each "
-            f"optimizer step sums {real} images, not {nominal}"
+            f"--per_device_train_batch_size {per_device} is more than the {_images(num_images, 'training ')}: "
+            f"each optimizer step sums {_images(real)}, not {nominal}"
         )
     return images, None
+
+
+def _images(count, kind=""):
+    return f"{count} {kind}image" if count == 1 else f"{count} {kind}images"
