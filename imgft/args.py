@@ -732,6 +732,7 @@ def check_args(data_args, model_args, train_args):
     if not 0 <= train_args.seed < 2**32:  # numpy's and torch's seeding (set_seed) take no other
         raise UserError(f"--seed must lie in [0, 2**32 - 1] (got {train_args.seed})")
     _check_recipes(model_args, train_args)
+    _check_metric_for_best_model(train_args)
     if not 0 < data_args.train_val_split < 1:
         raise UserError(f"--train_val_split must lie strictly between 0 and 1 (got {data_args.train_val_split})")
     if model_args.lora_alpha <= 0:
@@ -829,6 +830,19 @@ def _check_recipes(model_args, train_args):
         value = getattr(train_args, name)
         if not 0 <= value <= 1:
             raise UserError(f"--{name} must lie in [0, 1] (got {value})")
+
+
+def _check_metric_for_best_model(train_args):
+    """A metric that evaluation reports, refused when misspelled before training, not at its first evaluation.
+    (top5_accuracy, reported only above five classes, is checked against the data at that evaluation.)"""
+    from imgft.metrics import SUMMARY_METRICS  # here: metrics imports torch, which parsing needs not
+
+    names = [*SUMMARY_METRICS, "loss"]
+    if train_args.ema_decay > 0:  # the EMA weights' results, eval_ema_*
+        names += [f"ema_{name}" for name in names]
+    given = train_args.metric_for_best_model
+    if given.removeprefix("eval_") not in names:
+        raise UserError(f"--metric_for_best_model {given} is not a metric imgft reports ({', '.join(names)})")
 
 
 def to_dict(*args_objects):

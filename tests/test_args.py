@@ -207,11 +207,20 @@ def test_list_value_for_a_scalar_flag_is_refused(tmp_path):
         (["--randaugment_magnitude", "31"], "--randaugment_magnitude must lie in [0, 30] (got 31)"),
         (["--seed", "-1"], "--seed must lie in [0, 2**32 - 1] (got -1)"),
         (["--seed", str(2**32)], f"--seed must lie in [0, 2**32 - 1] (got {2**32})"),
+        (["--metric_for_best_model", "acuracy"], "--metric_for_best_model acuracy is not a metric imgft reports"),
+        (["--metric_for_best_model", "ema_accuracy"], "(accuracy, top5_accuracy, macro_precision,"),
     ],
 )
 def test_out_of_range_values_are_refused(argv, flag):
     message = parse_error(argv)
     assert flag in message
+
+
+@pytest.mark.parametrize("name", ["accuracy", "eval_loss", "macro_f1", "top5_accuracy"])
+def test_metric_for_best_model_takes_every_reported_metric_and_the_emas_with_ema(name):
+    assert parse_args(["--metric_for_best_model", name])[2].metric_for_best_model == name
+    ema_name = "eval_ema_" + name.removeprefix("eval_")
+    assert parse_args(["--metric_for_best_model", ema_name, "--ema_decay", "0.99"])[2].metric_for_best_model == ema_name
 
 
 def test_negative_learning_rate_in_yaml_is_refused(tmp_path):
