@@ -9,9 +9,10 @@ Read it top to bottom. It follows the five steps of the transformers image-class
     2. dataset        Hub name or imagefolder, a validation split, label names     imgft/data.py
     3. model          AutoConfig + AutoModelForImageClassification + processor    imgft/model.py
     4. transforms     applied lazily with set_transform; DataLoaders, collate_fn   imgft/transforms.py
-    5. optimizer      AdamW, a learning-rate schedule, and accelerator.prepare
-then the training loop, written out here, and the save. The Accelerate calls are all in this file; what
-sits behind a step (reading folders, decoding images, drawing the report) lives in imgft/.
+    5. optimizer      AdamW, a learning-rate schedule, and accelerator.prepare     imgft/optimizer.py
+then the training loop, written out here, and the save. Each Accelerate call that replaces hand-written
+PyTorch is here, with a comment on what it replaces; what sits behind a step (reading folders, decoding
+images, the log lines, drawing the report) lives in imgft/.
 """
 
 import math
@@ -73,7 +74,7 @@ def main(argv=None):
     )
     try:
         accelerator = Accelerator(
-            cpu=runtime.distributed_without_gpu(),
+            cpu=runtime.distributed_without_gpu(),  # several processes and no GPU: one gloo DDP group
             mixed_precision=train_args.mixed_precision,
             gradient_accumulation_steps=train_args.gradient_accumulation_steps,
             log_with=train_args.report_to if train_args.with_tracking else None,
@@ -92,13 +93,15 @@ def main(argv=None):
     if outputs.check_output_dir(output_dir, resuming, train_args.overwrite_output_dir, config):
         logger.info(f"{output_dir} already holds this finished run: nothing to do")
         return 0
-    # The same seed on every process: identical initial weights (DDP broadcasts them anyway) and splits.
+    # set_seed replaces seeding random, NumPy and torch one by one: the same new head (or model from
+    # scratch) on every process and in every rerun. Splits and augmentation take the seed explicitly.
     set_seed(train_args.seed)
 
     # ---------------------------------------------------------------- 2. Dataset and labels
     # A Hub name or imagefolders (class folders become labels), a seeded split if there is no validation
-    # set, and the class names that become id2label. main_process_first: process 0 fills the datasets
-    # cache, and the others then read it instead of building it again (or all stop, if it refused the data).
+    # set, and the class names that become id2label. runtime.main_process_first wraps Accelerate's, which
+    # replaces a hand-written barrier: process 0 fills the datasets cache and the others then read it
+    # instead of building it again; if process 0 refuses the data, every process stops with its one line.
     with runtime.main_process_first(accelerator):
         dataset, image_column, label_column, label_names = data.load_labeled_dataset(
             data_args, model_args.cache_dir, train_args.seed
@@ -106,7 +109,7 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- 3. Model and image processor
     with runtime.main_process_first(accelerator):
-        model, image_processor = load_model(model_args, label_names)  # says so when training from scratch
+        model, image_processor = load_model(model_args, label_names)  # process 0 downloads, the others read
 
     # ---------------------------------------------------------------- 4. Transforms and DataLoaders
     # One decode of every image: unreadable files are set aside (each named), and with --resize_once the
@@ -173,13 +176,14 @@ def main(argv=None):
         batches_per_epoch / train_args.gradient_accumulation_steps
     )
     # The schedule counts optimizer steps, so warmup and total mean the same on any number of processes.
-    # It is stepped by hand in the loop rather than prepared: a prepared one steps once per process.
+    # Not prepared (Accelerate's wrapper steps it once per process at each call): the loop steps it by hand.
     lr_scheduler = get_scheduler(
         train_args.lr_scheduler_type, adamw, train_args.num_warmup_steps, max_train_steps
     )
 
-    # The loop's counters, in one object. Registered, save_state and load_state carry it and the schedule,
-    # beside the model, optimizer, GradScaler, sampler and random states they handle themselves.
+    # The loop's counters, in one object. register_for_checkpointing replaces saving more state_dicts by
+    # hand: save_state/load_state carry them and the schedule, beside the model, optimizer, GradScaler,
+    # sampler and random states they handle themselves.
     state = TrainState(device=accelerator.device, batches_per_epoch=batches_per_epoch)
     accelerator.register_for_checkpointing(lr_scheduler, state)
     if data_args.streaming:  # every process's position in the stream
@@ -212,8 +216,9 @@ def main(argv=None):
     run_clock = runtime.SpeedClock(state.samples_seen)
     while state.completed_steps < max_train_steps and stop is None:
         model.train()
+        # unwrap_model replaces model.module: the plain model, whatever DDP or torch.compile wrapped it in.
         freezing.apply_unfreeze_schedule(accelerator.unwrap_model(model), state.epoch, train_args)
-        train_dataloader.set_epoch(state.epoch)  # reshuffle, in an order fixed by (seed, epoch)
+        train_dataloader.set_epoch(state.epoch)  # replaces DistributedSampler.set_epoch: (seed, epoch)
         augmentation_epoch.fill_(state.epoch)
         # skip_first_batches replaces "iterate and discard" after a resume mid-epoch: the sampler jumps
         # ahead without loading a single image. It builds a new DataLoader (new workers, slow to start),
@@ -224,8 +229,8 @@ def main(argv=None):
         state.start_epoch_clock()
         for batch in runtime.timed(batches, state.epoch_clock):  # timed(): counts the time spent waiting
             batch = mixing.mix_batch(batch, mix_options, state.epoch, state.batch_in_epoch)  # Mixup/CutMix
-            # accumulate() skips DDP's gradient all-reduce until the last batch of each accumulation window
-            # and turns optimizer.step() and zero_grad() into no-ops before it.
+            # accumulate() replaces model.no_sync() and counting batches: DDP all-reduces gradients only on
+            # an accumulation window's last batch; before it, optimizer.step() and zero_grad() do nothing.
             with accelerator.accumulate(model):
                 logits = model(pixel_values=normalize(batch["pixel_values"])).logits
                 loss = losses.training_loss(logits, batch["labels"], loss_options)  # cross-entropy + recipes
@@ -235,7 +240,7 @@ def main(argv=None):
                 state.add_batch_loss(loss, len(batch["labels"]))
                 if accelerator.sync_gradients:  # the window's last batch: an optimizer step follows
                     nonfinite.skip_update_if_loss_was_nonfinite(accelerator, adamw, state)
-                    if train_args.max_grad_norm > 0:  # unscales fp16 gradients, clips the all-reduced ones
+                    if train_args.max_grad_norm > 0:  # replaces scaler.unscale_() + clip_grad_norm_()
                         accelerator.clip_grad_norm_(model.parameters(), train_args.max_grad_norm)
                 adamw.step()
                 adamw.zero_grad()
@@ -310,7 +315,7 @@ def main(argv=None):
         eval_details = evaluate(model, eval_dataloader, normalize, accelerator).details
 
     # ---------------------------------------------------------------- Save a model anyone can load
-    accelerator.wait_for_everyone()
+    accelerator.wait_for_everyone()  # replaces a torch.distributed.barrier(): all processes done training
     with outputs.saving_final_files(output_dir):  # a full disk: one line, and the checkpoints stay intact
         # unwrap_model strips the DDP and torch.compile wrappers, so the weights load without imgft.
         # With --use_peft the adapter goes to output_dir/adapter and is merged into the weights saved here.
