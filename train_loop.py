@@ -5,9 +5,9 @@
     accelerate launch --config_file accelerate_config.yaml train_loop.py configs/imagefolder.yaml
 
 Read it top to bottom. It follows the five steps of the transformers image-classification example:
-    1. arguments      three dataclasses from a YAML file and the command line    imgft/args.py
+    1. arguments      three dataclasses from a YAML file and the command line     imgft/args.py
     2. dataset        Hub name or imagefolder, a validation split, label names     imgft/data.py
-    3. model          AutoConfig + AutoModelForImageClassification + processor    imgft/model.py
+    3. model          AutoConfig + AutoModelForImageClassification + processor     imgft/model.py
     4. transforms     applied lazily with set_transform; DataLoaders, collate_fn   imgft/transforms.py
     5. optimizer      AdamW, a learning-rate schedule, and accelerator.prepare     imgft/optimizer.py
 then the training loop, written out here, and the save. Each Accelerate call that replaces hand-written
