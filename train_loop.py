@@ -120,7 +120,7 @@ def main(argv=None):
             dataset, image_column, label_column, label_names, data_args, stored_size
         )
     # Sizes come from the image processor. The transforms give uint8 images (a quarter of float32's bytes
-    # to move); `normalize` makes the model's float input on the device.
+    # to move) unless the processor must run itself; `normalize` makes the model's float input on the device.
     train_transform, eval_transform = transforms.build_transforms(
         image_processor, model_args.image_size, data_args.random_flip, data_args.crop_scale_min
     )
@@ -139,7 +139,7 @@ def main(argv=None):
     )
     eval_dataset = transforms.with_eval_transform(eval_rows, eval_transform, image_column, label_column)
     workers = runtime.dataloader_workers(data_args.num_workers, accelerator.device, accelerator.num_processes)
-    # collate_fn stacks pixel_values into B x 3 x H x W uint8 and labels into B; pinned memory on a GPU.
+    # collate_fn stacks pixel_values into B x 3 x H x W and labels into B; pinned memory on a GPU.
     loader_options = transforms.loader_options(workers, accelerator.device, train_args.seed)
     batch_size = train_args.per_device_train_batch_size
     if data_args.streaming:  # this process's share of the stream, resumable mid-pass: imgft/stream.py
