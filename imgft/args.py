@@ -3,8 +3,9 @@
 Flag names and meanings follow transformers' `run_image_classification_no_trainer.py`, so an existing
 command runs unchanged. Defaults are the digits demo's values: `python train_loop.py` with no flags is the demo.
 Parsed arguments are never changed afterwards; numbers derived from them get their own names.
-Also here: what each program that reads these arguments lists in its --help (`Command`), and the absolute
-paths saved beside a run's config so that it reruns from any directory (`absolute_paths`).
+Also here: what each program that reads these arguments lists in its --help (`Command`), the absolute
+paths saved beside a run's config so that it reruns from any directory (`absolute_paths`), and the README's
+flags table (`flags_markdown`).
 """
 
 import argparse

@@ -1,4 +1,5 @@
-"""Checkpoints: `output_dir/step_N` or `epoch_N`, written whole or not at all, found by step, rotated safely."""
+"""Checkpoints: `output_dir/step_N` or `epoch_N`, when one is due, written whole or not at all, found by step,
+rotated safely; and the run's identity saved beside them, which refuses a resume that would not be exact."""
 
 import contextlib
 import json

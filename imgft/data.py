@@ -1,6 +1,7 @@
 """Step 2: the dataset and its labels: Hub name or imagefolders (classes from their top-level folders, or from
-metadata files), the split to evaluate on, label names, and the one decode pass that sets unreadable images
-aside (and stores the rest shrunk). No transforms: see transforms.py."""
+metadata files), or a stream (--streaming), the split to evaluate on, label names, the subsets
+--max_train_samples and --max_eval_samples keep, and the one decode pass that sets unreadable images aside
+(and stores the rest shrunk). No transforms: see transforms.py."""
 
 import logging
 import os

@@ -1,4 +1,5 @@
-"""One exception for mistakes the user can fix, and the wrapper that turns it into a clean exit."""
+"""One exception for mistakes the user can fix, and the wrapper that turns it into a clean exit (and a fast
+one: the process group left, the last garbage collection skipped); a failed write's reason in plain words."""
 
 import errno
 import gc

@@ -1,5 +1,5 @@
 """Evaluation metrics with torchmetrics, exact across processes: the tally that train_loop.evaluate fills,
-the results and report details read from it, and eval_results.json.
+the results and report details read from it, their log text, and eval_results.json.
 
 Every process gathers all processes' logits (accelerator.gather_for_metrics) and updates its own
 metrics with them, so each one holds the numbers of the full set. torchmetrics' own cross-process sync

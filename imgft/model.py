@@ -1,5 +1,6 @@
-"""Step 3: the config, model and image processor, each checked before any work, and the optimizer's parameter
-groups."""
+"""Step 3: the config, model and image processor, each checked before any work, the model resized for
+--image_size, and the optimizer's parameter groups; and a saved classifier loaded back for evaluate and
+predict."""
 
 import ast
 import copy

@@ -5,7 +5,7 @@ Skipping without the CPU waiting for the GPU relies on one contract that torch k
 and its fused optimizers: a fused AdamW whose `found_inf` attribute holds a non-zero tensor leaves weights,
 moments and step count untouched. `skip_update_if_loss_was_nonfinite` is the only code that writes it;
 tests/test_nonfinite.py pins the behaviour, so a torch release that changes it fails loudly.
-With fp16 the optimizer is not fused (see train_loop.py) and GradScaler skips such a step itself.
+With fp16 the optimizer is not fused (see imgft/optimizer.py) and GradScaler skips such a step itself.
 """
 
 import logging

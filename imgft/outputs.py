@@ -1,5 +1,5 @@
-"""What a run leaves in output_dir: the model, results, metrics log and config; guarding that folder; and
-pushing the finished model to the Hub."""
+"""What a run leaves in output_dir: the model (gathered whole), the best model's weights, results, metrics log
+(and its copy in the trackers) and config; guarding that folder; and pushing the finished model to the Hub."""
 
 import contextlib
 import json

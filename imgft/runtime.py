@@ -1,6 +1,6 @@
-"""Process-level setup and run control shared by train_loop.py and the commands: logging, the CPU-DDP switch,
-the main process's turn first, DataLoader workers, the stop signals (SIGTERM/SIGINT) and why a run stops, and
-the training-speed clock."""
+"""Process-level setup and run control shared by train_loop.py and the commands: logging (and the run's
+summary line), whether the Hub is offline, the CPU-DDP switch, the main process's turn first, DataLoader
+workers, the stop signals (SIGTERM/SIGINT) and why a run stops, and the training-speed clock."""
 
 import contextlib
 import logging

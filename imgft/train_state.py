@@ -2,9 +2,10 @@
 
 train_loop.py registers a TrainState with `accelerator.register_for_checkpointing`, so `save_state` and
 `load_state` carry it beside the model, optimizer and schedule. Its fields are plain numbers (and the best
-evaluation), identical on every process. Not saved: the current epoch's speed clock, and two running sums
-kept on the device, the loss since the last fold and the count of NaN/inf losses since the last optimizer
-step. A checkpoint is only taken at an optimizer step after `fold_window_loss`, so both are empty then.
+evaluation), identical on every process. Not saved: the current epoch's speed clock, and three running sums
+kept on the device: the loss since the last fold, the NaN/inf losses since the last optimizer step and the
+steps skipped since the last check. A checkpoint is only taken at an optimizer step after
+`train_log.read_losses` (which folds the loss and reads the skips), so all three are empty then.
 """
 
 import dataclasses

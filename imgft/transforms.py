@@ -1,5 +1,6 @@
-"""Step 4: what turns a stored image into a batch: the seeded training augmentation and the evaluation transform
-(what the image processor gives, see preprocessing.py), both applied lazily with set_transform, collate_fn, and
+"""Step 4: what turns a stored image into a batch: the size images are stored at, the seeded training
+augmentation and the evaluation transform (what the image processor gives, see preprocessing.py), both applied
+lazily with set_transform (or, on a stream, as it is read), the DataLoader options with collate_fn, and
 `normalizer`, which makes the model's float input on the device."""
 
 import logging

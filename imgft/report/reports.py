@@ -1,4 +1,5 @@
-"""The evaluation report a person reads: eval_results.json, confusion_matrix.png and mistakes.png."""
+"""The reports a person reads: an evaluation's eval_results.json, confusion_matrix.png and mistakes.png; after
+training, those, training_curves.png and the model card."""
 
 import os
 
