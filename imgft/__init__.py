@@ -11,8 +11,8 @@ train_loop.py is the loop. This package holds what sits behind its steps, in lay
   - the loop itself: train_state (its counters), losses, nonfinite (NaN/inf steps), metrics, best,
     train_log (its log lines), checkpoint, outputs (what it leaves in output_dir), run_lock, runtime and errors;
 - recipes/: fine-tuning recipes turned on by flag (Mixup/CutMix, EMA, class-balanced sampling);
-- commands/: the tools around the loop (`python -m imgft ...`): evaluate (with tta), predict, lr-find,
-  check-data, demo-data;
+- commands/: the tools around the loop (`python -m imgft ...`): evaluate, predict (both with test-time
+  augmentation from tta), lr-find, check-data, demo-data;
 - report/: what a person reads after a run: eval_results.json, the pictures and the model card.
 The benchmark lives apart from the package, in benchmarks/ at the top of the repository.
 """
