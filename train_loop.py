@@ -98,10 +98,9 @@ def main(argv=None):
     set_seed(train_args.seed)
 
     # ---------------------------------------------------------------- 2. Dataset and labels
-    # A Hub name or imagefolders (class folders become labels), a seeded split if there is no validation
-    # set, and the class names that become id2label. runtime.main_process_first wraps Accelerate's, which
-    # replaces a hand-written barrier: process 0 fills the datasets cache and the others then read it
-    # instead of building it again; if process 0 refuses the data, every process stops with its one line.
+    # A Hub name or imagefolders (class folders become labels), a seeded split without a validation set,
+    # and the class names that become id2label. runtime.main_process_first (Accelerate's, not barriers by
+    # hand): process 0 fills the datasets cache, the others then read it; if process 0 refuses, all stop.
     with runtime.main_process_first(accelerator):
         dataset, image_column, label_column, label_names = data.load_labeled_dataset(
             data_args, model_args.cache_dir, train_args.seed
@@ -181,9 +180,8 @@ def main(argv=None):
         train_args.lr_scheduler_type, adamw, train_args.num_warmup_steps, max_train_steps
     )
 
-    # The loop's counters, in one object. register_for_checkpointing replaces saving more state_dicts by
-    # hand: save_state/load_state carry them and the schedule, beside the model, optimizer, GradScaler,
-    # sampler and random states they handle themselves.
+    # The loop's counters. register_for_checkpointing replaces saving more state_dicts by hand: save_state
+    # and load_state carry them and the schedule, beside the model, optimizer, GradScaler, sampler and RNGs.
     state = TrainState(device=accelerator.device, batches_per_epoch=batches_per_epoch)
     accelerator.register_for_checkpointing(lr_scheduler, state)
     if data_args.streaming:  # every process's position in the stream
@@ -196,7 +194,7 @@ def main(argv=None):
         # load_state replaces loading each state_dict by hand, and restores every process's random state.
         accelerator.load_state(resume_path)
         logger.info(f"Resuming from {resume_path} at step {state.completed_steps}")
-    if accelerator.is_main_process:
+    if accelerator.is_main_process:  # replaces `rank == 0`: one process writes the shared files
         outputs.start_run_files(output_dir, train_args, resume_path, config)
     if train_args.with_tracking:
         # init_trackers starts TensorBoard/W&B/... on the main process only; imgft/train_log.py logs to them.
@@ -205,6 +203,7 @@ def main(argv=None):
     runtime.log_run_summary(train_rows, eval_rows, label_names, accelerator, train_args, max_train_steps)
 
     # ---------------------------------------------------------------- The training loop
+    # is_local_main_process replaces `LOCAL_RANK == 0`: one progress bar per machine.
     progress = tqdm(
         total=max_train_steps, initial=state.completed_steps, disable=not accelerator.is_local_main_process
     )
@@ -218,7 +217,7 @@ def main(argv=None):
         model.train()
         # unwrap_model replaces model.module: the plain model, whatever DDP or torch.compile wrapped it in.
         freezing.apply_unfreeze_schedule(accelerator.unwrap_model(model), state.epoch, train_args)
-        train_dataloader.set_epoch(state.epoch)  # replaces DistributedSampler.set_epoch: (seed, epoch)
+        train_dataloader.set_epoch(state.epoch)  # as DistributedSampler.set_epoch: order by (seed, epoch)
         augmentation_epoch.fill_(state.epoch)
         # skip_first_batches replaces "iterate and discard" after a resume mid-epoch: the sampler jumps
         # ahead without loading a single image. It builds a new DataLoader (new workers, slow to start),
