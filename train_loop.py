@@ -99,8 +99,8 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- 2. Dataset and labels
     # A Hub name or imagefolders (class folders become labels), a seeded split without a validation set,
-    # and the class names that become id2label. runtime.main_process_first (Accelerate's, not barriers by
-    # hand): process 0 fills the datasets cache, the others then read it; if process 0 refuses, all stop.
+    # and the class names that become id2label. main_process_first replaces barriers by hand: process 0
+    # fills the datasets cache, the others then read it (imgft's wrapper: if process 0 refuses, all stop).
     with runtime.main_process_first(accelerator):
         dataset, image_column, label_column, label_names = data.load_labeled_dataset(
             data_args, model_args.cache_dir, train_args.seed
