@@ -9,7 +9,7 @@ rate the loop logs (the first group's) is --learning_rate's where any group has 
 import logging
 
 from imgft.layers import head_parameter_names, layer_ids
-from imgft.model import optimizer_param_groups
+from imgft.optimizer import optimizer_param_groups
 from imgft.runtime import log_once
 
 

@@ -1,6 +1,5 @@
-"""Step 3: the config, model and image processor, each checked before any work, the model resized for
---image_size, and the optimizer's parameter groups; and a saved classifier loaded back for evaluate and
-predict."""
+"""Step 3: the config, model and image processor, each checked before any work, and the model resized for
+--image_size; and a saved classifier loaded back for evaluate and predict."""
 
 import ast
 import copy
@@ -41,11 +40,6 @@ INPUTS_NOT_GIVEN = {
 }
 # What a model's forward raises on inputs it cannot take (shapes, sizes, missing inputs).
 FORWARD_ERRORS = (RuntimeError, ValueError, TypeError, AttributeError, IndexError)
-NORM_TYPES = (
-    torch.nn.modules.batchnorm._NormBase,
-    torch.nn.LayerNorm,
-    torch.nn.GroupNorm,
-)
 
 
 def parse_config_overrides(text):
@@ -496,25 +490,3 @@ def _load_processor(name, hub):
         return AutoImageProcessor.from_pretrained(name, **hub)
     except OSError as err:
         raise _load_error("the image processor of", name, err) from None
-
-
-def optimizer_param_groups(model, weight_decay):
-    """Two AdamW groups: weight decay for weight matrices and kernels, none for biases and norm parameters.
-
-    Matching by module type and shape rather than by name: the name `LayerNorm.weight` that the
-    upstream example matches misses ViT's `layernorm_before`, every BatchNorm and every custom norm class.
-    """
-    no_decay = set()
-    for module in model.modules():
-        is_norm = isinstance(module, NORM_TYPES) or "norm" in type(module).__name__.lower()
-        for param in module.parameters(recurse=False):
-            if is_norm or param.ndim <= 1:
-                no_decay.add(id(param))
-    trainable = [param for param in model.parameters() if param.requires_grad]
-    return [
-        {
-            "params": [p for p in trainable if id(p) not in no_decay],
-            "weight_decay": weight_decay,
-        },
-        {"params": [p for p in trainable if id(p) in no_decay], "weight_decay": 0.0},
-    ]

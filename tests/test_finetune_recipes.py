@@ -31,7 +31,8 @@ from imgft.args import ModelArguments, TrainArguments, parse_args
 from imgft.drop_path import set_drop_path_rate
 from imgft.errors import UserError
 from imgft.layer_decay import param_groups
-from imgft.model import load_model, optimizer_param_groups
+from imgft.model import load_model
+from imgft.optimizer import optimizer_param_groups
 
 LABELS = ["a", "b", "c"]
 TINY_VIT = "hidden_size=16,num_hidden_layers=2,num_attention_heads=2,intermediate_size=32,image_size=16"

@@ -22,9 +22,9 @@ from imgft.model import (
     check_model_source,
     load_model,
     load_saved_classifier,
-    optimizer_param_groups,
     parse_config_overrides,
 )
+from imgft.optimizer import optimizer_param_groups
 
 TEN = [chr(ord("a") + i) for i in range(10)]
 
