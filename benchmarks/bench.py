@@ -627,7 +627,8 @@ def format_recipes_table(recipes):
                 top1 += f" (EMA weights {summary['eval_ema_accuracy']:.1%})"
                 by_seed += " (EMA " + ", ".join(f"{run['eval_ema_accuracy']:.1%}" for run in runs) + ")"
             lines.append(f"| {per_class} | {variant} | {top1} | {summary['seconds']:.1f} | {by_seed} |")
-        gain, time_ratio = measured["recipe_minus_default_points"], measured["recipe_vs_default_seconds"]
+        gain = measured["recipe_minus_default_points"]
+        time_ratio = measured["recipe_vs_default_seconds"]
         against = f"| {per_class} | **small-data against default** |"
         lines.append(f"{against} **{gain:+.1f} points** | **{time_ratio:.2f}x** | |")
     return "\n".join(lines)

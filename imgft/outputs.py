@@ -101,7 +101,8 @@ def training_length_changes(saved, config):
     length, but its schedule holds it to the same number of steps, so a longer finished run is no relaunch.
     --num_train_epochs counts only where --max_train_steps, which overrides it, is set in neither."""
     defaults = field_defaults()
-    before, now = {**defaults, **saved}, {**defaults, **config}
+    before = {**defaults, **saved}
+    now = {**defaults, **config}
     names = ["max_train_steps"]
     if not (before["max_train_steps"] and now["max_train_steps"]):
         names.append("num_train_epochs")
