@@ -71,8 +71,7 @@ def measure_variant(model_name, variant, batch_size, steps):
     """In this process: build, then time `steps` training steps after one warm-up step; return the numbers."""
     import torch
 
-    from imgft.model import optimizer_param_groups
-    from imgft.optimizer import adamw
+    from imgft.optimizer import adamw, optimizer_param_groups
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(model_name, variant).to(device)

@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModelForImageClassification, ViTConfig,
 from imgft import peft_model
 from imgft.args import ModelArguments
 from imgft.errors import UserError
-from imgft.model import optimizer_param_groups
+from imgft.optimizer import optimizer_param_groups
 from imgft.outputs import ADAPTER_DIR, load_weights
 
 # The merged model's logits against the adapter model's: float32 sums of the same numbers in another order.
