@@ -311,7 +311,7 @@ def main(argv=None):
     eval_details = evaluation.details
     if saved_weights == "ema":  # the EMA weights are saved, and the report describes them
         model = ema_model
-        eval_details = evaluate(model, eval_dataloader, normalize, accelerator).details
+        eval_details = evaluation.ema_details
 
     # ---------------------------------------------------------------- Save a model anyone can load
     accelerator.wait_for_everyone()  # replaces a torch.distributed.barrier(): all processes done training
@@ -376,8 +376,9 @@ def evaluate_all(model, ema_model, eval_dataloader, normalize, accelerator):
     if ema_model is None:
         return evaluation
     ema.broadcast_ema_buffers(ema_model)  # process 0's BatchNorm statistics, which the checkpoints hold
-    ema_results = ema.ema_results(evaluate(ema_model, eval_dataloader, normalize, accelerator).results)
-    return metrics.Evaluation({**evaluation.results, **ema_results}, evaluation.details)
+    ema_evaluation = evaluate(ema_model, eval_dataloader, normalize, accelerator)
+    results = {**evaluation.results, **ema.ema_results(ema_evaluation.results)}
+    return metrics.Evaluation(results, evaluation.details, ema_details=ema_evaluation.details)
 
 
 def evaluate_and_record(model, ema_model, eval_dataloader, normalize, accelerator, state, train_args):

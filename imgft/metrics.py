@@ -87,10 +87,12 @@ def add_batch(tally, logits, labels):
 @dataclass(frozen=True)
 class Evaluation:
     """One evaluation: `results`, the numbers logged and written to all_results.json, and `details`, what
-    the report draws from them (see `finish_tally`)."""
+    the report draws from them (see `finish_tally`). With --ema_decay, `ema_details` are the EMA weights'
+    details (their results join `results` as eval_ema_*), for the report when those weights are saved."""
 
     results: dict
     details: dict
+    ema_details: dict | None = None
 
 
 def finish_tally(tally, label_names, num_mistakes=NUM_MISTAKES):

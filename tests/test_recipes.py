@@ -329,6 +329,10 @@ def test_ema_is_evaluated_beside_and_saved_when_better(train, plain_run, colors_
     results = json.loads((out / "all_results.json").read_text())
     assert results["eval_ema_accuracy"] > results["eval_accuracy"]  # the average scores better (0.8, 0.6)
     assert results["saved_weights"] == "ema"
+    # The report describes the saved (EMA) weights: its confusion matrix counts their accuracy, not the raw.
+    matrix = json.loads((out / "eval_results.json").read_text())["confusion_matrix"]["matrix"]
+    right = sum(row[i] for i, row in enumerate(matrix))
+    assert right / sum(map(sum, matrix)) == pytest.approx(results["eval_ema_accuracy"])
     saved = AutoModelForImageClassification.from_pretrained(out).state_dict()
     assert saved.keys() == average.keys() and all(torch.equal(saved[k], average[k]) for k in average)
     assert "saved_weights" not in json.loads((plain_run / "all_results.json").read_text())
