@@ -1,5 +1,6 @@
-"""Step 3: the config, model and image processor, each checked before any work, and the model resized for
---image_size; and a saved classifier loaded back for evaluate and predict."""
+"""Step 3: the config, model and image processor, each checked before any work, the model resized for
+--image_size, and a kept head's rows put in the data's class order; and a saved classifier loaded back for
+evaluate and predict."""
 
 import ast
 import copy
@@ -226,7 +227,7 @@ def _model_from_checkpoint(model_args, label_names, overrides, hub):
     if model_args.config_overrides != DEMO_CONFIG_OVERRIDES:
         _apply_overrides(config, overrides)
     set_drop_path_rate(config, model_args.drop_path_rate)
-    check_head(config, label_names, path, model_args.ignore_mismatched_sizes)
+    kept_head_names = check_head(config, label_names, path, model_args.ignore_mismatched_sizes)
     set_labels(config, label_names)
     image_processor = _load_processor(model_args.image_processor_name or path, hub)
     if model_args.image_size:
@@ -248,7 +249,10 @@ def _model_from_checkpoint(model_args, label_names, overrides, hub):
             ) from None
         raise
     # The processor's size, from --image_size or --image_processor_name, may not be the checkpoint's.
-    model = at_input_size(model, preprocessing.input_size(image_processor, preprocessing.plan_for(image_processor)))
+    input_size = preprocessing.input_size(image_processor, preprocessing.plan_for(image_processor))
+    model = at_input_size(model, input_size)
+    if kept_head_names is not None and kept_head_names != list(label_names):  # the same classes, reordered
+        put_head_in_data_order(model, kept_head_names, label_names, input_size, path)
     return model, image_processor
 
 
@@ -294,22 +298,104 @@ def check_trainable(config):
 
 def check_head(config, label_names, path, ignore_mismatched_sizes):
     """Before any weights load: refuse a checkpoint head sized for another class count unless it is to be replaced,
-    and warn when a head of the right size was trained for other class names, which it keeps by position."""
+    and warn when a head of the right size was trained for other class names (or names none), which it keeps by
+    position. Returns the checkpoint's class names, in its head's order, where its head is kept and they are
+    your classes in some order (for `put_head_in_data_order`); None otherwise.
+
+    A config whose id2label is null names no classes: PVT's keeps its class count in a num_labels of its own; any
+    other's count is unknown here, and the weights' shapes decide as they load."""
     if not any("ForImageClassification" in name for name in (config.architectures or [])):
-        return  # a backbone checkpoint (ViTModel, ...): its head is new anyway
-    theirs = [config.id2label[i] for i in range(config.num_labels)]
-    if len(theirs) != len(label_names):
+        return None  # a backbone checkpoint (ViTModel, ...): its head is new anyway
+    count = config.num_labels
+    if count is None:
+        return None
+    if count != len(label_names):
         if not ignore_mismatched_sizes:
             raise UserError(
-                f"'{path}' has a classifier head for {len(theirs)} classes, not the {len(label_names)} "
+                f"'{path}' has a classifier head for {count} classes, not the {len(label_names)} "
                 "in your data; pass --ignore_mismatched_sizes to replace the head"
             )
-        return
-    if theirs != list(label_names):
+        return None
+    if config.id2label is None:
         logging.getLogger("imgft").warning(
-            f"'{path}' has a classifier head for {len(theirs)} classes named {_listed(theirs)}; your classes are "
-            f"{_listed(label_names)}: the head is kept and its classes are given your names in that order"
+            f"'{path}' has a classifier head for {count} classes without names (its id2label is null); your "
+            f"classes are {_listed(label_names)}: the head is kept and its classes are given your names in that order"
         )
+        return None
+    theirs = [config.id2label.get(i) for i in range(count)]  # None where an id has no name
+    if set(theirs) == set(label_names):
+        return theirs
+    logging.getLogger("imgft").warning(
+        f"'{path}' has a classifier head for {count} classes named {_listed(theirs)}; your classes are "
+        f"{_listed(label_names)}: the head is kept and its classes are given your names in that order"
+    )
+    return None
+
+
+def put_head_in_data_order(model, checkpoint_names, label_names, input_size, path):
+    """Reorder the rows of the head's output layers (weights and biases) from the checkpoint's class order to your
+    data's, so that each class keeps the row it was trained with, as `evaluate` matches classes by name.
+
+    The output layers are those with one weight row per class, outside the backbone where the model has some
+    there (else anywhere: timm's and Perceiver's heads sit inside theirs). A forward pass checks the result: the
+    logits of a random batch must be the old ones with their columns reordered. Where they are not (a layer
+    found that is no output layer), the head is put back, kept by position, and the log says so."""
+    order = [checkpoint_names.index(name) for name in label_names]  # each of your classes' row in the checkpoint
+    probe = torch.randn((2, 3, *input_size), generator=torch.Generator().manual_seed(0))  # leaves torch's RNG alone
+    before = _probe_logits(model, probe)
+    rows = [param for layer in _output_layers(model, len(order)) for param in _class_rows(layer, len(order))]
+    originals = [param.detach().clone() for param in rows]
+    with torch.no_grad():
+        for param, original in zip(rows, originals, strict=True):
+            param.copy_(original[order])
+    after = _probe_logits(model, probe)
+    if rows and before is not None and after is not None and torch.allclose(after, before[:, order], 1e-4, 1e-5):
+        log_once(
+            logging.INFO,
+            f"'{path}' has a classifier head for your {len(order)} classes in another order, "
+            f"{_listed(checkpoint_names)}: its rows are reordered to yours, {_listed(label_names)}, so that each "
+            "class keeps its trained row",
+        )
+        return
+    with torch.no_grad():
+        for param, original in zip(rows, originals, strict=True):
+            param.copy_(original)
+    logging.getLogger("imgft").warning(
+        f"'{path}' has a classifier head for your {len(order)} classes in another order, "
+        f"{_listed(checkpoint_names)}, but its output rows cannot be found in {type(model).__name__}: the head is "
+        f"kept and its classes are given your names in that order, {_listed(label_names)}"
+    )
+
+
+def _probe_logits(model, pixel_values):
+    """The model's logits for `pixel_values`, or None where it cannot run on them (`check_model_runs` then says
+    why)."""
+    try:
+        return _forward_blank(model, None, labels=False, pixel_values=pixel_values).logits
+    except FORWARD_ERRORS:
+        return None
+
+
+def _output_layers(model, num_classes):
+    """The modules whose own weight has one row (output) per class, outside the backbone where there are some."""
+    from imgft.layers import head_parameter_names
+
+    layers = [(name, module) for name, module in model.named_modules() if _class_rows(module, num_classes)]
+    try:
+        head = head_parameter_names(model)
+    except UserError:  # no base model apart from the head (CLIP, HGNet-V2): look everywhere
+        head = set()
+    in_head = [module for name, module in layers if f"{name}.weight" in head]
+    return in_head or [module for _, module in layers]
+
+
+def _class_rows(module, num_classes):
+    """The module's own weight, and bias, where its weight is a matrix (or kernel) of `num_classes` rows; else []."""
+    weight = module._parameters.get("weight")
+    if weight is None or weight.dim() < 2 or weight.shape[0] != num_classes:
+        return []
+    bias = module._parameters.get("bias")
+    return [weight] + ([bias] if bias is not None and bias.shape == (num_classes,) else [])
 
 
 def _listed(names, limit=10):
