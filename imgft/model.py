@@ -25,6 +25,7 @@ from imgft.args import DEMO_CONFIG_OVERRIDES
 from imgft.checkpoint import CHECKPOINT_NAME
 from imgft.drop_path import set_drop_path_rate
 from imgft.errors import UserError
+from imgft.outputs import BEST_DIR
 from imgft.runtime import hub_offline, log_once
 
 OFFLINE_REASON = "HF_HUB_OFFLINE is set, so Hub ids cannot be downloaded (and this one is not in the local cache)"
@@ -119,10 +120,30 @@ def check_model_source(model_args):
 
 
 def check_model_folder(name):
-    """Refuse a local folder without config.json, saying what it is where it is a run's output_dir (whose
-    model is saved only at its end); transformers would raise a ValueError about a missing model_type."""
+    """Refuse a local folder without config.json, saying what it is and where the model is: a run's output_dir
+    (whose model is saved only at its end), one of its checkpoints, or an adapter alone; transformers would
+    raise a ValueError about a missing model_type."""
     if name is None or not os.path.isdir(name) or os.path.isfile(os.path.join(name, "config.json")):
         return
+    run_dir = os.path.dirname(os.path.normpath(name)) or "."
+    if CHECKPOINT_NAME.match(os.path.basename(os.path.abspath(name))):
+        best_dir = os.path.join(run_dir, BEST_DIR)
+        where = (
+            f"the run's model is {run_dir}{f' (its best evaluation: {best_dir})' if _is_model(best_dir) else ''}"
+            if _is_model(run_dir)
+            else f"the run saves its model in {run_dir} when it ends"
+        )
+        raise UserError(
+            f"cannot load model '{name}': it is a checkpoint to resume the run from (--resume_from_checkpoint), "
+            f"not a saved model; {where}"
+        )
+    if os.path.isfile(os.path.join(name, "adapter_config.json")):
+        where = (
+            f"{run_dir} holds the model with it merged in"
+            if _is_model(run_dir)
+            else "load it onto its base model with peft"
+        )
+        raise UserError(f"cannot load model '{name}': it holds an adapter alone (adapter_config.json); {where}")
     checkpoints = sorted(entry for entry in os.listdir(name) if CHECKPOINT_NAME.match(entry))
     if checkpoints:
         listed = ", ".join(checkpoints)
@@ -132,6 +153,10 @@ def check_model_folder(name):
             "--resume_from_checkpoint latest)"
         )
     raise UserError(f"cannot load model '{name}': the folder holds no config.json, so no saved model")
+
+
+def _is_model(folder):
+    return os.path.isfile(os.path.join(folder, "config.json"))
 
 
 def load_model(model_args, label_names):
@@ -563,6 +588,11 @@ def load_saved_classifier(model_args):
         model = AutoModelForImageClassification.from_pretrained(path, **hub)
     except OSError as err:
         raise _load_error("model", path, err) from None
+    if model.config.id2label is None:  # a PvtConfig saved by transformers 5.25 from one built that way
+        raise UserError(
+            f"cannot use model '{path}': its config.json names no classes (id2label is null), so its outputs have "
+            "no names; fine-tune it on your classes first (training swaps its head with --ignore_mismatched_sizes)"
+        )
     image_processor = _load_processor(model_args.image_processor_name or path, hub)
     if model_args.image_size:
         image_processor = preprocessing.with_image_size(image_processor, model_args.image_size)

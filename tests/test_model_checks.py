@@ -128,6 +128,12 @@ def test_a_checkpoint_that_names_no_classes_loads_with_its_head_swapped(tmp_path
         load_model(model_args(model_name_or_path=str(checkpoint)), FIVE)
 
 
+def test_evaluate_and_predict_refuse_a_checkpoint_that_names_no_classes_in_one_line(tmp_path):
+    checkpoint = save_without_class_names(tmp_path / "pvt", "pvt", ["cat", "dog", "bird"])
+    with pytest.raises(UserError, match=r"names no classes \(id2label is null\), so its outputs have no names"):
+        load_saved_classifier(model_args(model_name_or_path=str(checkpoint)))
+
+
 def test_a_head_without_class_names_of_the_right_size_is_kept_with_a_warning(tmp_path, caplog):
     checkpoint = save_without_class_names(tmp_path / "pvt", "pvt", ["cat", "dog", "bird"])
     saved = load_file(checkpoint / "model.safetensors")["classifier.weight"]
