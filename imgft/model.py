@@ -25,6 +25,7 @@ from imgft.args import DEMO_CONFIG_OVERRIDES
 from imgft.checkpoint import CHECKPOINT_NAME
 from imgft.drop_path import set_drop_path_rate
 from imgft.errors import UserError
+from imgft.layers import head_parameter_names
 from imgft.outputs import BEST_DIR
 from imgft.runtime import hub_offline, log_once
 
@@ -327,13 +328,10 @@ def check_head(config, label_names, path, ignore_mismatched_sizes):
     position. Returns the checkpoint's class names, in its head's order, where its head is kept and they are
     your classes in some order (for `put_head_in_data_order`); None otherwise.
 
-    A config whose id2label is null names no classes: PVT's keeps its class count in a num_labels of its own; any
-    other's count is unknown here, and the weights' shapes decide as they load."""
+    A config whose id2label is null names no classes; PVT's still counts them, in a num_labels of its own."""
     if not any("ForImageClassification" in name for name in (config.architectures or [])):
         return None  # a backbone checkpoint (ViTModel, ...): its head is new anyway
     count = config.num_labels
-    if count is None:
-        return None
     if count != len(label_names):
         if not ignore_mismatched_sizes:
             raise UserError(
@@ -403,8 +401,6 @@ def _probe_logits(model, pixel_values):
 
 def _output_layers(model, num_classes):
     """The modules whose own weight has one row (output) per class, outside the backbone where there are some."""
-    from imgft.layers import head_parameter_names
-
     layers = [(name, module) for name, module in model.named_modules() if _class_rows(module, num_classes)]
     try:
         head = head_parameter_names(model)
