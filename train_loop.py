@@ -259,7 +259,14 @@ def main(argv=None):
                 stop = read_losses(accelerator, state, train_args)  # a checkpoint holds the whole loss window
             if stop is None and train_args.eval_steps and state.completed_steps % train_args.eval_steps == 0:
                 evaluation = evaluate_and_record(
-                    model, ema_model, eval_dataloader, normalize, accelerator, state, train_args
+                    model,
+                    ema_model,
+                    eval_dataloader,
+                    normalize,
+                    accelerator,
+                    state,
+                    train_args,
+                    image_processor,
                 )
                 stop = best.stop_if_no_better(state.best, train_args)
             if stop is None and checkpoint_now:
@@ -275,7 +282,14 @@ def main(argv=None):
             stop = log_train_loss(accelerator, state, train_args, lr_scheduler, progress)
             if stop is None and not train_args.eval_steps:
                 evaluation = evaluate_and_record(
-                    model, ema_model, eval_dataloader, normalize, accelerator, state, train_args
+                    model,
+                    ema_model,
+                    eval_dataloader,
+                    normalize,
+                    accelerator,
+                    state,
+                    train_args,
+                    image_processor,
                 )
                 stop = best.stop_if_no_better(state.best, train_args)
             if stop is None and checkpoint_every == "epoch":
@@ -299,7 +313,7 @@ def main(argv=None):
     train_speed = run_clock.speed(state.samples_seen, accelerator.num_processes)
     if state.evaluated_at != state.completed_steps:  # --eval_steps off the last step, or a run cut mid-epoch
         evaluation = evaluate_and_record(
-            model, ema_model, eval_dataloader, normalize, accelerator, state, train_args
+            model, ema_model, eval_dataloader, normalize, accelerator, state, train_args, image_processor
         )
     if train_args.load_best_model_at_end and state.best["step"] not in (None, state.completed_steps):
         best_dir = os.path.join(output_dir, outputs.BEST_DIR)
@@ -381,8 +395,11 @@ def evaluate_all(model, ema_model, eval_dataloader, normalize, accelerator):
     return metrics.Evaluation(results, evaluation.details, ema_details=ema_evaluation.details)
 
 
-def evaluate_and_record(model, ema_model, eval_dataloader, normalize, accelerator, state, train_args):
-    """Evaluate; log one line with the training speed since the epoch began; keep the best model."""
+def evaluate_and_record(
+    model, ema_model, eval_dataloader, normalize, accelerator, state, train_args, image_processor
+):
+    """Evaluate; log one line with the training speed since the epoch began; keep the best model, with the
+    image processor beside it."""
     speed = state.epoch_clock.speed(state.samples_seen, accelerator.num_processes)  # before evaluating
     evaluation = evaluate_all(model, ema_model, eval_dataloader, normalize, accelerator)
     state.evaluated_at = state.completed_steps
@@ -391,7 +408,7 @@ def evaluate_and_record(model, ema_model, eval_dataloader, normalize, accelerato
         state.best, evaluation.results, state.completed_steps, state.epoch_position(), train_args
     )
     if improved and train_args.load_best_model_at_end:
-        outputs.save_best_model(accelerator, model, train_args.output_dir)
+        outputs.save_best_model(accelerator, model, image_processor, train_args.output_dir)
     return evaluation
 
 

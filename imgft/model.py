@@ -1,5 +1,6 @@
-"""Step 3: the config, model and image processor, each checked before any work, and the model resized for
---image_size; and a saved classifier loaded back for evaluate and predict."""
+"""Step 3: the config, model and image processor, each checked before any work, the model resized for
+--image_size, and a kept head's rows put in the data's class order; and a saved classifier loaded back for
+evaluate and predict."""
 
 import ast
 import copy
@@ -24,6 +25,8 @@ from imgft.args import DEMO_CONFIG_OVERRIDES
 from imgft.checkpoint import CHECKPOINT_NAME
 from imgft.drop_path import set_drop_path_rate
 from imgft.errors import UserError
+from imgft.layers import head_parameter_names
+from imgft.outputs import BEST_DIR
 from imgft.runtime import hub_offline, log_once
 
 OFFLINE_REASON = "HF_HUB_OFFLINE is set, so Hub ids cannot be downloaded (and this one is not in the local cache)"
@@ -118,10 +121,30 @@ def check_model_source(model_args):
 
 
 def check_model_folder(name):
-    """Refuse a local folder without config.json, saying what it is where it is a run's output_dir (whose
-    model is saved only at its end); transformers would raise a ValueError about a missing model_type."""
+    """Refuse a local folder without config.json, saying what it is and where the model is: a run's output_dir
+    (whose model is saved only at its end), one of its checkpoints, or an adapter alone; transformers would
+    raise a ValueError about a missing model_type."""
     if name is None or not os.path.isdir(name) or os.path.isfile(os.path.join(name, "config.json")):
         return
+    run_dir = os.path.dirname(os.path.normpath(name)) or "."
+    if CHECKPOINT_NAME.match(os.path.basename(os.path.abspath(name))):
+        best_dir = os.path.join(run_dir, BEST_DIR)
+        where = (
+            f"the run's model is {run_dir}{f' (its best evaluation: {best_dir})' if _is_model(best_dir) else ''}"
+            if _is_model(run_dir)
+            else f"the run saves its model in {run_dir} when it ends"
+        )
+        raise UserError(
+            f"cannot load model '{name}': it is a checkpoint to resume the run from (--resume_from_checkpoint), "
+            f"not a saved model; {where}"
+        )
+    if os.path.isfile(os.path.join(name, "adapter_config.json")):
+        where = (
+            f"{run_dir} holds the model with it merged in"
+            if _is_model(run_dir)
+            else "load it onto its base model with peft"
+        )
+        raise UserError(f"cannot load model '{name}': it holds an adapter alone (adapter_config.json); {where}")
     checkpoints = sorted(entry for entry in os.listdir(name) if CHECKPOINT_NAME.match(entry))
     if checkpoints:
         listed = ", ".join(checkpoints)
@@ -131,6 +154,10 @@ def check_model_folder(name):
             "--resume_from_checkpoint latest)"
         )
     raise UserError(f"cannot load model '{name}': the folder holds no config.json, so no saved model")
+
+
+def _is_model(folder):
+    return os.path.isfile(os.path.join(folder, "config.json"))
 
 
 def load_model(model_args, label_names):
@@ -226,7 +253,7 @@ def _model_from_checkpoint(model_args, label_names, overrides, hub):
     if model_args.config_overrides != DEMO_CONFIG_OVERRIDES:
         _apply_overrides(config, overrides)
     set_drop_path_rate(config, model_args.drop_path_rate)
-    check_head(config, label_names, path, model_args.ignore_mismatched_sizes)
+    kept_head_names = check_head(config, label_names, path, model_args.ignore_mismatched_sizes)
     set_labels(config, label_names)
     image_processor = _load_processor(model_args.image_processor_name or path, hub)
     if model_args.image_size:
@@ -248,7 +275,10 @@ def _model_from_checkpoint(model_args, label_names, overrides, hub):
             ) from None
         raise
     # The processor's size, from --image_size or --image_processor_name, may not be the checkpoint's.
-    model = at_input_size(model, preprocessing.input_size(image_processor, preprocessing.plan_for(image_processor)))
+    input_size = preprocessing.input_size(image_processor, preprocessing.plan_for(image_processor))
+    model = at_input_size(model, input_size)
+    if kept_head_names is not None and kept_head_names != list(label_names):  # the same classes, reordered
+        put_head_in_data_order(model, kept_head_names, label_names, input_size, path)
     return model, image_processor
 
 
@@ -294,22 +324,99 @@ def check_trainable(config):
 
 def check_head(config, label_names, path, ignore_mismatched_sizes):
     """Before any weights load: refuse a checkpoint head sized for another class count unless it is to be replaced,
-    and warn when a head of the right size was trained for other class names, which it keeps by position."""
+    and warn when a head of the right size was trained for other class names (or names none), which it keeps by
+    position. Returns the checkpoint's class names, in its head's order, where its head is kept and they are
+    your classes in some order (for `put_head_in_data_order`); None otherwise.
+
+    A config whose id2label is null names no classes; PVT's still counts them, in a num_labels of its own."""
     if not any("ForImageClassification" in name for name in (config.architectures or [])):
-        return  # a backbone checkpoint (ViTModel, ...): its head is new anyway
-    theirs = [config.id2label[i] for i in range(config.num_labels)]
-    if len(theirs) != len(label_names):
+        return None  # a backbone checkpoint (ViTModel, ...): its head is new anyway
+    count = config.num_labels
+    if count != len(label_names):
         if not ignore_mismatched_sizes:
             raise UserError(
-                f"'{path}' has a classifier head for {len(theirs)} classes, not the {len(label_names)} "
+                f"'{path}' has a classifier head for {count} classes, not the {len(label_names)} "
                 "in your data; pass --ignore_mismatched_sizes to replace the head"
             )
-        return
-    if theirs != list(label_names):
+        return None
+    if config.id2label is None:
         logging.getLogger("imgft").warning(
-            f"'{path}' has a classifier head for {len(theirs)} classes named {_listed(theirs)}; your classes are "
-            f"{_listed(label_names)}: the head is kept and its classes are given your names in that order"
+            f"'{path}' has a classifier head for {count} classes without names (its id2label is null); your "
+            f"classes are {_listed(label_names)}: the head is kept and its classes are given your names in that order"
         )
+        return None
+    theirs = [config.id2label.get(i) for i in range(count)]  # None where an id has no name
+    if set(theirs) == set(label_names):
+        return theirs
+    logging.getLogger("imgft").warning(
+        f"'{path}' has a classifier head for {count} classes named {_listed(theirs)}; your classes are "
+        f"{_listed(label_names)}: the head is kept and its classes are given your names in that order"
+    )
+    return None
+
+
+def put_head_in_data_order(model, checkpoint_names, label_names, input_size, path):
+    """Reorder the rows of the head's output layers (weights and biases) from the checkpoint's class order to your
+    data's, so that each class keeps the row it was trained with, as `evaluate` matches classes by name.
+
+    The output layers are those with one weight row per class, outside the backbone where the model has some
+    there (else anywhere: timm's and Perceiver's heads sit inside theirs). A forward pass checks the result: the
+    logits of a random batch must be the old ones with their columns reordered. Where they are not (a layer
+    found that is no output layer), the head is put back, kept by position, and the log says so."""
+    order = [checkpoint_names.index(name) for name in label_names]  # each of your classes' row in the checkpoint
+    probe = torch.randn((2, 3, *input_size), generator=torch.Generator().manual_seed(0))  # leaves torch's RNG alone
+    before = _probe_logits(model, probe)
+    rows = [param for layer in _output_layers(model, len(order)) for param in _class_rows(layer, len(order))]
+    originals = [param.detach().clone() for param in rows]
+    with torch.no_grad():
+        for param, original in zip(rows, originals, strict=True):
+            param.copy_(original[order])
+    after = _probe_logits(model, probe)
+    if rows and before is not None and after is not None and torch.allclose(after, before[:, order], 1e-4, 1e-5):
+        log_once(
+            logging.INFO,
+            f"'{path}' has a classifier head for your {len(order)} classes in another order, "
+            f"{_listed(checkpoint_names)}: its rows are reordered to yours, {_listed(label_names)}, so that each "
+            "class keeps its trained row",
+        )
+        return
+    with torch.no_grad():
+        for param, original in zip(rows, originals, strict=True):
+            param.copy_(original)
+    logging.getLogger("imgft").warning(
+        f"'{path}' has a classifier head for your {len(order)} classes in another order, "
+        f"{_listed(checkpoint_names)}, but its output rows cannot be found in {type(model).__name__}: the head is "
+        f"kept and its classes are given your names in that order, {_listed(label_names)}"
+    )
+
+
+def _probe_logits(model, pixel_values):
+    """The model's logits for `pixel_values`, or None where it cannot run on them (`check_model_runs` then says
+    why)."""
+    try:
+        return _forward_blank(model, None, labels=False, pixel_values=pixel_values).logits
+    except FORWARD_ERRORS:
+        return None
+
+
+def _output_layers(model, num_classes):
+    """The modules whose own weight has one row (output) per class, outside the backbone where there are some."""
+    layers = [(name, module) for name, module in model.named_modules() if _class_rows(module, num_classes)]
+    try:
+        head = head_parameter_names(model)
+    except UserError:  # no base model apart from the head (CLIP, HGNet-V2): look everywhere
+        head = set()
+    in_head = [module for name, module in layers if f"{name}.weight" in head]
+    return in_head or [module for _, module in layers]
+
+
+def _class_rows(module, num_classes):
+    """The module's own weight, and bias, where its weight is a matrix (or kernel) of `num_classes` rows; else []."""
+    weight = module._parameters.get("weight")
+    if weight is None or weight.dim() < 2 or weight.shape[0] != num_classes:
+        return []
+    bias = module._parameters.get("bias")
+    return [weight] + ([bias] if bias is not None and bias.shape == (num_classes,) else [])
 
 
 def _listed(names, limit=10):
@@ -477,6 +584,11 @@ def load_saved_classifier(model_args):
         model = AutoModelForImageClassification.from_pretrained(path, **hub)
     except OSError as err:
         raise _load_error("model", path, err) from None
+    if model.config.id2label is None:  # a PvtConfig saved by transformers 5.25 from one built that way
+        raise UserError(
+            f"cannot use model '{path}': its config.json names no classes (id2label is null), so its outputs have "
+            "no names; fine-tune it on your classes first (training swaps its head with --ignore_mismatched_sizes)"
+        )
     image_processor = _load_processor(model_args.image_processor_name or path, hub)
     if model_args.image_size:
         image_processor = preprocessing.with_image_size(image_processor, model_args.image_size)

@@ -31,7 +31,7 @@ RESULTS_FILE = "all_results.json"
 METRICS_LOG = "metrics.jsonl"
 CONFIG_FILE = "imgft_config.yaml"
 TRACKER_DIR = "imgft"  # accelerate's trackers write under output_dir/<project name>
-BEST_DIR = "best_model"  # the best evaluation's weights, with --load_best_model_at_end
+BEST_DIR = "best_model"  # the best evaluation's model, loadable as output_dir's, with --load_best_model_at_end
 ADAPTER_DIR = "adapter"  # with --use_peft, the adapter alone (the model beside it has it merged in)
 # The report (imgft.report.reports): also what `python -m imgft evaluate --output_dir` writes.
 EVAL_RESULTS_FILE = "eval_results.json"
@@ -341,13 +341,23 @@ def push_to_hub(train_args):
     return repo_id
 
 
-def save_best_model(accelerator, model, output_dir):
-    """Save the model's weights, gathered whole where FSDP shards them, to output_dir/best_model (every
-    process calls it; the main process writes), for `load_weights` to load back at the end of the run."""
+def save_best_model(accelerator, model, image_processor, output_dir):
+    """Save the model to output_dir/best_model as the final save saves it to output_dir, so that pipeline() loads
+    the folder (every process calls it; the main process writes): its config and image processor, and its weights,
+    gathered whole where FSDP shards them. An adapter model's are saved with the adapter merged in, and the adapter
+    alone in best_model/adapter, which `load_weights` loads back at the end of the run."""
+    from imgft import peft_model  # imgft.peft_model imports this module
+
     best_dir = os.path.join(output_dir, BEST_DIR)
-    accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(
-        best_dir, is_main_process=accelerator.is_main_process, state_dict=gathered_weights(accelerator, model)
-    )
+    plain_model = accelerator.unwrap_model(model, keep_torch_compile=False)
+    if peft_model.is_adapter_model(plain_model):
+        peft_model.save_adapter_and_merged_copy(plain_model, best_dir, accelerator)
+    else:
+        plain_model.save_pretrained(
+            best_dir, is_main_process=accelerator.is_main_process, state_dict=gathered_weights(accelerator, model)
+        )
+    if accelerator.is_main_process:
+        image_processor.save_pretrained(best_dir)
 
 
 def gathered_weights(accelerator, model):
@@ -366,15 +376,15 @@ def load_weights(model, folder):
     """Copy the weights saved by save_pretrained in `folder` into `model` (the best evaluation's, at the end).
 
     Loaded through from_pretrained rather than a raw state dict: transformers may save tensors under
-    other names than the live model uses, and maps them back only on that path. An adapter model saved
-    only its adapter there, and loads only that: its frozen weights never changed. set_model_state_dict,
+    other names than the live model uses, and maps them back only on that path. An adapter model loads only
+    its adapter, from folder/adapter: its frozen weights never changed. set_model_state_dict,
     where FSDP shards the model, gives each process its own part of the whole weights; otherwise it loads
     them.
     """
     from imgft import peft_model  # imgft.peft_model imports this module
 
     if peft_model.is_adapter_model(model):
-        peft_model.load_adapter_weights(model, folder)
+        peft_model.load_adapter_weights(model, os.path.join(folder, ADAPTER_DIR))
         return
     saved = type(model).from_pretrained(folder)
     set_model_state_dict(model, saved.state_dict(), options=StateDictOptions(full_state_dict=True))

@@ -1,10 +1,13 @@
 """Training a big model on small hardware: gradient checkpointing, and adapters through 🤗 PEFT (LoRA, LoHa,
-IA3) that train a few new weights beside the frozen ones; and what the final save makes of an adapter: the
-adapter itself in output_dir/adapter, and the model with it merged in, plain transformers weights.
+IA3) that train a few new weights beside the frozen ones; and what the final save, and the best model's, make
+of an adapter: the adapter itself in <folder>/adapter, and the model with it merged in, plain transformers
+weights, in the folder.
 
 peft is imported only when an adapter is asked for: predicting and evaluating never need it.
 """
 
+import copy
+import itertools
 import logging
 import os
 import sys
@@ -166,6 +169,27 @@ def save_adapter_and_merge(model, output_dir, accelerator):
         save_function=accelerator.save,
     )
     return model.merge_and_unload()
+
+
+def save_adapter_and_merged_copy(model, folder, accelerator):
+    """Save an adapter model as the final save does (`save_adapter_and_merge`), the adapter to folder/adapter and
+    the model with it merged in to folder, but leave `model` as it is, its training to go on: the merge is done
+    in a copy on the CPU, every weight copied there before the module is, so that the device never holds a
+    second model. Every process must call it; the main process copies and writes."""
+    model.save_pretrained(
+        os.path.join(folder, ADAPTER_DIR),
+        is_main_process=accelerator.is_main_process,
+        save_function=accelerator.save,
+    )
+    if not accelerator.is_main_process:
+        return
+    on_cpu = {}  # deepcopy's memo: the copy's tensors, found by the original's id
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        copied = tensor.detach().to("cpu", copy=True)
+        if isinstance(tensor, torch.nn.Parameter):
+            copied = torch.nn.Parameter(copied, requires_grad=tensor.requires_grad)
+        on_cpu[id(tensor)] = copied
+    copy.deepcopy(model, on_cpu).merge_and_unload().save_pretrained(folder)
 
 
 def load_adapter_weights(model, folder):

@@ -8,6 +8,7 @@ import yaml
 from conftest import data_flags, vit_flags
 from PIL import Image
 from safetensors.torch import load_file
+from test_architectures import assert_predict_matches_pipeline
 
 from imgft import best
 from imgft.args import TrainArguments
@@ -36,7 +37,7 @@ def test_best_tracking_follows_the_metric_and_its_direction():
         best.update(best.NO_BEST, {"eval_accuracy": 0.5}, 1, 1, TrainArguments(metric_for_best_model="f2"))
 
 
-def test_load_best_model_at_end_saves_the_best_evaluations_weights(train, tmp_path, colors_data, tiny_vit):
+def test_load_best_model_at_end_saves_the_best_evaluations_weights(train, tmp_path, colors_data, tiny_vit, capsys):
     out = tmp_path / "out"
     # A learning rate that first learns, then wrecks the model: the last step is not the best one.
     train(
@@ -56,6 +57,9 @@ def test_load_best_model_at_end_saves_the_best_evaluations_weights(train, tmp_pa
     final, kept = load_file(out / "model.safetensors"), load_file(out / "best_model" / "model.safetensors")
     for name, tensor in final.items():
         assert torch.equal(tensor, kept[name]), name
+    # Issue 21.19: best_model/ had no preprocessor_config.json, so pipeline() could not load it.
+    capsys.readouterr()
+    assert_predict_matches_pipeline(out / "best_model", sorted((colors_data / "validation").rglob("*.png")), capsys)
 
 
 def test_early_stopping_stops_after_patience_evaluations(train, tmp_path, colors_data, tiny_vit, caplog):

@@ -380,3 +380,36 @@ def test_a_folder_without_config_json_is_one_line_that_tells_an_unfinished_run(t
     (tmp_path / "step_2").mkdir()
     with pytest.raises(UserError, match=r"only checkpoints \(step_2, step_4\) of a run not finished yet"):
         load(model_args(model_name_or_path=str(tmp_path)))
+
+
+@pytest.mark.parametrize(
+    "load",
+    [check_model_source, load_saved_classifier, lambda args: load_model(args, ["a", "b"])],
+    ids=["check_model_source", "load_saved_classifier", "load_model"],
+)
+def test_a_checkpoint_or_an_adapter_given_as_a_model_is_one_line_that_says_where_the_model_is(tmp_path, load):
+    # Issue 21.19: "the folder holds no config.json, so no saved model", with no hint what to do.
+    run = tmp_path / "out"
+    (run / "step_30").mkdir(parents=True)
+    (run / "step_30" / "model.safetensors").write_bytes(b"")
+    checkpoint = model_args(model_name_or_path=str(run / "step_30"))
+    with pytest.raises(UserError) as refused:
+        load(checkpoint)
+    assert str(refused.value) == (
+        f"cannot load model '{run / 'step_30'}': it is a checkpoint to resume the run from (--resume_from_checkpoint), "
+        f"not a saved model; the run saves its model in {run} when it ends"
+    )
+    for folder in (run, run / "best_model"):
+        folder.mkdir(exist_ok=True)
+        (folder / "config.json").write_text("{}")
+    with pytest.raises(UserError) as refused:
+        load(checkpoint)
+    assert str(refused.value).endswith(f"the run's model is {run} (its best evaluation: {run / 'best_model'})")
+    (run / "adapter").mkdir()
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(UserError) as refused:
+        load(model_args(model_name_or_path=str(run / "adapter")))
+    assert str(refused.value) == (
+        f"cannot load model '{run / 'adapter'}': it holds an adapter alone (adapter_config.json); "
+        f"{run} holds the model with it merged in"
+    )

@@ -197,15 +197,41 @@ def test_merged_model_gives_the_adapter_models_logits(method):
         assert not torch.allclose(tiny_vit_model()(pixel_values=pixels).logits, adapter_logits, atol=1e-3)
 
 
-def test_best_model_weights_of_an_adapter_model_load_back(tmp_path):
+def test_best_model_of_an_adapter_model_is_the_merged_model_and_its_adapter_loads_back(tmp_path):
+    from accelerate import Accelerator
+    from conftest import reset_accelerate
+    from transformers import ViTImageProcessor
+
+    from imgft.outputs import save_best_model
+
     trained = peft_model.prepare_for_training(tiny_vit_model(), model_args(use_peft="lora", lora_r=4))
     perturb_adapter(trained)
-    trained.save_pretrained(tmp_path / "best")  # what evaluate_and_record does with --load_best_model_at_end
+    before = {name: tensor.clone() for name, tensor in trained.state_dict().items()}
+    reset_accelerate()
+    try:  # what evaluate_and_record does with --load_best_model_at_end
+        save_best_model(Accelerator(cpu=True), trained, ViTImageProcessor(size=16), tmp_path)
+    finally:
+        reset_accelerate()
+    best = tmp_path / "best_model"
+    # Issue 21.19: best_model/ held the adapter alone, which neither pipeline() nor evaluate could load.
+    assert not (best / "adapter_config.json").exists()
+    assert (best / "preprocessor_config.json").is_file()
+    merged = AutoModelForImageClassification.from_pretrained(best).eval()
+    assert type(merged) is ViTForImageClassification
+    trained.eval()
+    pixels, _ = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            merged(pixel_values=pixels).logits, trained(pixel_values=pixels).logits, **LOGITS_TOLERANCE
+        )
+    after = trained.state_dict()  # the model in training is left as it was: merged in a copy
+    assert after.keys() == before.keys() and all(torch.equal(after[name], before[name]) for name in before)
+    assert peft_model.is_adapter_model(trained) and all(p.device.type == "cpu" for p in merged.parameters())
     current = peft_model.prepare_for_training(tiny_vit_model(), model_args(use_peft="lora", lora_r=4))
-    load_weights(current, tmp_path / "best")
+    load_weights(current, best)  # at the end of the run: the adapter alone, from best_model/adapter
     loaded = current.state_dict()
-    assert loaded.keys() == trained.state_dict().keys()
-    for name, param in trained.state_dict().items():
+    assert loaded.keys() == before.keys()
+    for name, param in before.items():
         assert torch.equal(param, loaded[name]), name
 
 
@@ -312,6 +338,33 @@ def test_merged_model_loads_in_pipeline_without_peft(lora_run, colors_data):
     answer = json.loads(result.stdout.splitlines()[-1])
     assert answer["peft"] is False
     assert set(answer["labels"]) <= {"blue", "green", "purple", "red", "yellow"}
+
+
+@pytest.mark.slow
+def test_best_model_of_a_lora_run_loads_in_pipeline_evaluate_and_predict(
+    train, tmp_path, colors_data, tiny_vit, capsys
+):
+    # Issue 21.19: best_model/ held the adapter alone, and evaluate said "no config.json, so no saved model".
+    from test_architectures import assert_predict_matches_pipeline
+    from test_evaluate import evaluate
+
+    out = tmp_path / "out"
+    flags = ["--use_peft", "lora", "--lora_r", "4", "--learning_rate", "1e-2", "--per_device_train_batch_size", "8"]
+    flags += ["--eval_steps", "2", "--max_train_steps", "6", "--load_best_model_at_end", "--gradient_checkpointing"]
+    flags += ["--metric_for_best_model", "loss", "--output_dir", out]
+    train([*data_flags(colors_data), "--model_name_or_path", tiny_vit, *flags])
+    best = out / "best_model"
+    best_step = json.loads((out / "all_results.json").read_text())["best_model_step"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    best_loss = next(r["eval_loss"] for r in records if r["step"] == best_step and "eval_loss" in r)
+    capsys.readouterr()
+    code, results, err = evaluate(
+        ["--model_name_or_path", best, "--validation_dir", colors_data / "validation"], capsys
+    )
+    assert code == 0, err
+    assert results["eval_loss"] == pytest.approx(best_loss, rel=1e-5)  # the best evaluation's model
+    assert_predict_matches_pipeline(best, sorted((colors_data / "validation").rglob("*.png")), capsys)
+    assert (best / ADAPTER_DIR / "adapter_config.json").is_file() and not (best / "adapter_config.json").exists()
 
 
 def test_model_card_says_lora_with_its_settings(lora_run):
