@@ -4,8 +4,8 @@ Flag names and meanings follow transformers' `run_image_classification_no_traine
 command runs unchanged. Defaults are the digits demo's values: `python train_loop.py` with no flags is the demo.
 Parsed arguments are never changed afterwards; numbers derived from them get their own names.
 Also here: what each program that reads these arguments lists in its --help (`Command`), the absolute
-paths saved beside a run's config so that it reruns from any directory (`absolute_paths`), and the README's
-flags table (`flags_markdown`).
+paths saved beside a run's config so that it reruns from any directory (`absolute_paths`), and the flags
+reference, docs/flags.md (`flags_markdown`).
 """
 
 import argparse
@@ -879,9 +879,18 @@ def checkpoint_interval(train_args):
     return int(steps)
 
 
+FLAGS_DOC_HEADER = (
+    "# Flags\n\n"
+    "Every flag of `train_loop.py`, its default and its meaning; a config file's keys are the same names.\n\n"
+    "This file is generated from the argument dataclasses: `python -m imgft flags > docs/flags.md` writes it,\n"
+    "and `tests/test_docs.py` fails when it and the code differ.\n"
+)
+
+
 def flags_markdown():
-    """The README's flags table, generated from the dataclasses so it cannot drift from the code."""
-    lines = []
+    """docs/flags.md: a short header, then every flag's table, generated from the dataclasses so it cannot drift
+    from the code."""
+    lines = [FLAGS_DOC_HEADER]
     for title, cls in zip(("Data", "Model", "Training"), ARG_CLASSES, strict=True):
         lines += [f"**{title}**", "", "| flag | default | meaning |", "|---|---|---|"]
         for item in dataclasses.fields(cls):

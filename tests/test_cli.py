@@ -104,17 +104,3 @@ def test_flags_refuses_arguments_it_would_ignore(capsys):
         main(["flags", "--learning_rate"])
     assert stopped.value.code == 2
     assert capsys.readouterr() == ("", "error: flags takes no arguments (got --learning_rate)\n")
-
-
-def test_readme_flags_table_matches_the_code_and_ci_runs_the_readme_test_command():
-    from conftest import REPO
-
-    from imgft.args import flags_markdown
-
-    readme = (REPO / "README.md").read_text()
-    assert flags_markdown() in readme
-    blocks = readme.split("```bash\n")
-    install_and_demo, test_command = blocks[1].split("```")[0].strip(), blocks[2].split("```")[0].strip()
-    assert install_and_demo == "pip install -r requirements.txt && python train_loop.py"
-    ci_lines = (REPO / ".ci" / "run").read_text().splitlines()
-    assert ci_lines[-1] == test_command

@@ -22,7 +22,7 @@ from imgft.errors import exit_on_user_error
 
 FLAGS_USAGE = (
     "usage: python -m imgft flags [--help]\n\n"
-    "Print every flag, its default and its help as a Markdown table (README.md holds the same)."
+    "Print every flag, its default and its help as a Markdown table (docs/flags.md holds the same)."
 )
 COMMANDS = ("demo-data", "evaluate", "predict", "check-data", "lr-find", "bench", "flags")
 
@@ -70,7 +70,7 @@ def main(argv=None):
 
 
 def print_flags_table(argv):
-    """`flags`: the table of every flag, as README.md shows it; it takes no arguments but --help."""
+    """`flags`: the table of every flag, as docs/flags.md shows it; it takes no arguments but --help."""
     from imgft.args import flags_markdown
     from imgft.errors import UserError
 
