@@ -43,8 +43,8 @@ def main(argv):
         if report_dir:
             # Each row remembers where it came from, so the report can name the files of the mistakes.
             validation = validation.add_column(SOURCE_ROW, list(range(len(validation))))
-        # The same single decode as training (unreadable files left out, images stored shrunk), so the
-        # numbers match those of the training run's own evaluation.
+        # The same check as training's (unreadable files left out; evaluation images are read from their
+        # files, never stored shrunk), so the numbers match the training run's own evaluation, and predict's.
         stored_size = transforms.stored_image_size(image_processor, model_args.image_size, data_args)
         kept, _ = data.decode_once_dropping_unreadable(
             datasets.DatasetDict(validation=validation),
