@@ -133,15 +133,16 @@ class DataArguments:
     resize_once: bool = field(
         default=True,
         metadata={
-            "help": "Decode each image once and store it shrunk (cached by datasets), instead of decoding the "
-            "full-size file every epoch. --resize_once false gives the upstream pipeline exactly."
+            "help": "Decode each training image once and store it shrunk (cached by datasets), instead of "
+            "decoding the full-size file every epoch. Evaluation images are only checked, then read at full "
+            "size as the model's processor reads them. --resize_once false gives the upstream pipeline exactly."
         },
     )
     stored_image_size: int | None = field(
         default=None,
         metadata={
-            "help": "Shortest edge, in pixels, --resize_once stores images at (uncompressed, 3 bytes a pixel). "
-            "Default: what the transforms need."
+            "help": "Shortest edge, in pixels, --resize_once stores training images at (uncompressed, 3 bytes a "
+            "pixel). Default: what the transforms need."
         },
     )
     strict_data: bool = field(

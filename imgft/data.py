@@ -1,7 +1,7 @@
 """Step 2: the dataset and its labels: Hub name or imagefolders (classes from their top-level folders, or from
 metadata files), or a stream (--streaming), the split to evaluate on, label names, the subsets
 --max_train_samples and --max_eval_samples keep, and the one decode pass that sets unreadable images aside
-(and stores the rest shrunk). No transforms: see transforms.py."""
+(and stores the training images shrunk). No transforms: see transforms.py."""
 
 import logging
 import os
@@ -187,20 +187,23 @@ def preprocessing_processes(data_args):
 
 def decode_once_dropping_unreadable(dataset, image_column, label_column, label_names, data_args, stored_size=None):
     """(dataset without unreadable images, how many were left out): each is named in a warning, or with
-    --strict_data the data is refused. With `stored_size`, the same single decode of every image also
-    stores it shrunk (`images.resize_once`); without, it only checks (`images.inspect_images`).
+    --strict_data the data is refused. With `stored_size`, the same single decode of every training image
+    also stores it shrunk (`images.resize_once`); every other split, and every split without it, is only
+    checked (`images.inspect_images`) and later read from its files as they are.
+
+    Evaluation images are never stored shrunk: a shrink before the processor's own resize (and a JPEG's
+    draft-mode decode) changes the pixels the model sees, so evaluation would no longer answer as
+    `predict` and `pipeline()` do on the same files. Training crops at random anyway.
     """
     if data_args.streaming:  # a stream is never read ahead: its unreadable images are dropped as they come
         return dataset, None
     num_proc = preprocessing_processes(data_args)
-    if stored_size:
-        checked = {
-            split: images.resize_once(part, image_column, stored_size, num_proc) for split, part in dataset.items()
-        }
-        verdicts = checked
-    else:
-        checked = dict(dataset)
-        verdicts = {split: images.inspect_images(part, image_column, num_proc) for split, part in dataset.items()}
+    checked, verdicts = {}, {}
+    for split, part in dataset.items():
+        if stored_size and split == "train":
+            checked[split] = verdicts[split] = images.resize_once(part, image_column, stored_size, num_proc)
+        else:
+            checked[split], verdicts[split] = part, images.inspect_images(part, image_column, num_proc)
     bad_rows, problems = {}, []
     for split, verdict in verdicts.items():
         reasons, paths = verdict[images.ERROR_COLUMN], verdict[images.PATH_COLUMN]

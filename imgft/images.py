@@ -1,11 +1,13 @@
-"""Reading real-world image files: a verdict on each file up front, and a faithful conversion to RGB.
+"""Reading real-world image files: a verdict on each file up front, and the one conversion to RGB.
 
 Real folders hold zero-byte and truncated files, CMYK JPEGs, 16-bit PNGs, palette images with
 transparency, rotated phone photos and decompression bombs. Unreadable files are found once, by a
-cached `datasets.map` pass, and left out with their reason; readable ones are converted correctly.
+cached `datasets.map` pass, and left out with their reason; readable ones are converted by `to_rgb`,
+the rule training, evaluation, predict and the model card's loader share.
 """
 
 import hashlib
+import inspect
 import io
 import os
 import statistics
@@ -13,33 +15,44 @@ import warnings
 
 import datasets
 import numpy as np
+from datasets.fingerprint import Hasher
 from PIL import Image, ImageOps
 
 ERROR_COLUMN = "imgft_error"
 PATH_COLUMN = "imgft_path"
-# Transparent pixels become this colour rather than whatever RGB values hide under alpha 0.
-BACKGROUND = (255, 255, 255)
-SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}  # "I" too: PIL opens some 16-bit files so
 
 
+# The one conversion every image goes through, in training, evaluation, predict and the reports, and the model
+# card's loader: the card carries this function's source (report/model_card.py), so it must use only np and Image.
 def to_rgb(image):
-    """An 8-bit RGB image whatever the file held: alpha composited, 16-bit scaled (not clipped), CMYK converted."""
-    if image.mode == "RGB":
+    """`image` (a PIL image of any mode) as 8-bit RGB, as the model saw its images in training:
+
+    - 16-bit greyscale (modes I;16 and I) is scaled from 0-65535 to 0-255 (an I image that holds only values up to
+      255 is taken as 8-bit), and float greyscale (F) from 0-1, or 0-255 if it goes higher. PIL's convert("RGB")
+      clips them instead, which turns a 16-bit image almost white.
+    - Transparent pixels (RGBA, LA, or a palette or other image with a transparent colour) are blended by their
+      opacity onto a plain background: white, or black where the visible pixels are light (their mean brightness,
+      weighted by opacity, above half), so that a light drawing on a transparent background stays visible. What
+      a file stores under its transparent pixels never shows.
+    - Any other image (CMYK, greyscale, 1-bit, palette) is PIL's convert("RGB").
+    """
+    if image.mode == "RGB" and "transparency" not in image.info:
         return image
-    if image.mode in SIXTEEN_BIT_MODES or image.mode == "F":
-        # PIL's convert("RGB") clips these to 255, turning a 16-bit photo almost white: scale instead.
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         pixels = np.asarray(image, dtype=np.float64)
         if image.mode == "F":
             full_scale = 1.0 if pixels.max(initial=0) <= 1.0 else 255.0
         elif image.mode == "I" and pixels.max(initial=0) <= 255:
-            full_scale = 255.0  # 32-bit integer pixels that only hold 8-bit values
+            full_scale = 255.0
         else:
             full_scale = 65535.0
         return Image.fromarray(np.clip(pixels / full_scale * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
-    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
-    if has_alpha:
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
         rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+        opacity = np.asarray(rgba.getchannel("A"), dtype=np.uint32)
+        brightness = np.asarray(rgba.convert("L"), dtype=np.uint32)  # convert("L") ignores the alpha
+        light = 2 * int((brightness * opacity).sum()) > 255 * int(opacity.sum())
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255) if light else (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
 
@@ -167,14 +180,18 @@ def resize_once(split_dataset, image_column, stored_size, num_proc=None):
     """The split with every image decoded once and stored shrunk, plus ERROR_COLUMN/PATH_COLUMN verdicts.
 
     One `datasets.map` does both the unreadable-file check and the resize, and its Arrow output is cached
-    under the dataset's fingerprint and `stored_size`: later epochs read small uncompressed images instead
-    of camera JPEGs, and later runs on the same data skip the pass entirely.
+    under the dataset's fingerprint, `stored_size` and the code that stores the images: later epochs read
+    small uncompressed images instead of camera JPEGs, and later runs on the same data skip the pass entirely.
     """
     undecoded = split_dataset.cast_column(image_column, datasets.Image(decode=False))
     features = undecoded.features.copy()
     features[image_column] = datasets.Image()
     features[ERROR_COLUMN] = datasets.Value("string")
     features[PATH_COLUMN] = datasets.Value("string")
+    # datasets keys a map's cache by its function's name, not its code (measured: a changed `to_rgb` left the key
+    # as it was), so images stored by another version of the conversion would be read back: the key holds the code.
+    storing = (resize_once, _shrink_batch, shrink_file, decode_file, open_image, to_rgb)
+    storing_code = [inspect.getsource(function) for function in storing]
     return undecoded.map(
         _shrink_batch,
         fn_kwargs={"image_column": image_column, "stored_size": stored_size},
@@ -182,6 +199,7 @@ def resize_once(split_dataset, image_column, stored_size, num_proc=None):
         batch_size=32,
         features=features,
         num_proc=worth_processes(num_proc, undecoded, image_column),
+        new_fingerprint=Hasher.hash([undecoded._fingerprint, stored_size, storing_code]),
         desc=f"Decoding images once, stored at {stored_size} px",
     )
 

@@ -18,8 +18,8 @@ from imgft.runtime import log_once
 
 
 def stored_image_size(image_processor, image_size, data_args):
-    """The shortest edge --resize_once stores images at (None when it is off): --stored_image_size, else
-    enough for the model's input size with the usual 0.875 centre-crop margin."""
+    """The shortest edge --resize_once stores training images at (None when it is off): --stored_image_size,
+    else enough for the model's input size with the usual 0.875 centre-crop margin."""
     if not data_args.resize_once:
         return None
     if data_args.stored_image_size:

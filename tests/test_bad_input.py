@@ -127,23 +127,40 @@ def test_grayscale_and_bilevel_become_three_equal_channels():
         assert np.all(pixels[..., 0] == pixels[..., 1]) and np.all(pixels[..., 1] == pixels[..., 2])
 
 
-def test_transparency_is_composited_onto_white_not_left_as_hidden_garbage():
-    rgba = np.zeros((4, 4, 4), dtype=np.uint8)
-    rgba[..., 0] = 255  # red hidden under...
-    rgba[:, :2, 3] = 0  # ...fully transparent left half
-    rgba[:, 2:, 3] = 255  # opaque red right half
-    pixels = rgb_of(encoded(Image.fromarray(rgba, "RGBA"), "PNG"))
-    assert pixels[:, :2].tolist() == [[[255, 255, 255]] * 2] * 4
-    assert pixels[:, 2:].tolist() == [[[255, 0, 0]] * 2] * 4
+def drawing_on_transparent(stroke, hidden, mode="RGBA"):
+    """A 12 x 12 image: an opaque `stroke`-coloured cross on transparent pixels that store `hidden`."""
+    pixels = np.zeros((12, 12, 4), dtype=np.uint8)
+    pixels[..., :3] = hidden
+    pixels[5:7, :, :3] = pixels[:, 5:7, :3] = stroke
+    pixels[5:7, :, 3] = pixels[:, 5:7, 3] = 255
+    image = Image.fromarray(pixels, "RGBA")
+    return image if mode == "RGBA" else image.convert(mode)
 
-    la = Image.fromarray(np.dstack([np.zeros((4, 4), np.uint8), np.zeros((4, 4), np.uint8)]), "LA")
-    assert rgb_of(encoded(la, "PNG")).min() == 255  # black, fully transparent -> white
 
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_transparent_pixels_get_a_background_that_keeps_the_drawing_visible(mode):
+    # Issue 21: white strokes on transparent pixels became a blank white image, 4 of 6 mistakes in one run.
+    for stroke, background in (((255, 255, 255), [0, 0, 0]), ((0, 0, 0), [255, 255, 255])):
+        for hidden in ((255, 255, 255), (0, 0, 0), (200, 30, 30)):  # what the file stores under alpha 0
+            pixels = rgb_of(encoded(drawing_on_transparent(stroke, hidden, mode), "PNG"))
+            assert pixels[0, 0].tolist() == background, (stroke, hidden)  # the same whatever is hidden
+            assert pixels[5, 0].tolist() == list(stroke)  # the drawing shows, on a background it stands out from
+    half = np.zeros((4, 4, 4), dtype=np.uint8)
+    half[..., 0], half[..., 3] = 255, 128  # red at half opacity: dark on average, so blended onto white
+    assert rgb_of(encoded(Image.fromarray(half, "RGBA"), "PNG"))[0, 0].tolist() == [255, 127, 127]
+    nothing = rgb_of(encoded(Image.new("RGBA", (4, 4), (90, 0, 0, 0)), "PNG"))
+    assert nothing.min() == 255  # fully transparent: white
+
+
+def test_a_palette_with_a_transparent_colour_gets_the_same_background_rule():
     palette = Image.new("P", (4, 4), 0)
-    palette.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)
+    palette.putpalette([255, 255, 255, 0, 0, 0] + [0] * 762)  # index 0 (transparent) stores white
     palette.putpixel((3, 3), 1)
     pixels = rgb_of(encoded(palette, "PNG", transparency=0))
-    assert pixels[0, 0].tolist() == [255, 255, 255] and pixels[3, 3].tolist() == [0, 255, 0]
+    assert pixels[0, 0].tolist() == [255, 255, 255] and pixels[3, 3].tolist() == [0, 0, 0]  # black dot on white
+    palette.putpalette([0, 0, 0, 240, 240, 240] + [0] * 762)  # a light dot over transparent black
+    pixels = rgb_of(encoded(palette, "PNG", transparency=0))
+    assert pixels[0, 0].tolist() == [0, 0, 0] and pixels[3, 3].tolist() == [240, 240, 240]
 
 
 def test_animated_gif_uses_its_first_frame():

@@ -43,16 +43,10 @@ def main(argv):
         if report_dir:
             # Each row remembers where it came from, so the report can name the files of the mistakes.
             validation = validation.add_column(SOURCE_ROW, list(range(len(validation))))
-        # The same single decode as training (unreadable files left out, images stored shrunk), so the
-        # numbers match those of the training run's own evaluation.
-        stored_size = transforms.stored_image_size(image_processor, model_args.image_size, data_args)
+        # The check training's evaluation split gets (unreadable files left out; the rest read from their files
+        # as they are, never stored shrunk), so the numbers match the training run's own evaluation, and predict's.
         kept, _ = data.decode_once_dropping_unreadable(
-            datasets.DatasetDict(validation=validation),
-            image_column,
-            label_column,
-            model_label_names,
-            data_args,
-            stored_size,
+            datasets.DatasetDict(validation=validation), image_column, label_column, model_label_names, data_args
         )
     validation = data.subsample(kept["validation"], data_args.max_eval_samples, train_args.seed)
     _, eval_transform = transforms.build_transforms(image_processor, model_args.image_size, False, 1.0)

@@ -1,11 +1,14 @@
-"""output_dir/README.md: a Hub model card, its metadata built with huggingface_hub rather than written by hand."""
+"""output_dir/README.md: a Hub model card, its metadata built with huggingface_hub rather than written by hand, and
+its usage snippet carrying imgft's image conversion (images.to_rgb), since pipeline()'s own differs."""
 
+import inspect
 import json
 import os
 import re
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from imgft import images
 from imgft.outputs import ADAPTER_DIR, CARD_FILE
 
 TAGS = ["image-classification", "imgft"]
@@ -197,11 +200,24 @@ def _per_class_table(per_class):
 
 
 def _usage(model_ref):
+    """The pipeline() snippet, with a loader that gives pipeline() images as training saw them: `images.to_rgb`'s
+    own source, so that the card and imgft cannot convert differently."""
     return (
+        "This model was trained and evaluated on images converted to RGB by `to_rgb` below (its docstring gives the "
+        "rule). `pipeline()` given a file converts it with PIL's `convert('RGB')` instead, which clips 16-bit images "
+        "to near white and shows whatever a file stores under its transparent pixels: load images with "
+        "`load_image` below for the answers the model was evaluated with. On plain RGB photos both agree.\n\n"
         "```python\n"
-        "from transformers import pipeline\n\n"
+        "import numpy as np\n"
+        "from PIL import Image, ImageOps\n"
+        "from transformers import pipeline\n\n\n"
+        f"{inspect.getsource(images.to_rgb)}\n\n"
+        "def load_image(path):\n"
+        '    """The image file at `path` as the model saw images: first frame, upright (EXIF), by `to_rgb`."""\n'
+        "    with Image.open(path) as image:\n"
+        "        return to_rgb(ImageOps.exif_transpose(image))\n\n\n"
         f'classifier = pipeline("image-classification", model="{model_ref}")\n'
-        'classifier("image.jpg")  # [{"label": ..., "score": ...}, ...]\n'
+        'classifier(load_image("image.jpg"))  # [{"label": ..., "score": ...}, ...]\n'
         "```"
     )
 
