@@ -571,7 +571,7 @@ def _folder_files(folder, flag):
         raise UserError(f"{flag} {folder} is a dataset written by datasets' save_to_disk: give it as --dataset_name")
     files, repeats = image_files.visible_files(folder)
     if repeats:
-        listing = "; ".join(f"{path} ({why})" for path, why in repeats)
+        listing = "; ".join(f"{os.path.relpath(path, folder)} ({why})" for path, why in repeats)
         log_once(logging.WARNING, f"Skipping, in {flag} {folder}, folders read once already: {listing}")
     metadata = [path for path in files if image_files.is_metadata(path)]
     files = [path for path in files if not image_files.is_metadata(path)]
