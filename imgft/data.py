@@ -1,7 +1,8 @@
-"""Step 2: the dataset and its labels: Hub name or imagefolders (classes from their top-level folders, or from
+"""Step 2: the dataset and its labels: Hub name, local data files or save_to_disk folder, or imagefolders
+(classes from their top-level folders, the images among their files by imgft/image_files.py's rule, or from
 metadata files), or a stream (--streaming), the split to evaluate on, label names, the subsets
 --max_train_samples and --max_eval_samples keep, and the one decode pass that sets unreadable images aside
-(and stores the rest shrunk). No transforms: see transforms.py."""
+(and stores the rest shrunk), refusing a split left with none. No transforms: see transforms.py."""
 
 import contextlib
 import json
@@ -350,7 +351,10 @@ def _load_errors(data_args):
         yield
     except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as err:
         offline = " (HF_HUB_OFFLINE is set: Hub datasets cannot be downloaded)" if hub_offline() else ""
-        raise UserError(f"cannot load dataset '{data_args.dataset_name}'{offline}: {err}") from None
+        hint = ""
+        if isinstance(err, datasets.exceptions.DataFilesNotFoundError) and os.path.isdir(data_args.dataset_name):
+            hint = "; for class folders of images give --train_dir, which reads every image PIL opens (.avif too)"
+        raise UserError(f"cannot load dataset '{data_args.dataset_name}'{offline}: {err}{hint}") from None
     except ValueError as err:
         refusal = _configuration_refusal(data_args, err)
         if refusal is None:
@@ -430,8 +434,11 @@ def _with_image_paths_from_data_files(dataset, image_column, data_files):
 
 
 def _path_of(value):
-    """The file path of an image column's value: the text itself, or an undecoded Image's path."""
-    return value.get("path") if isinstance(value, dict) else value
+    """The file path an image column's value is read from: the text itself, or an undecoded Image's path where
+    it holds no bytes (an embedded image's path is only its name)."""
+    if isinstance(value, dict):
+        return value.get("path") if value.get("bytes") is None else None
+    return value
 
 
 def _paths_joined(batch, image_column, folder):
@@ -440,7 +447,7 @@ def _paths_joined(batch, image_column, folder):
 
     values = batch[image_column]
     if values and isinstance(values[0], dict):
-        return {image_column: [{**value, "path": joined(value["path"])} for value in values]}
+        return {image_column: [{**value, "path": joined(_path_of(value)) or value["path"]} for value in values]}
     return {image_column: [joined(path) for path in values]}
 
 

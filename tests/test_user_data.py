@@ -102,6 +102,13 @@ def test_images_pil_reads_count_whatever_their_extension_and_the_rest_are_named(
     assert "red/IMG_0001.heic (HEIC image, which this PIL has no plugin to read" in said[0]
     assert "red/notes.txt (not an image PIL can open)" in said[0]
     assert ".DS_Store" not in caplog.text and "unreadable" not in caplog.text
+    from imgft.commands.check_data import data_report
+
+    caplog.clear()  # check-data sees and says the same
+    data_args = DataArguments(train_dir=str(root / "train"), validation_dir=str(root / "validation"))
+    lines, refusal = data_report(data_args, str(tmp_path / "cache"), 0)
+    assert refusal is None and [line.split() for line in lines if line.startswith("  red ")] == [["red", "5", "/", "1"]]
+    assert [message for message in warnings_in(caplog) if "not images" in message] == said
 
 
 @pytest.mark.skipif(not features.check("avif"), reason="this PIL has no AVIF plugin")
@@ -214,6 +221,19 @@ def test_csv_image_paths_are_read_relative_to_the_csv(tmp_path, monkeypatch):
     assert counts(kept["train"], names) == [2, 2]
 
 
+def test_relative_csv_paths_of_one_split_in_csvs_of_several_folders_are_refused_in_one_line(tmp_path):
+    root = csv_dataset(tmp_path / "csv")
+    (root / "train.csv").rename(root / "train-0.csv")
+    (root / "more").mkdir()
+    (root / "more" / "train-1.csv").write_text("image,label\npictures/red/002.png,red\n")
+    with pytest.raises(UserError) as refused:
+        load(tmp_path, dataset_name=root, image_column_name="image")
+    assert str(refused.value) == (
+        "the image paths of the 'train' split are relative (pictures/red/002.png), and its data files lie in "
+        f"several folders ({root}, {root / 'more'}): make them relative to one folder, or absolute"
+    )
+
+
 # --- 14. multi-label --------------------------------------------------------------------------------------------------
 
 
@@ -287,6 +307,16 @@ def test_class_folders_given_as_dataset_name_take_classes_from_their_top_level_f
     assert names == folder_names == ["green", "red"]
     for split in ("train", "validation"):
         assert counts(named[split], names) == counts(as_folders[split], names) == expected[split]
+
+
+def test_class_folders_of_formats_datasets_does_not_list_as_dataset_name_point_to_train_dir(tmp_path):
+    for name in NAMES:
+        (tmp_path / "data" / name).mkdir(parents=True)
+        (tmp_path / "data" / name / "3f9a1c0b7d").write_bytes(encoded(Image.new("RGB", (8, 8), COLORS[name]), "PNG"))
+    with pytest.raises(
+        UserError, match=r"No \(supported\) data files found .*; for class folders of images give --train_dir"
+    ):
+        load_labeled_dataset(DataArguments(dataset_name=str(tmp_path / "data")), str(tmp_path / "cache"), 0)
 
 
 def test_class_folders_without_split_folders_as_dataset_name(tmp_path):
