@@ -510,11 +510,24 @@ def _class_folder_images(files, folder, flag, cache_dir, min_classes):
     if not images:
         raise UserError(f"{flag} {folder} holds no image PIL can open: {image_files.skipped_summary(skipped, folder)}")
     if skipped:
-        log_once(logging.WARNING, f"Skipping, in {flag} {folder}, {image_files.skipped_summary(skipped, folder)}")
+        emptied = sorted(
+            {_class_folder(path, folder) for path, _ in skipped}
+            - {_class_folder(path, folder) for path in images}
+            - {None}
+        )
+        lost = f"; left with no image, these folders are no class: {', '.join(emptied)}" if emptied else ""
+        summary = image_files.skipped_summary(skipped, folder)
+        log_once(logging.WARNING, f"Skipping, in {flag} {folder}, {summary}{lost}")
     _check_class_folders(images, folder, flag, min_classes)
     if skipped:
         listed = listed.select([row for row, reason in enumerate(reasons) if not reason])
     return listed.remove_columns(SKIP_REASON_COLUMN)
+
+
+def _class_folder(path, folder):
+    """The top-level subfolder of `folder` that holds the file `path`; None for a file directly in `folder`."""
+    parts = os.path.relpath(path, folder).split(os.sep)
+    return parts[0] if len(parts) > 1 else None
 
 
 def _listed_split(files, cache_dir):

@@ -78,7 +78,8 @@ def test_a_link_loop_is_read_once_and_named(tmp_path, caplog):
 
 def odd_files_folder(root):
     """root/train with red and green (3 PNGs each), red also holding an AVIF, a PNG without an extension, a
-    .heic of random bytes (no plugin reads it), notes and a metadata-free hidden file; root/validation plain."""
+    .heic of random bytes (no plugin reads it), notes and a hidden file, and a blue folder holding only a .HEIC;
+    root/validation plain."""
     write_color_imagefolder(root / "train", NAMES, 3, seed=4)
     write_color_imagefolder(root / "validation", NAMES, 1, seed=5)
     red = root / "train" / "red"
@@ -87,6 +88,8 @@ def odd_files_folder(root):
     (red / "IMG_0001.heic").write_bytes(np.random.default_rng(0).integers(0, 256, 500, dtype=np.uint8).tobytes())
     (red / "notes.txt").write_text("shot on the balcony")
     (red / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (root / "train" / "blue").mkdir()  # a class of phone photos only, which no image is left in
+    (root / "train" / "blue" / "IMG_0002.HEIC").write_bytes(b"\0\0\0\x18ftypheic" + bytes(40))
     return root
 
 
@@ -98,9 +101,11 @@ def test_images_pil_reads_count_whatever_their_extension_and_the_rest_are_named(
     assert names == ["green", "red"] and counts(kept["train"], names) == [3, 5]  # red: 3 PNGs, the AVIF, the hash
     said = [message for message in warnings_in(caplog) if "not images" in message]
     assert len(said) == 1
-    assert "2 file(s) that are not images (1 .heic, 1 .txt)" in said[0]
+    assert "3 file(s) that are not images (2 .heic, 1 .txt)" in said[0]
+    assert "blue/IMG_0002.HEIC (HEIC image, which this PIL has no plugin to read" in said[0]
     assert "red/IMG_0001.heic (HEIC image, which this PIL has no plugin to read" in said[0]
     assert "red/notes.txt (not an image PIL can open)" in said[0]
+    assert said[0].endswith("; left with no image, these folders are no class: blue")
     assert ".DS_Store" not in caplog.text and "unreadable" not in caplog.text
     from imgft.commands.check_data import data_report
 
@@ -123,12 +128,13 @@ def test_predict_finds_the_images_training_reads(tmp_path):
     files, problems, skipped = predict.find_images([str(root / "train")])
     assert set(files) == trained_on and len(files) == 8 and problems == []
     assert [(os.path.basename(path), reason.split(",")[0]) for path, reason in skipped] == [
+        ("IMG_0002.HEIC", "HEIC image"),
         ("IMG_0001.heic", "HEIC image"),
         ("notes.txt", "not an image PIL can open"),
     ]
     globbed, _, skipped_by_glob = predict.find_images([str(root / "train" / "red" / "*")])
     assert sorted(map(os.path.basename, globbed)) == ["000.png", "001.png", "002.png", "3f9a1c0b7d", "photo.avif"]
-    assert skipped_by_glob == skipped
+    assert skipped_by_glob == skipped[1:]
 
 
 def test_a_folder_of_files_pil_cannot_open_says_what_it_skipped(tmp_path):
@@ -155,13 +161,23 @@ def test_the_listing_decides_once_and_opens_only_files_without_an_image_extensio
     )
     data_args = DataArguments(train_dir=str(root / "train"), validation_dir=str(root / "validation"))
     load_labeled_dataset(data_args, str(tmp_path / "cache"), 0)
-    assert sorted(os.path.basename(path) for path in opened) == ["3f9a1c0b7d", "IMG_0001.heic", "notes.txt"]
+    assert sorted(os.path.basename(path) for path in opened) == [
+        "3f9a1c0b7d",
+        "IMG_0001.heic",
+        "IMG_0002.HEIC",
+        "notes.txt",
+    ]
     opened.clear()
     load_labeled_dataset(data_args, str(tmp_path / "cache"), 0)
     assert opened == []  # the verdicts come back from the datasets cache
     (root / "train" / "red" / "notes.txt").write_text("edited: the cache follows each file's size and time")
     load_labeled_dataset(data_args, str(tmp_path / "cache"), 0)
-    assert sorted(os.path.basename(path) for path in opened) == ["3f9a1c0b7d", "IMG_0001.heic", "notes.txt"]
+    assert sorted(os.path.basename(path) for path in opened) == [
+        "3f9a1c0b7d",
+        "IMG_0001.heic",
+        "IMG_0002.HEIC",
+        "notes.txt",
+    ]
 
 
 # --- 12, 13. splits with no readable image ----------------------------------------------------------------------------
