@@ -1,24 +1,27 @@
-"""Step 2: the dataset and its labels: Hub name or imagefolders (classes from their top-level folders, or from
+"""Step 2: the dataset and its labels: Hub name, local data files or save_to_disk folder, or imagefolders
+(classes from their top-level folders, the images among their files by imgft/image_files.py's rule, or from
 metadata files), or a stream (--streaming), the split to evaluate on, label names, the subsets
 --max_train_samples and --max_eval_samples keep, and the one decode pass that sets unreadable images aside
-(and stores the training images shrunk). No transforms: see transforms.py."""
+(and stores the training images shrunk), refusing a split left with none. No transforms: see transforms.py."""
 
+import contextlib
+import json
 import logging
 import os
+import re
 
 import datasets
 import numpy as np
-from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 
-from imgft import images
+from imgft import image_files, images
 from imgft.args import label_names_list
 from imgft.commands.demo_data import ensure_digits_imagefolder
 from imgft.errors import UserError
 from imgft.runtime import hub_offline, log_once
 
 VALIDATION_SPLIT_NAMES = ("validation", "valid", "val")
-# The extensions the imagefolder loader reads (it ignores every other file).
-IMAGE_EXTENSIONS = {ext.lower() for ext in ImageFolder.EXTENSIONS}
+# A class folder listing's column: why a file is not read as an image ("" for an image), see _listed_split.
+SKIP_REASON_COLUMN = "imgft_skip_reason"
 
 
 def load_labeled_dataset(data_args, cache_dir, seed):
@@ -222,9 +225,24 @@ def decode_once_dropping_unreadable(dataset, image_column, label_column, label_n
         verdict_columns = [c for c in (images.ERROR_COLUMN, images.PATH_COLUMN) if c in part.column_names]
         kept[split] = part.remove_columns(verdict_columns)
     kept = datasets.DatasetDict(kept)
+    _refuse_splits_left_empty(verdicts, bad_rows, kept)
     if problems and "train" in kept:  # a class may have lost all its training images
         _check_class_counts(kept, label_column, label_names)
     return kept, len(problems)
+
+
+def _refuse_splits_left_empty(verdicts, bad_rows, kept):
+    """Refuse a split whose every image is unreadable, naming the first: training would crash on no batches, and
+    an evaluation of no images would report a loss of 0, the best there is."""
+    for split, part in kept.items():
+        if bad_rows[split] and len(part) == 0:
+            first = verdicts[split][0]
+            where = first[images.PATH_COLUMN] or f"{split} row 0"
+            purpose = "train on" if split == "train" else "evaluate on"
+            raise UserError(
+                f"none of the {len(bad_rows[split])} images of the {split} split can be read, so there is nothing "
+                f"to {purpose} (the first, {where}: {first[images.ERROR_COLUMN]})"
+            )
 
 
 def demo_dir_for(data_args):
@@ -302,24 +320,138 @@ def _hold_out(train, data_args, seed, whole):
 
 
 def _load_named(data_args, cache_dir):
+    """The DatasetDict of --dataset_name: a Hub name, or a local folder of data files, of class folders (read
+    by imgft's class-folder rule, as --train_dir is) or one written by datasets' save_to_disk."""
     name = data_args.dataset_name
-    try:
+    if not os.path.isdir(name):
+        with _load_errors(data_args):
+            return datasets.load_dataset(name, data_args.dataset_config_name, cache_dir=cache_dir)
+    saved = _saved_to_disk_files(name)
+    if saved:
+        # The files as they are, copied into the datasets cache as load_dataset copies any other (load_from_disk
+        # would write the cache of every later pass into the user's folder).
+        return datasets.load_dataset("arrow", data_files=saved, cache_dir=cache_dir)
+    with _load_errors(data_args):
+        builder = datasets.load_dataset_builder(name, data_args.dataset_config_name, cache_dir=cache_dir)
+    data_files = builder.config.data_files or {}
+    has_metadata = any(image_files.is_metadata(path) for files in data_files.values() for path in files)
+    if builder.name == "imagefolder" and not has_metadata:
+        # datasets labels an image by its parent folder, and not at all when images lie at different depths:
+        # each image's class is its top-level folder instead, as with --train_dir.
+        folders = {split: (folder, "--dataset_name") for split, folder in _split_folders(name, data_files).items()}
+        return _load_imagefolders(folders, data_args, cache_dir, 2)
+    with _load_errors(data_args):
         dataset = datasets.load_dataset(name, data_args.dataset_config_name, cache_dir=cache_dir)
-    except (
-        FileNotFoundError,
-        ConnectionError,
-        datasets.exceptions.DatasetNotFoundError,
-    ) as err:
+    _refuse_metadata_without_labels(dataset, data_args.label_column_name, [name])
+    return _with_image_paths_from_data_files(dataset, data_args.image_column_name, data_files)
+
+
+@contextlib.contextmanager
+def _load_errors(data_args):
+    """datasets' errors on a dataset it cannot find or read, and on a configuration it cannot pick, in one
+    line; any other ValueError as it is."""
+    try:
+        yield
+    except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as err:
         offline = " (HF_HUB_OFFLINE is set: Hub datasets cannot be downloaded)" if hub_offline() else ""
-        raise UserError(f"cannot load dataset '{name}'{offline}: {err}") from None
-    except ValueError as err:  # a configuration it cannot pick, said in one line; any other as it is
+        hint = ""
+        if isinstance(err, datasets.exceptions.DataFilesNotFoundError) and os.path.isdir(data_args.dataset_name):
+            hint = "; for class folders of images give --train_dir, which reads every image PIL opens (.avif too)"
+        raise UserError(f"cannot load dataset '{data_args.dataset_name}'{offline}: {err}{hint}") from None
+    except ValueError as err:
         refusal = _configuration_refusal(data_args, err)
         if refusal is None:
             raise
         raise refusal from None
-    if os.path.isdir(name):
-        _refuse_metadata_without_labels(dataset, data_args.label_column_name, [name])
-    return dataset
+
+
+def _saved_to_disk_files(folder):
+    """{split: its Arrow files} of a folder written by datasets' save_to_disk, a Dataset's (one split, named
+    as it was saved, else train) or a DatasetDict's; None for any other folder."""
+
+    def arrow_files(split_folder):
+        with open(os.path.join(split_folder, datasets.config.DATASET_STATE_JSON_FILENAME)) as file:
+            state = json.load(file)
+        return [os.path.join(split_folder, entry["filename"]) for entry in state["_data_files"]]
+
+    if os.path.isfile(os.path.join(folder, datasets.config.DATASET_STATE_JSON_FILENAME)):
+        with open(os.path.join(folder, datasets.config.DATASET_STATE_JSON_FILENAME)) as file:
+            split = json.load(file).get("_split") or "train"
+        return {split: arrow_files(folder)}
+    if os.path.isfile(os.path.join(folder, datasets.config.DATASETDICT_JSON_FILENAME)):
+        with open(os.path.join(folder, datasets.config.DATASETDICT_JSON_FILENAME)) as file:
+            splits = json.load(file)["splits"]
+        return {split: arrow_files(os.path.join(folder, split)) for split in splits}
+    return None
+
+
+def _split_folders(root, data_files):
+    """{split: its folder} for the splits datasets found in the folder `root`: the deepest folder holding all
+    of a split's files that is named as a split is (train/, validation/, test-2024/), else `root` itself."""
+    keywords = "|".join(re.escape(word) for words in datasets.data_files.SPLIT_KEYWORDS.values() for word in words)
+    folders = {}
+    for split, files in data_files.items():
+        common = os.path.commonpath([os.path.dirname(os.path.abspath(path)) for path in files])
+        parts = os.path.relpath(common, os.path.abspath(root)).split(os.sep)
+        named = [i for i, part in enumerate(parts) if re.fullmatch(rf"({keywords})([-._ 0-9].*)?", part.lower())]
+        folders[str(split)] = os.path.join(root, *parts[: named[-1] + 1]) if named else root
+    return folders
+
+
+def _with_image_paths_from_data_files(dataset, image_column, data_files):
+    """`dataset` with relative image paths read from the folder of the data file that names them (a CSV's
+    own folder), as the imagefolder loader reads a metadata file's; datasets would read them from the working
+    directory. Paths that are found there and not in the data file's folder are kept as they are."""
+    features = next(iter(dataset.values())).features
+    if image_column is None:
+        image_column = next((name for name, feature in features.items() if isinstance(feature, datasets.Image)), None)
+    feature = features.get(image_column)
+    is_path_text = isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+    if not (is_path_text or isinstance(feature, datasets.Image)):
+        return dataset
+    resolved = {}
+    for split, part in dataset.items():
+        if isinstance(feature, datasets.Image):
+            part = part.cast_column(image_column, datasets.Image(decode=False))
+        first = next((path for path in map(_path_of, part[:100][image_column]) if path), None)
+        folders = sorted({os.path.dirname(os.path.abspath(path)) for path in data_files.get(split, [])})
+        if first is None or os.path.isabs(first) or "://" in first or not folders:
+            resolved[split] = dataset[split]
+            continue
+        if not os.path.exists(os.path.join(folders[0], first)) and os.path.exists(first):
+            resolved[split] = dataset[split]  # relative to the working directory, which datasets reads them from
+            continue
+        if len(folders) > 1:
+            raise UserError(
+                f"the image paths of the '{split}' split are relative ({first}), and its data files lie in "
+                f"several folders ({', '.join(folders)}): make them relative to one folder, or absolute"
+            )
+        part = part.map(
+            _paths_joined,
+            batched=True,
+            fn_kwargs={"image_column": image_column, "folder": folders[0]},
+            desc="Reading relative image paths from the data files' folder",
+        )
+        resolved[split] = part.cast_column(image_column, feature) if isinstance(feature, datasets.Image) else part
+    return datasets.DatasetDict(resolved)
+
+
+def _path_of(value):
+    """The file path an image column's value is read from: the text itself, or an undecoded Image's path where
+    it holds no bytes (an embedded image's path is only its name)."""
+    if isinstance(value, dict):
+        return value.get("path") if value.get("bytes") is None else None
+    return value
+
+
+def _paths_joined(batch, image_column, folder):
+    def joined(path):
+        return path if not path or os.path.isabs(path) or "://" in path else os.path.join(folder, path)
+
+    values = batch[image_column]
+    if values and isinstance(values[0], dict):
+        return {image_column: [{**value, "path": joined(_path_of(value)) or value["path"]} for value in values]}
+    return {image_column: [joined(path) for path in values]}
 
 
 def _configuration_refusal(data_args, err):
@@ -334,13 +466,15 @@ def _configuration_refusal(data_args, err):
 
 
 def _load_imagefolders(folders, data_args, cache_dir, min_classes):
-    """A DatasetDict of `folders` ({split: (folder, flag)}) read by the imagefolder loader; the train folder
-    must hold `min_classes` classes, the others one at least (a validation set may lack some classes).
+    """A DatasetDict of `folders` ({split: (folder, flag)}); the train folder must hold `min_classes` classes,
+    the others one at least (a validation set may lack some classes).
 
     Each image's class is the top-level subfolder of its split's folder that holds it, at any depth, as
-    torchvision's ImageFolder has it (the loader's own labels are its parent folder's name, and none at all
-    when files lie at different depths). Folders with metadata files (metadata.csv, .jsonl, .parquet) take
-    their rows and columns, labels included, from them instead, as `load_dataset(folder)` does.
+    torchvision's ImageFolder has it (datasets' imagefolder loader labels an image by its parent folder, and
+    not at all when images lie at different depths). Which files are images is `image_files`' rule, and
+    those skipped are named in one warning. Folders with metadata files (metadata.csv, .jsonl, .parquet) take
+    their rows and columns, labels included, from them instead, read by the imagefolder loader as
+    `load_dataset(folder)` reads them.
     """
     found = {split: _folder_files(folder, flag) for split, (folder, flag) in folders.items()}
     with_metadata = [split for split, (_, metadata) in found.items() if metadata]
@@ -351,19 +485,78 @@ def _load_imagefolders(folders, data_args, cache_dir, min_classes):
             f"{folders[has][1]} {folders[has][0]} has metadata ({', '.join(found[has][1])}) but "
             f"{folders[lacks][1]} {folders[lacks][0]} has none: give both folders metadata files, or neither"
         )
-    if not with_metadata:
-        for split, (folder, flag) in folders.items():
-            _check_class_folders(found[split][0], folder, flag, min_classes if split == "train" else 1)
-    data_files = {split: images + metadata for split, (images, metadata) in found.items()}
-    try:
-        # drop_labels: the loader's labels would be the images' parent folders (see above).
-        dataset = datasets.load_dataset("imagefolder", data_files=data_files, drop_labels=True, cache_dir=cache_dir)
-    except ValueError as err:  # the loader's word on metadata files it cannot use
-        raise UserError(f"cannot read the metadata files: {err}") from None
     if with_metadata:
+        # Every file, so that the loader's cache follows changes to any of them; it reads those the metadata names.
+        data_files = {split: files + metadata for split, (files, metadata) in found.items()}
+        try:
+            dataset = datasets.load_dataset("imagefolder", data_files=data_files, drop_labels=True, cache_dir=cache_dir)
+        except ValueError as err:  # the loader's word on metadata files it cannot use
+            raise UserError(f"cannot read the metadata files: {err}") from None
         _refuse_metadata_without_labels(dataset, data_args.label_column_name, [f for f, _ in folders.values()])
         return dataset
-    return _label_by_class_folder(dataset, {split: folder for split, (folder, _) in folders.items()})
+    dataset = {}
+    for split, (folder, flag) in folders.items():
+        classes_needed = min_classes if split == "train" else 1
+        dataset[split] = _class_folder_images(found[split][0], folder, flag, cache_dir, classes_needed)
+    return _label_by_class_folder(
+        datasets.DatasetDict(dataset), {split: folder for split, (folder, _) in folders.items()}
+    )
+
+
+def _class_folder_images(files, folder, flag, cache_dir, min_classes):
+    """The images among `files` (every visible file of a class folder tree) as an undecoded Image column; the
+    skipped files named in one warning, and refused where none is left. See `_listed_split`."""
+    listed = _listed_split(files, cache_dir)
+    reasons = list(listed[SKIP_REASON_COLUMN])
+    skipped = [(path, reason) for path, reason in zip(files, reasons, strict=True) if reason]
+    images = [path for path, reason in zip(files, reasons, strict=True) if not reason]
+    if not images:
+        raise UserError(f"{flag} {folder} holds no image PIL can open: {image_files.skipped_summary(skipped, folder)}")
+    if skipped:
+        emptied = sorted(
+            {_class_folder(path, folder) for path, _ in skipped}
+            - {_class_folder(path, folder) for path in images}
+            - {None}
+        )
+        lost = f"; left with no image, these folders are no class: {', '.join(emptied)}" if emptied else ""
+        summary = image_files.skipped_summary(skipped, folder)
+        log_once(logging.WARNING, f"Skipping, in {flag} {folder}, {summary}{lost}")
+    _check_class_folders(images, folder, flag, min_classes)
+    if skipped:
+        listed = listed.select([row for row, reason in enumerate(reasons) if not reason])
+    return listed.remove_columns(SKIP_REASON_COLUMN)
+
+
+def _class_folder(path, folder):
+    """The top-level subfolder of `folder` that holds the file `path`; None for a file directly in `folder`."""
+    parts = os.path.relpath(path, folder).split(os.sep)
+    return parts[0] if len(parts) > 1 else None
+
+
+def _listed_split(files, cache_dir):
+    """A dataset of `files`, an undecoded Image column and why each is skipped ("" for an image), decided once by
+    `image_files.skip_reason`: it is cached (datasets' Generator builder) under the files' paths, sizes and
+    modification times, so a later run reads the verdicts back instead of opening files again, and every
+    later pass's cache (the decode pass's) follows a change to any file, as the imagefolder loader's does."""
+    listed = tuple((os.path.abspath(path), *_size_and_modified(path)) for path in files)
+    features = datasets.Features({"image": datasets.Image(), SKIP_REASON_COLUMN: datasets.Value("string")})
+    # A tuple: datasets would split a list into one generator call per file.
+    return datasets.Dataset.from_generator(
+        _listed_rows, features=features, gen_kwargs={"listed": listed}, cache_dir=cache_dir
+    )
+
+
+def _size_and_modified(path):
+    try:
+        status = os.stat(path)
+    except OSError:  # a link to nothing: the skip reason says so
+        return 0, 0
+    return status.st_size, status.st_mtime_ns
+
+
+def _listed_rows(listed):
+    for path, _, _ in listed:
+        yield {"image": path, SKIP_REASON_COLUMN: image_files.skip_reason(path)}
 
 
 def _label_by_class_folder(dataset, folders):
@@ -373,7 +566,7 @@ def _label_by_class_folder(dataset, folders):
     """
     classes = {}
     for split, part in dataset.items():
-        root = os.path.abspath(folders[split])  # the loader stores absolute paths
+        root = os.path.abspath(folders[split])  # the listing stores absolute paths
         classes[split] = [os.path.relpath(path, root).split(os.sep)[0] for path in _image_paths(part)]
     names = sorted({name for split_classes in classes.values() for name in split_classes})
     ids = {name: i for i, name in enumerate(names)}
@@ -393,24 +586,21 @@ def _image_paths(split_dataset, image_column="image"):
 
 
 def _folder_files(folder, flag):
-    """(image files, metadata files) under `folder`, whatever the case of the images' extensions."""
+    """(files, metadata files) under `folder`: every visible file, links followed (`image_files.visible_files`);
+    the links passed over, to folders read already, are named in one warning."""
     if not os.path.isdir(folder):
         raise UserError(f"{flag} {folder} is not a folder")
-    files = _visible_files(folder)
-    images = [path for path in files if os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS]
-    if not images:
+    if _saved_to_disk_files(folder):
+        raise UserError(f"{flag} {folder} is a dataset written by datasets' save_to_disk: give it as --dataset_name")
+    files, repeats = image_files.visible_files(folder)
+    if repeats:
+        listing = "; ".join(f"{os.path.relpath(path, folder)} ({why})" for path, why in repeats)
+        log_once(logging.WARNING, f"Skipping, in {flag} {folder}, folders read once already: {listing}")
+    metadata = [path for path in files if image_files.is_metadata(path)]
+    files = [path for path in files if not image_files.is_metadata(path)]
+    if not files:
         raise UserError(f"{flag} {folder} holds no images: put each class's images in a subfolder named after it")
-    return images, [path for path in files if os.path.basename(path) in ImageFolder.METADATA_FILENAMES]
-
-
-def _visible_files(folder):
-    """Every file under `folder`, sorted; hidden files and folders (.DS_Store, ._photo.jpg) and macOS archive
-    leftovers (__MACOSX/) are passed over quietly."""
-    files = []
-    for root, folders, names in os.walk(folder):
-        folders[:] = sorted(name for name in folders if not name.startswith(".") and name != "__MACOSX")
-        files += [os.path.join(root, name) for name in sorted(names) if not name.startswith(".")]
-    return files
+    return files, metadata
 
 
 def _check_class_folders(images, folder, flag, min_classes):
@@ -437,10 +627,7 @@ def _refuse_metadata_without_labels(dataset, label_column, folders):
     if label_column or _default_label_column(features):
         return
     metadata = [
-        path
-        for folder in folders
-        for path in _visible_files(folder)
-        if os.path.basename(path) in ImageFolder.METADATA_FILENAMES
+        path for folder in folders for path in image_files.visible_files(folder)[0] if image_files.is_metadata(path)
     ]
     if metadata:
         raise UserError(
@@ -471,6 +658,11 @@ def find_columns(dataset, image_column, label_column):
         for split, split_dataset in dataset.items():
             if name not in split_dataset.features:
                 raise UserError(f"{flag} '{name}' is not a column of {split} (columns: {', '.join(columns)})")
+    if isinstance(features[label_column], (datasets.List, datasets.LargeList, list)):
+        raise UserError(
+            f"the label column '{label_column}' holds a list of labels per image (multi-label data): imgft trains "
+            "single-label classifiers, one label per image"
+        )
     return image_column, label_column
 
 

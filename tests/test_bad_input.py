@@ -190,7 +190,7 @@ def test_tiny_and_extreme_aspect_ratio_images_give_full_size_tensors(tiny_vit):
         assert eval_transform([image])[0].shape == (16, 16, 3)
 
 
-def test_every_format_and_extension_case_is_read_and_junk_is_ignored_quietly(train, tmp_path, tiny_vit, caplog):
+def test_every_format_and_extension_case_is_read_and_junk_is_named_not_counted(train, tmp_path, tiny_vit, caplog):
     root = tmp_path / "data"
     names = list(COLORS)[:2]
     write_color_imagefolder(root / "train", names, 6, seed=7)
@@ -213,7 +213,10 @@ def test_every_format_and_extension_case_is_read_and_junk_is_ignored_quietly(tra
     assert results["unreadable_images"] == 0
     config = json.loads((out / "config.json").read_text())
     assert sorted(config["label2id"]) == ["green", "red"]  # no __MACOSX class
-    assert "Skipping" not in caplog.text
+    assert "Skipping unreadable" not in caplog.text  # --strict_data let the notes pass: they are not images
+    skipped = [line for line in caplog.text.splitlines() if "not images" in line]
+    assert len(skipped) == 1 and "1 file(s) that are not images (1 .txt): red/notes.txt" in skipped[0]
+    assert ".DS_Store" not in caplog.text and "AppleDouble" not in caplog.text and "._f.jpg" not in caplog.text
 
 
 # --- 3. structural problems: one clear message, exit code 2, nothing written -----------------------------------

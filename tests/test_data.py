@@ -277,7 +277,7 @@ def test_load_raw_datasets_uses_the_validation_dir(train_folder, tmp_path):
     data_args = DataArguments(train_dir=str(train_folder), validation_dir=str(validation))
     dataset, source = load_raw_datasets(data_args, str(tmp_path / "cache"), 0, str(tmp_path / "no_demo"))
     assert source == f"--validation_dir {validation}"
-    assert (tmp_path / "cache" / "imagefolder").is_dir()  # --cache_dir holds the datasets cache
+    assert (tmp_path / "cache" / "generator").is_dir()  # --cache_dir holds the datasets cache of the listing
     assert len(dataset["train"]) == len(CLASSES) * PER_CLASS
     assert len(dataset["validation"]) == len(CLASSES) * 2
     assert all(path.startswith(str(validation)) for path in image_paths(dataset["validation"]))

@@ -59,6 +59,7 @@ def messy_folder(tmp_path_factory, colors_data):
         hidden.parent.mkdir(exist_ok=True)
         shutil.copy(validation / "red" / "000.png", hidden)
     (root / "notes.txt").write_text("not an image")
+    (root / "metadata.csv").write_text("file_name,label\na.PNG,red\n")  # describes images, is none: not named
     (root / "empty.jpg").write_bytes(b"")
     (root / "truncated.png").write_bytes((validation / "red" / "001.png").read_bytes()[:100])
     return root
@@ -76,8 +77,9 @@ def test_finds_images_recursively_and_names_unreadable_ones(model_dir, messy_fol
     assert relative == ["a.PNG", "nested/b.png", "nested/d.JPEG", "nested/deeper/c.png"]  # walk order, sorted
     assert f"{messy_folder / 'empty.jpg'}: empty file (0 bytes)" in err
     assert f"{messy_folder / 'truncated.png'}: cannot decode" in err
-    assert "notes.txt" not in err and "__MACOSX" not in err and ".cache" not in err
-    assert "Labelled 4 image(s), skipped 2 unreadable" in err
+    assert f"skipping {messy_folder / 'notes.txt'}: not an image PIL can open" in err  # named, as training does
+    assert "__MACOSX" not in err and ".cache" not in err and "metadata.csv" not in err
+    assert "Labelled 4 image(s), skipped 2 unreadable and 1 non-image file(s)" in err
     assert "image/s" not in err  # no progress bar for a handful of images
     for record in records:
         assert set(record) == {"path", "label", "score", "top_k"}
@@ -243,7 +245,7 @@ def test_an_existing_file_with_glob_characters_in_its_name_is_taken_as_it_is(tmp
     Image.new("RGB", (8, 8)).save(image)
     (tmp_path / "folder [a]").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "folder [a]" / "x.png")
-    files, problems = predict.find_images([str(image), str(tmp_path / "folder [a]"), str(tmp_path / "*.jpg")])
+    files, problems, _ = predict.find_images([str(image), str(tmp_path / "folder [a]"), str(tmp_path / "*.jpg")])
     assert files == [str(image), str(tmp_path / "folder [a]" / "x.png")]
     assert problems == [(str(tmp_path / "*.jpg"), "matches no image file")]  # a real glob still globs
 

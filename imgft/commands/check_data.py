@@ -14,7 +14,8 @@ IMBALANCE_HINT = (
 
 
 def data_report(data_args, cache_dir, seed):
-    """(lines to print, refusal message or None): counts, imbalance, sizes, unreadable files, duplicates.
+    """(lines to print, refusal message or None): counts, imbalance, sizes, unreadable files, duplicates across
+    the splits, and the same image under two classes in train.
 
     The image pass is the one training makes (cached by datasets), so checking first costs training nothing.
     """
@@ -43,6 +44,9 @@ def data_report(data_args, cache_dir, seed):
         lines += _size_lines(split, np.asarray(part["width"]), np.asarray(part["height"]))
     lines += _unreadable_lines(inspected)
     lines += _duplicate_lines(inspected["train"], inspected["validation"])
+    if label_names is not None:
+        labels = data.labels_of(dataset["train"], label_column)
+        lines += _class_conflict_lines(inspected["train"], labels, label_names)
     return lines, refusal
 
 
@@ -96,6 +100,21 @@ def _duplicate_lines(train, validation):
     return [f"Duplicates across train and validation (same bytes): {len(pairs)}"] + [
         f"  {validation_path} = {train_path}" for validation_path, train_path in pairs
     ]
+
+
+def _class_conflict_lines(train, labels, label_names):
+    """Readable training images whose bytes also stand in train under another class: one of the two labels is
+    wrong (a cheap label-noise check, from the hashes the image pass took anyway)."""
+    first_seen = {}
+    pairs = []
+    columns = (train[images.PATH_COLUMN], train["sha1"], train[images.ERROR_COLUMN], labels)
+    for path, digest, reason, label in zip(*columns, strict=True):
+        if reason:
+            continue
+        first_path, first_label = first_seen.setdefault(digest, (path, label))
+        if first_label != label:
+            pairs.append(f"  {path} ({label_names[label]}) = {first_path} ({label_names[first_label]})")
+    return [f"Same image under two classes in train (same bytes): {len(pairs)}"] + pairs
 
 
 def main(argv):

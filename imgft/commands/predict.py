@@ -6,8 +6,9 @@ One JSON line per image on stdout, {"path", "label", "score", "top_k": [{"label"
 a .jsonl / .csv file with --output. Images get what the model's image processor gives them (the
 evaluation transform training used, see imgft/preprocessing.py), so the answers are pipeline()'s;
 --tta averages the logits of several views of each (imgft/tta.py), as `python -m imgft evaluate --tta`
-does. Unreadable files and inputs that match nothing are named on stderr and skipped; the exit code
-is 0 as long as some image was labelled, and 2 when none could be.
+does. Folders and globs give the files training reads as images (imgft/image_files.py). Unreadable
+files, files that are not images and inputs that match nothing are named on stderr and skipped; the
+exit code is 0 as long as some image was labelled, and 2 when none could be.
 """
 
 import argparse
@@ -94,46 +95,50 @@ def _unknown_flag_message(token, parser):
     return f"unknown flag '{name}'{hint}"
 
 
-def is_image_name(name):
-    from imgft.data import IMAGE_EXTENSIONS
-
-    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-
-
-def images_in_folder(folder):
-    """Every image under `folder`, sorted, skipping hidden files and folders and macOS __MACOSX leftovers."""
-    found = []
-    for root, folders, names in os.walk(folder):
-        folders[:] = sorted(name for name in folders if not name.startswith(".") and name != "__MACOSX")
-        found += [os.path.join(root, name) for name in sorted(names) if is_image_name(name)]
-    return found
-
-
 def find_images(inputs):
-    """(image files in input order without repeats, [(input, why it gave nothing)]).
+    """(image files in input order without repeats, [(input, why it gave nothing)], [(file, why it is skipped)]).
 
-    A file named outright is always tried, whatever its extension; files found in folders or by a glob
-    must have an image extension (any case). A path that exists is taken as it is, even with glob
-    characters in its name (`img [1].png`).
+    A file named outright is always tried, whatever its extension; files found in folders (searched with links
+    followed) or by a glob are images by `image_files`' rule, as in training: the others are skipped. A path
+    that exists is taken as it is, even with glob characters in its name (`img [1].png`).
     """
-    files, problems = [], []
+    from imgft import image_files
+
+    files, problems, skipped = [], [], []
     for pattern in inputs:
+        passed_over = []
         if os.path.isdir(pattern):
-            found, reason = images_in_folder(pattern), "holds no image files"
+            (found, passed_over), reason = image_files.images_under(pattern), "holds no image files"
         elif os.path.isfile(pattern):
             found, reason = [pattern], ""
         elif any(char in pattern for char in GLOB_CHARACTERS):
-            matches = sorted(glob.glob(pattern, recursive=True))
-            found = [m for m in matches if os.path.isfile(m) and is_image_name(os.path.basename(m))]
-            for folder in (m for m in matches if os.path.isdir(m)):
-                found += images_in_folder(folder)
-            reason = "matches no image file"
+            (found, passed_over), reason = _images_matching(pattern), "matches no image file"
         else:
             found, reason = [], "no such file or folder"
         files += found
+        skipped += passed_over
         if not found:
             problems.append((pattern, reason))
-    return list(dict.fromkeys(files)), problems
+    return list(dict.fromkeys(files)), problems, list(dict.fromkeys(skipped))
+
+
+def _images_matching(pattern):
+    """(images, [(file, why it is skipped)]) of a glob: the files it matches, then the images under its folders."""
+    from imgft import image_files
+
+    matches = sorted(glob.glob(pattern, recursive=True))
+    found, skipped = [], []
+    for path in (match for match in matches if os.path.isfile(match) and not image_files.is_metadata(match)):
+        reason = image_files.skip_reason(path)
+        if reason:
+            skipped.append((path, reason))
+        else:
+            found.append(path)
+    for folder in (match for match in matches if os.path.isdir(match)):
+        images, passed_over = image_files.images_under(folder)
+        found += images
+        skipped += passed_over
+    return found, skipped
 
 
 def load_image(path):
@@ -251,11 +256,14 @@ def main(argv):
     from imgft.transforms import build_transforms, normalizer
     from imgft.tta import views_transform
 
-    files, problems = find_images(args.paths)
+    files, problems, skipped_files = find_images(args.paths)
+    for path, reason in skipped_files:
+        print(f"warning: skipping {path}: {reason}", file=sys.stderr)
     for pattern, reason in problems:
         print(f"warning: {pattern}: {reason}", file=sys.stderr)
     if not files:
-        raise UserError(f"no images found in {', '.join(args.paths)}")
+        passed_over = f" ({len(skipped_files)} files that are not images, named above)" if skipped_files else ""
+        raise UserError(f"no images found in {', '.join(args.paths)}{passed_over}")
     model_args = ModelArguments(
         model_name_or_path=args.model_name_or_path,
         image_processor_name=args.image_processor_name,
@@ -283,8 +291,11 @@ def main(argv):
             with_views=args.tta is not None,
         )
         labelled = write_records(records, args.output)
-    skipped = len(files) - labelled
-    summary = f"Labelled {labelled} image(s)" + (f", skipped {skipped} unreadable" if skipped else "")
+    unreadable = len(files) - labelled
+    skipped = [f"{unreadable} unreadable"] if unreadable else []
+    if skipped_files:
+        skipped.append(f"{len(skipped_files)} non-image file(s)")
+    summary = f"Labelled {labelled} image(s)" + (f", skipped {' and '.join(skipped)}" if skipped else "")
     print(summary + (f"; wrote {args.output}" if args.output else ""), file=sys.stderr)
     if not labelled:
         raise UserError("none of the images could be read")
