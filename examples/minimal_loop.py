@@ -1,11 +1,17 @@
-"""The smallest loop that trains as train_loop.py trains: its five steps, then a plain 🤗 Accelerate loop.
+"""The smallest loop that trains as train_loop.py trains: the same five steps, then a plain 🤗 Accelerate loop.
 
     python examples/minimal_loop.py --output_dir DIR      # the digits demo, as `python train_loop.py`
 
-Read this first, then `diff examples/minimal_loop.py train_loop.py`: each line the diff adds is one of the
-real loop's features (guards on the output folder, checkpoints and resume, logs and the report, NaN losses,
-early stopping and the best model, the recipes). At the default flags none of them changes a number:
-tests/test_minimal_loop.py trains both and finds the saved weights bitwise identical.
+It follows the five steps of the transformers image-classification example:
+    1. arguments      three dataclasses from a YAML file and the command line     imgft/args.py
+    2. dataset        Hub name or imagefolder, a validation split, label names     imgft/data.py
+    3. model          AutoConfig + AutoModelForImageClassification + processor     imgft/model.py
+    4. transforms     applied lazily with set_transform; DataLoaders, collate_fn   imgft/transforms.py
+    5. optimizer      AdamW, a learning-rate schedule, and accelerator.prepare     imgft/optimizer.py
+then the training loop and the save, written out here. Read it first, then `diff examples/minimal_loop.py
+train_loop.py`: what the diff adds are the real loop's features (output-folder guards, checkpoints and
+resume, logs and the report, NaN losses, the best model and early stopping, the recipes). At the default
+flags none of them changes a number: tests/test_minimal_loop.py finds the saved weights bitwise identical.
 It reads train_loop.py's flags, and refuses in one line those that turn on what only train_loop.py does.
 """
 
@@ -154,17 +160,15 @@ def main(argv=None):
                 accelerator.print(f"step {completed_steps}/{max_train_steps}: loss {loss.item():.4f}")
             if completed_steps >= max_train_steps:
                 break
-        accuracy = evaluate(model, eval_dataloader, normalize, accelerator, len(label_names))
+        accuracy = evaluate(model, eval_dataloader, normalize, accelerator)
         accelerator.print(f"epoch {epoch + 1}: eval_accuracy {accuracy:.4f}")
 
     # ---------------------------------------------------------------- Save a model anyone can load
     accelerator.wait_for_everyone()  # replaces a torch.distributed.barrier(): all processes done training
-    # unwrap_model strips the DDP wrapper, so the weights load without imgft; get_state_dict gathers the
-    # whole weights where FSDP or DeepSpeed shard them (every process calls it).
-    plain_model = accelerator.unwrap_model(model)
-    plain_model.save_pretrained(
-        output_dir, is_main_process=accelerator.is_main_process, state_dict=accelerator.get_state_dict(model)
-    )
+    # unwrap_model strips the DDP and torch.compile wrappers, so the weights load without imgft. (FSDP and
+    # DeepSpeed shard them: train_loop.py gathers them first, with accelerator.get_state_dict.)
+    plain_model = accelerator.unwrap_model(model, keep_torch_compile=False)
+    plain_model.save_pretrained(output_dir, is_main_process=accelerator.is_main_process)
     if accelerator.is_main_process:
         image_processor.save_pretrained(output_dir)  # pipeline() reads sizes and normalisation from it
     accelerator.print(f"Saved the model to {output_dir}")
@@ -173,8 +177,9 @@ def main(argv=None):
 
 
 @torch.no_grad()
-def evaluate(model, eval_dataloader, normalize, accelerator, num_labels):
+def evaluate(model, eval_dataloader, normalize, accelerator):
     """Top-1 accuracy on the whole validation set. Every process must call it, and all get the same answer."""
+    num_labels = accelerator.unwrap_model(model).config.num_labels
     model.eval()
     # sync_on_compute=False: every process is given every process's logits below, so torchmetrics' own
     # cross-process sync would count each image once per process.
