@@ -145,7 +145,7 @@ def main(argv=None):
                 # backward() replaces loss.backward(): it scales the loss for fp16 and divides it by the
                 # accumulation steps, so it must not be divided here again.
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and train_args.max_grad_norm > 0:
+                if accelerator.sync_gradients and train_args.max_grad_norm > 0:  # the window's last batch
                     # replaces scaler.unscale_() + clip_grad_norm_(), on the window's summed gradients
                     accelerator.clip_grad_norm_(model.parameters(), train_args.max_grad_norm)
                 optimizer.step()
