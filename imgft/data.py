@@ -1,7 +1,8 @@
 """Step 2: the dataset and its labels: Hub name or imagefolders (classes from their top-level folders, or from
 metadata files), or a stream (--streaming), the split to evaluate on, label names, the subsets
 --max_train_samples and --max_eval_samples keep, and the one decode pass that sets unreadable images aside
-(and stores the rest shrunk). No transforms: see transforms.py."""
+(and stores the rest shrunk), numbering the validation rows as loaded first (SOURCE_ROW_COLUMN). No
+transforms: see transforms.py."""
 
 import logging
 import os
@@ -17,6 +18,9 @@ from imgft.errors import UserError
 from imgft.runtime import hub_offline, log_once
 
 VALIDATION_SPLIT_NAMES = ("validation", "valid", "val")
+# Each validation row's number in the split as loaded, kept through the unreadable images dropped and
+# --max_eval_samples, so that a report can name a mistake whose image has no file path (imgft/report/reports.py).
+SOURCE_ROW_COLUMN = "imgft_source_row"
 # The extensions the imagefolder loader reads (it ignores every other file).
 IMAGE_EXTENSIONS = {ext.lower() for ext in ImageFolder.EXTENSIONS}
 
@@ -189,6 +193,8 @@ def decode_once_dropping_unreadable(dataset, image_column, label_column, label_n
     """(dataset without unreadable images, how many were left out): each is named in a warning, or with
     --strict_data the data is refused. With `stored_size`, the same single decode of every image also
     stores it shrunk (`images.resize_once`); without, it only checks (`images.inspect_images`).
+    The validation split gains SOURCE_ROW_COLUMN, numbered before the drop (after the check, whose cached
+    result is keyed by the split as it was loaded).
     """
     if data_args.streaming:  # a stream is never read ahead: its unreadable images are dropped as they come
         return dataset, None
@@ -213,6 +219,8 @@ def decode_once_dropping_unreadable(dataset, image_column, label_column, label_n
         log_once(logging.WARNING, f"Skipping unreadable image {problem}")
     kept = {}
     for split, part in checked.items():
+        if split == "validation":
+            part = part.add_column(SOURCE_ROW_COLUMN, list(range(len(part))))
         if bad_rows[split]:
             bad = set(bad_rows[split])
             part = part.select([row for row in range(len(part)) if row not in bad])

@@ -203,14 +203,23 @@ def test_confusion_matrix_picture_annotates_few_classes_and_stays_legible_with_a
 def test_mistakes_picture(tmp_path):
     tiles = [Image.new("RGB", (16, 16), (200, 30, 30)), Image.new("RGB", (900, 600), (30, 30, 200))]
     mistakes = [
-        {"index": 4, "true_label": "red", "predicted_label": "blue", "score": 0.934},
-        {"index": 1, "true_label": "blue", "predicted_label": "green", "score": 0.51},
+        {"index": 4, "true_label": "red", "predicted_label": "blue", "score": 0.934, "path": "/data/val/red/0042.png"},
+        {"index": 1, "true_label": "blue", "predicted_label": "green", "score": 0.51, "row": 17},
+        {"index": 2, "true_label": "blue", "predicted_label": "red", "score": 0.5},  # a stream's: neither
     ]
-    figure = plots.mistakes_figure(tiles * 3, mistakes * 3)
+    long_name = {**mistakes[0], "path": "/photos/IMG_20240612_153012_HDR_portrait_mode_0042.jpg"}
+    figure = plots.mistakes_figure(tiles * 3 + tiles[:1], mistakes * 2 + [long_name])
     titles = [axes.get_title() for axes in figure.axes if axes.get_title()]
-    assert titles[:2] == ["true: red\npred: blue (0.93)", "true: blue\npred: green (0.51)"]
-    assert len(titles) == 6 and len(figure.axes) == 8  # a 4 x 2 grid, two tiles empty
-    size, contrast = image_stats(plots.plot_mistakes(tiles * 3, mistakes * 3, tmp_path / "mistakes.png"))
+    assert titles[:3] == [
+        "true: red\npred: blue (0.93)\n0042.png",
+        "true: blue\npred: green (0.51)\nrow 17",
+        "true: blue\npred: red (0.50)",
+    ]
+    assert titles[6].endswith("\nIMG_202406…trait_mode_0042.jpg") and len(titles[6].split("\n")[2]) == 30
+    assert len(titles) == 7 and len(figure.axes) == 8  # a 4 x 2 grid, one tile empty
+    size, contrast = image_stats(
+        plots.plot_mistakes(tiles * 3 + tiles[:1], mistakes * 2 + [long_name], tmp_path / "m.png")
+    )
     assert 1000 <= size[0] <= 1600 and 500 <= size[1] <= 1000 and contrast > 10
     size, _ = image_stats(plots.plot_mistakes([], [], tmp_path / "none.png"))
     assert size[0] >= 300
@@ -366,6 +375,29 @@ def test_evaluate_writes_the_report_and_matches_on_two_processes(
     assert two["confusion_matrix"] == report["confusion_matrix"]
     assert two["per_class"] == report["per_class"]
     assert [m["path"] for m in two["mistakes"]] == [m["path"] for m in report["mistakes"]]
+
+
+def test_evaluate_names_each_mistake_of_images_without_files_by_its_row_in_the_split(tmp_path, capsys):
+    import datasets
+
+    # Hub-style data: images held as bytes with no file name. Row i is labelled r<i>, so a mistake's true
+    # label tells which row it really was.
+    names = [f"r{i}" for i in range(12)]
+    model = save_opinionated_vit(tmp_path / "model", names)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)) for _ in names]
+    images[0] = {"bytes": b"not an image", "path": None}  # dropped: every later row moves up one
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("string")})
+    (tmp_path / "hub").mkdir()
+    validation = datasets.Dataset.from_dict({"image": images, "label": names}, features=features)
+    validation.to_parquet(str(tmp_path / "hub" / "validation.parquet"))
+    argv = ["--model_name_or_path", model, "--dataset_name", tmp_path / "hub", "--max_eval_samples", "8"]
+    results = run_evaluate([*argv, "--output_dir", tmp_path / "report"], capsys)
+    mistakes = json.loads((tmp_path / "report" / "eval_results.json").read_text())["mistakes"]
+    assert results["eval_samples"] == 8 and len(mistakes) >= 4
+    assert all("path" not in mistake for mistake in mistakes)
+    assert [mistake["true_label"] for mistake in mistakes] == [f"r{mistake['row']}" for mistake in mistakes]
+    assert any(mistake["row"] != mistake["index"] for mistake in mistakes)
 
 
 def test_evaluate_report_from_a_config_file(colors_data, confident_colors_model, tmp_path, capsys):
