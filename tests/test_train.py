@@ -333,6 +333,7 @@ def test_push_uploads_the_final_files_to_hub_model_id_with_hub_token(tmp_path, m
 
     from imgft import outputs
     from imgft.args import TrainArguments
+    from imgft.report import model_card
 
     calls = []
 
@@ -353,11 +354,16 @@ def test_push_uploads_the_final_files_to_hub_model_id_with_hub_token(tmp_path, m
     assert outputs.push_to_hub(told) == "org/colors"
     assert calls == [("token", "hf_flag"), ("create", "org/colors"), ("upload", "org/colors", run, True)]
     calls.clear()
-    # The defaults: HF_TOKEN's token, and a repository of the token's account named after output_dir.
+    # The defaults: HF_TOKEN's token, and a repository of the token's account named after output_dir,
+    # which the model card's usage snippet then loads.
+    model_card.write_model_card(run, {"output_dir": run, "push_to_hub": True}, {}, ["a", "b"])
     monkeypatch.setenv("HF_TOKEN", "hf_environment")
     assert outputs.push_to_hub(TrainArguments(output_dir=run, push_to_hub=True)) == "me/colors-run"
     assert calls[:2] == [("token", "hf_environment"), ("create", "colors-run")]
     assert calls[2] == ("upload", "me/colors-run", run, True)
+    assert (
+        'pipeline("image-classification", model="me/colors-run")' in (tmp_path / "colors-run" / "README.md").read_text()
+    )
 
 
 def test_local_dataset_folder_with_string_labels_and_named_columns(train, tmp_path, tiny_vit):
