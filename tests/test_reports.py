@@ -414,7 +414,7 @@ def test_model_card_says_n_a_for_a_class_without_validation_images_and_what_macr
     model_card.write_model_card(tmp_path, RUN_CONFIG, results, list(per_class), per_class)
     text = (tmp_path / "README.md").read_text()
     assert "| fox | n/a | n/a | n/a | 0 |" in text
-    assert "Macro averages are unweighted means over the 2 classes with validation images; the 1 without" in text
+    assert "Macro averages are unweighted means over the classes with validation images (2 of 3); a class" in text
 
 
 @pytest.fixture(scope="module")

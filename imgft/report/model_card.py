@@ -213,36 +213,41 @@ def _hyperparameters(config, num_processes):
 
 
 def _recipes(config, results):
-    """(setting, value) rows of the RECIPES the run used, with what goes with each: Mixup/CutMix's shares,
-    RandAugment's strength, the metric that picks the best model, and which weights an EMA run saved."""
+    """(setting, value) rows of the RECIPES the run used, each followed by what goes with it: Mixup/CutMix's
+    shares, RandAugment's strength, which weights an EMA run saved, the best model's step; then the metric
+    that chose between weights."""
     rows = []
     for key in RECIPES:
-        if config.get(key) in (None, False, 0):
-            continue
-        rows.append((key, f"`{config[key]}`"))
-        if key == "auto_augment" and config[key] == "randaugment":
-            rows += [(name, f"`{config[name]}`") for name in ("randaugment_num_ops", "randaugment_magnitude")]
-        if key == "ema_decay" and results.get("saved_weights"):
-            saved = "the EMA weights" if results["saved_weights"] == "ema" else "the raw weights (not the EMA)"
-            rows.append(("saved weights", f"{saved}, the better on `{config.get('metric_for_best_model')}`"))
-        if key == "load_best_model_at_end" and results.get("best_model_step") is not None:
-            rows.append(("best model", f"step {results['best_model_step']}"))
-    mixing = [config.get(key) for key in ("mixup_alpha", "cutmix_alpha")]
-    if any(mixing):
-        rows.append(("mixup_prob", f"`{config.get('mixup_prob')}`"))
-    if all(mixing):
-        rows.append(("mixup_switch_prob", f"`{config.get('mixup_switch_prob')}`"))
-    if config.get("load_best_model_at_end") or config.get("early_stopping_patience") or config.get("ema_decay"):
+        if config.get(key) not in (None, False, 0):
+            rows.append((key, f"`{config[key]}`"))
+            rows += _recipe_settings(key, config, results)
+        if key == "cutmix_alpha" and (config.get("mixup_alpha") or config.get("cutmix_alpha")):
+            rows.append(("mixup_prob", f"`{config.get('mixup_prob')}`"))
+            if config.get("mixup_alpha") and config.get("cutmix_alpha"):
+                rows.append(("mixup_switch_prob", f"`{config.get('mixup_switch_prob')}`"))
+    if any(config.get(key) for key in ("ema_decay", "load_best_model_at_end", "early_stopping_patience")):
         rows.append(("metric_for_best_model", f"`{config.get('metric_for_best_model')}`"))
     return rows
 
 
+def _recipe_settings(key, config, results):
+    if key == "auto_augment" and config[key] == "randaugment":
+        return [(name, f"`{config[name]}`") for name in ("randaugment_num_ops", "randaugment_magnitude")]
+    if key == "ema_decay" and results.get("saved_weights"):
+        saved = "the EMA weights" if results["saved_weights"] == "ema" else "the raw weights (not the EMA)"
+        return [("saved weights", f"{saved}, the better on `{config.get('metric_for_best_model')}`")]
+    if key == "load_best_model_at_end" and results.get("best_model_step") is not None:
+        return [("best model", f"step {results['best_model_step']}")]
+    return []
+
+
 def _macro_note(per_class):
     evaluated = sum(1 for metrics in per_class.values() if metrics["support"])
-    note = f"Macro averages are unweighted means over the {evaluated} classes with validation images"
-    missing = len(per_class) - evaluated
-    if missing:
-        note += f"; the {missing} without any have no precision, recall or F1 (n/a)"
+    note = (
+        f"Macro averages are unweighted means over the classes with validation images ({evaluated} of {len(per_class)})"
+    )
+    if evaluated < len(per_class):
+        note += "; a class without any has no precision, recall or F1 (n/a)"
     return note + "."
 
 
