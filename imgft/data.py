@@ -2,7 +2,8 @@
 (classes from their top-level folders, the images among their files by imgft/image_files.py's rule, or from
 metadata files), or a stream (--streaming), the split to evaluate on, label names, the subsets
 --max_train_samples and --max_eval_samples keep, and the one decode pass that sets unreadable images aside
-(and stores the training images shrunk), refusing a split left with none. No transforms: see transforms.py."""
+(and stores the training images shrunk), refusing a split left with none, numbering the validation rows as
+loaded first (SOURCE_ROW_COLUMN). No transforms: see transforms.py."""
 
 import contextlib
 import json
@@ -22,6 +23,9 @@ from imgft.runtime import hub_offline, log_once
 VALIDATION_SPLIT_NAMES = ("validation", "valid", "val")
 # A class folder listing's column: why a file is not read as an image ("" for an image), see _listed_split.
 SKIP_REASON_COLUMN = "imgft_skip_reason"
+# Each validation row's number in the split as loaded, kept through the unreadable images dropped and
+# --max_eval_samples, so that a report can name a mistake whose image has no file path (imgft/report/reports.py).
+SOURCE_ROW_COLUMN = "imgft_source_row"
 
 
 def load_labeled_dataset(data_args, cache_dir, seed):
@@ -197,6 +201,8 @@ def decode_once_dropping_unreadable(dataset, image_column, label_column, label_n
     Evaluation images are never stored shrunk: a shrink before the processor's own resize (and a JPEG's
     draft-mode decode) changes the pixels the model sees, so evaluation would no longer answer as
     `predict` and `pipeline()` do on the same files. Training crops at random anyway.
+    The validation split gains SOURCE_ROW_COLUMN, numbered before the drop (after the check, whose cached
+    result is keyed by the split as it was loaded).
     """
     if data_args.streaming:  # a stream is never read ahead: its unreadable images are dropped as they come
         return dataset, None
@@ -219,6 +225,8 @@ def decode_once_dropping_unreadable(dataset, image_column, label_column, label_n
         log_once(logging.WARNING, f"Skipping unreadable image {problem}")
     kept = {}
     for split, part in checked.items():
+        if split == "validation":
+            part = part.add_column(SOURCE_ROW_COLUMN, list(range(len(part))))
         if bad_rows[split]:
             bad = set(bad_rows[split])
             part = part.select([row for row in range(len(part)) if row not in bad])

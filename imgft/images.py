@@ -170,7 +170,8 @@ def _shrink_batch(batch, image_column, stored_size):
     paths = []
     for value in batch[image_column]:
         content, reason = shrink_file(value.get("path"), value.get("bytes"), stored_size)
-        stored.append({"bytes": content, "path": None} if content else None)
+        # The path stays beside the stored bytes (which are what is read) so that a report can name the file.
+        stored.append({"bytes": content, "path": value.get("path")} if content else None)
         reasons.append(reason)
         paths.append(value.get("path") or "")
     return {image_column: stored, ERROR_COLUMN: reasons, PATH_COLUMN: paths}

@@ -1,5 +1,6 @@
 """Evaluation metrics with torchmetrics, exact across processes: the tally that train_loop.evaluate fills,
-the results and report details read from it, their log text, and eval_results.json.
+the results and report details read from it (macro averages over the classes with validation images),
+their log text, and eval_results.json.
 
 Every process gathers all processes' logits (accelerator.gather_for_metrics) and updates its own
 metrics with them, so each one holds the numbers of the full set. torchmetrics' own cross-process sync
@@ -8,6 +9,7 @@ that, the confusion matrix and supports do not).
 """
 
 import json
+import math
 import re
 from dataclasses import dataclass
 
@@ -28,42 +30,32 @@ NUM_MISTAKES = 16
 # A list of numbers that json.dumps spread over lines: a raw newline never occurs inside a JSON string.
 NUMBER_LIST = re.compile(r"\[\n[-+\d.eE,\s]*\]")
 SUMMARY_METRICS = ("accuracy", "top5_accuracy", "macro_precision", "macro_recall", "macro_f1")
+CLASS_METRICS = ("precision", "recall", "f1")
 
 
-def make_metrics(num_labels, per_class=False):
-    """Top-1 (and top-5 above 5 classes) accuracy and macro precision/recall/F1; with `per_class`, also
-    per-class precision/recall/F1 and the confusion matrix (rows: true class, columns: predicted).
-
-    Macro averages leave out a class that is neither in the labels nor ever predicted (torchmetrics'
-    convention), so a class absent from a small validation set does not count as a zero.
-    """
+def make_metrics(num_labels):
+    """Top-1 (and top-5 above 5 classes) accuracy, per-class precision/recall/F1 (a 0/0 counts 0, as in
+    torchmetrics) and the confusion matrix (rows: true class, columns: predicted). The macro averages are
+    made from them in `finish_tally`."""
     options = {"num_classes": num_labels, "sync_on_compute": False}  # inputs are already gathered
     metrics = {"accuracy": MulticlassAccuracy(top_k=1, average="micro", **options)}
     if num_labels > 5:
         metrics["top5_accuracy"] = MulticlassAccuracy(top_k=5, average="micro", **options)
-    metrics.update(_precision_recall_f1("macro", "macro_", options))
-    if per_class:
-        metrics.update(_precision_recall_f1("none", "", options))
-        metrics["confusion_matrix"] = MulticlassConfusionMatrix(**options)
+    metrics["precision"] = MulticlassPrecision(average="none", **options)
+    metrics["recall"] = MulticlassRecall(average="none", **options)
+    metrics["f1"] = MulticlassF1Score(average="none", **options)
+    metrics["confusion_matrix"] = MulticlassConfusionMatrix(**options)
     # compute_groups=False: by default a MetricCollection merges metrics whose states look alike after the
     # first update, and top-1 and top-5 accuracy keep the same kind of state, so from then on top-5 was
     # computed from top-1's counts (all_results.json once reported top-5 equal to top-1).
     return MetricCollection(metrics, compute_groups=False)
 
 
-def _precision_recall_f1(average, prefix, options):
-    return {
-        f"{prefix}precision": MulticlassPrecision(average=average, **options),
-        f"{prefix}recall": MulticlassRecall(average=average, **options),
-        f"{prefix}f1": MulticlassF1Score(average=average, **options),
-    }
-
-
 def start_tally(label_names, device):
     """An empty evaluation tally: the metrics, the summed loss and each sample's (score, prediction, label).
     train_loop.evaluate feeds it gathered batches (`add_batch`) and reads it with `finish_tally`."""
     return {
-        "metrics": make_metrics(len(label_names), per_class=True).to(device),
+        "metrics": make_metrics(len(label_names)).to(device),
         "loss_sum": torch.zeros((), device=device, dtype=torch.float64),
         "samples": 0,
         "scores": [],
@@ -106,6 +98,12 @@ def finish_tally(tally, label_names, num_mistakes=NUM_MISTAKES):
             "mistakes": [{"index", "true_label", "predicted_label", "score"}],  # most confident first
         }
 
+    A class with no validation images (support 0) has None for precision, recall and F1, and the macro
+    averages are the unweighted means over the classes that have some (NaN where none has): a class
+    missing from a small validation set neither counts as a zero nor pulls them down. (torchmetrics'
+    macro average counts such a class as 0 once it is predicted; sklearn's classification_report, with
+    labels=the classes with images, averages as here.)
+
     `label_names` are the model's classes in id order; a mistake's `index` is its row in the evaluated
     dataset (an unshuffled evaluation loader is sharded in whole batches, process by process, and
     gather_for_metrics puts them back in that order).
@@ -116,11 +114,12 @@ def finish_tally(tally, label_names, num_mistakes=NUM_MISTAKES):
     computed = tally["metrics"].compute()
     matrix = computed["confusion_matrix"].cpu()
     support = matrix.sum(dim=1).tolist()
+    by_class = {metric: computed[metric].cpu().tolist() for metric in CLASS_METRICS}
+    # A class without validation images is not evaluated: its recall is 0/0, and its precision and F1 would
+    # only count the images wrongly given its name, which the other classes' recall counts already.
     per_class = {
         name: {
-            "precision": computed["precision"][i].item(),
-            "recall": computed["recall"][i].item(),
-            "f1": computed["f1"][i].item(),
+            **{metric: by_class[metric][i] if support[i] else None for metric in CLASS_METRICS},
             "support": support[i],
         }
         for i, name in enumerate(label_names)
@@ -130,7 +129,11 @@ def finish_tally(tally, label_names, num_mistakes=NUM_MISTAKES):
         "confusion_matrix": {"labels": list(label_names), "matrix": matrix.tolist()},
         "mistakes": most_confident_mistakes(scores, predictions, labels, label_names, num_mistakes),
     }
-    results = {f"eval_{name}": computed[name].item() for name in SUMMARY_METRICS if name in computed}
+    results = {f"eval_{name}": computed[name].item() for name in ("accuracy", "top5_accuracy") if name in computed}
+    evaluated = [i for i, count in enumerate(support) if count]
+    for metric in CLASS_METRICS:  # unweighted means over the classes with validation images
+        values = [by_class[metric][i] for i in evaluated]
+        results[f"eval_macro_{metric}"] = sum(values) / len(values) if values else math.nan
     results["eval_loss"] = (tally["loss_sum"] / max(tally["samples"], 1)).item()
     results["eval_samples"] = tally["samples"]
     return Evaluation(results, details)

@@ -329,9 +329,12 @@ def check_push_possible(train_args):
 def push_to_hub(train_args):
     from huggingface_hub import HfApi
 
+    from imgft.report.model_card import point_usage_at
+
     api = HfApi(token=hub_token(train_args.hub_token))
-    repo_id = train_args.hub_model_id or os.path.basename(os.path.abspath(train_args.output_dir))
-    repo_id = api.create_repo(repo_id, exist_ok=True).repo_id
+    named = train_args.hub_model_id or os.path.basename(os.path.abspath(train_args.output_dir))
+    repo_id = api.create_repo(named, exist_ok=True).repo_id
+    point_usage_at(train_args.output_dir, named, repo_id)  # the card then loads what the push created
     api.upload_folder(
         repo_id=repo_id,
         folder_path=train_args.output_dir,

@@ -1,5 +1,6 @@
-"""The lines the training loop logs: the training loss every --logging_steps and at each epoch's end, and each
-evaluation, to the console, output_dir/metrics.jsonl, the trackers (TensorBoard, W&B, ...) and the progress bar.
+"""The lines the training loop logs: the training loss (and the learning rate its last step used) every
+--logging_steps and at each epoch's end, and each evaluation, to the console, output_dir/metrics.jsonl, the
+trackers (TensorBoard, W&B, ...) and the progress bar.
 
 The loss is summed on the device between lines: reading it is the loop's only wait for the GPU, so it is read
 here, when a line is due and before a checkpoint (which must hold the whole loss window), and nowhere else.
@@ -27,11 +28,19 @@ def log_train_loss(accelerator, state, train_args, lr_scheduler, progress):
             "step": state.completed_steps,
             "epoch": state.epoch_position(),
             "loss": mean_loss,
-            "learning_rate": lr_scheduler.get_last_lr()[0],
+            "learning_rate": rate_of_last_step(lr_scheduler),
         }
         write_record(accelerator, train_args.output_dir, record)
         progress.set_postfix(loss=f"{mean_loss:.4f}")
     return stop
+
+
+def rate_of_last_step(lr_scheduler):
+    """The learning rate (of the first parameter group) that the last optimizer step used. The loop steps the
+    schedule right after each optimizer step, so get_last_lr() is already the next step's rate: 0 after the
+    last step of a linear schedule. transformers' schedules are LambdaLR, whose rate for the step after
+    `last_epoch` schedule steps is base_lr * lambda(last_epoch): the same product, one step back."""
+    return lr_scheduler.base_lrs[0] * lr_scheduler.lr_lambdas[0](max(lr_scheduler.last_epoch - 1, 0))
 
 
 def log_evaluation(accelerator, state, results, speed, output_dir):

@@ -1,6 +1,7 @@
 """Best model, evaluation cadence, early stopping and the report files a finished run leaves."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,3 +102,11 @@ def test_a_finished_run_leaves_a_report_a_person_can_read(train, tmp_path, color
           + ["--overwrite_output_dir"])  # fmt: skip
     assert (out / "mine.txt").read_text() == "keep"
     assert json.loads((out / "all_results.json").read_text())["train_steps"] == 1
+    # Each mistake names its file, as the validation folder holds it (the images were stored shrunk).
+    mistakes = json.loads((out / "eval_results.json").read_text())["mistakes"]
+    assert mistakes
+    for mistake in mistakes:
+        path = Path(mistake["path"])
+        assert (
+            path.is_file() and path.parent.resolve() == (colors10_data / "validation" / mistake["true_label"]).resolve()
+        )

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import REPO, data_flags, launch_two_processes, reset_accelerate, vit_flags
@@ -346,6 +347,51 @@ def test_lr_find_suggestion_is_the_steepest_descent_of_the_smoothed_loss():
         1e-6,
         "the loss never fell: the lowest rate swept; try a lower --start_lr",
     )
+
+
+def digits_like_sweep(seed=0):
+    """(rates, clean loss, noisy losses) over lr-find's default sweep, shaped like the digits' curve: flat at
+    2.3 up to 1e-4, about half at 1e-2, diverging past 3e-2; each step's loss off by a little noise."""
+    rates = np.geomspace(1e-7, 10, 100).tolist()
+    clean = [
+        2.3 - 0.575 * (1 + math.tanh(1.5 * (math.log10(rate) + 3))) + max(0, math.log10(rate) + 1.5) ** 2
+        for rate in rates
+    ]
+    noise = np.random.default_rng(seed).normal(0, 0.03, len(rates))
+    return rates, clean, (np.asarray(clean) + noise).tolist()
+
+
+@pytest.mark.parametrize("odd_batch_step", [None, 20, 35])
+def test_lr_find_suggestion_lies_where_the_loss_falls_despite_a_noisy_start_or_an_odd_batch(odd_batch_step):
+    from imgft.commands.lr_find import smooth, suggest
+
+    rates, clean, losses = digits_like_sweep()
+    losses[0] += 0.3  # the first batch's loss a little high: the debiased average then drops steeply
+    if odd_batch_step is not None:
+        losses[odd_batch_step] -= 1  # one easy batch on the plateau, past the smoothing's warmup
+    suggestion, method = suggest(rates, smooth(losses))
+    assert method == "steepest descent of the smoothed loss"
+    assert 1e-4 <= suggestion <= 1e-2, suggestion  # the clean curve falls from 2.25 to 1.2 there
+    assert rates.index(suggestion) < int(np.argmin(clean))
+
+
+@pytest.mark.slow
+def test_lr_find_on_the_digits_suggests_a_rate_where_its_smoothed_loss_falls(tmp_path, capsys, monkeypatch):
+    from imgft.commands import lr_find
+
+    curves = []
+    real_suggest = lr_find.suggest
+    monkeypatch.setattr(
+        lr_find, "suggest", lambda rates, smoothed: curves.append((rates, smoothed)) or real_suggest(rates, smoothed)
+    )
+    summary = run_lr_find([REPO / "configs" / "digits.yaml", "--output_dir", tmp_path], capsys)
+    ((rates, smoothed),) = curves
+    at = rates.index(summary["suggested_learning_rate"])
+    plateau = float(np.mean(smoothed[10:20]))  # 1e-7 .. 5e-7: the untrained model's loss
+    lowest = int(np.argmin(smoothed))
+    assert at < lowest
+    assert smoothed[at] < plateau - 0.1 * (plateau - smoothed[lowest])  # already falling, not on the plateau
+    assert smoothed[at + 1] < smoothed[at - 1]
 
 
 def test_lr_find_help_lists_its_own_flags_and_the_training_flags_it_reads(capsys):

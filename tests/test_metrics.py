@@ -12,32 +12,31 @@ NAMES = [f"class{i}" for i in range(8)]
 
 
 def hand_count(logits, labels, num_classes):
-    """Top-1 and top-5 accuracy, macro precision/recall/F1 (over classes seen or predicted), the confusion
-    matrix and the mean cross-entropy, in plain numpy."""
+    """Top-1 and top-5 accuracy, per-class precision/recall/F1 (None for a class with no images), their macro
+    averages (over the classes with images), the confusion matrix and the mean cross-entropy, in plain numpy."""
     logits, labels = logits.numpy().astype(np.float64), labels.numpy()
     predicted = logits.argmax(axis=1)
     top5 = np.argsort(-logits, axis=1)[:, :5]
     matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
     for true, guess in zip(labels, predicted, strict=True):
         matrix[true, guess] += 1
-    precision, recall, f1, present = [], [], [], []
+    precision, recall, f1 = [], [], []
     for k in range(num_classes):
         true_positive = matrix[k, k]
         predicted_k, actual_k = matrix[:, k].sum(), matrix[k, :].sum()
         p = true_positive / predicted_k if predicted_k else 0.0
         r = true_positive / actual_k if actual_k else 0.0
-        precision.append(p)
-        recall.append(r)
-        f1.append(2 * p * r / (p + r) if p + r else 0.0)
-        present.append(bool(predicted_k or actual_k))
+        precision.append(p if actual_k else None)
+        recall.append(r if actual_k else None)
+        f1.append((2 * p * r / (p + r) if p + r else 0.0) if actual_k else None)
     shifted = logits - logits.max(axis=1, keepdims=True)
     log_softmax = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
     return {
         "accuracy": float((predicted == labels).mean()),
         "top5_accuracy": float(np.mean([label in row for label, row in zip(labels, top5, strict=True)])),
-        "macro_precision": float(np.mean(np.array(precision)[present])),
-        "macro_recall": float(np.mean(np.array(recall)[present])),
-        "macro_f1": float(np.mean(np.array(f1)[present])),
+        "macro_precision": float(np.mean([value for value in precision if value is not None])),
+        "macro_recall": float(np.mean([value for value in recall if value is not None])),
+        "macro_f1": float(np.mean([value for value in f1 if value is not None])),
         "loss": float(-log_softmax[np.arange(len(labels)), labels].mean()),
         "matrix": matrix,
         "precision": precision,
@@ -76,6 +75,7 @@ def test_every_reported_metric_matches_a_hand_count(seed):
     for size in (16, 16, 5):  # a short last batch, as a validation set has
         labels = torch.randint(0, 7, (size,), generator=generator)  # class7 never occurs as a label
         logits = torch.randn(size, 8, generator=generator) + 1.5 * torch.nn.functional.one_hot(labels, 8)
+        logits[0, 7] += 9  # class7 is predicted all the same
         batches.append((logits, labels))
     evaluation = tally_of(batches)
     results = evaluation.results
@@ -89,7 +89,12 @@ def test_every_reported_metric_matches_a_hand_count(seed):
         per_class = details["per_class"][name]
         assert per_class["support"] == int(expected["matrix"][k].sum())
         for key in ("precision", "recall", "f1"):
-            assert per_class[key] == pytest.approx(expected[key][k], abs=1e-6), (name, key)
+            if expected[key][k] is None:
+                assert per_class[key] is None, (name, key)
+            else:
+                assert per_class[key] == pytest.approx(expected[key][k], abs=1e-6), (name, key)
+    assert details["per_class"]["class7"]["support"] == 0  # never a label: no precision, recall or F1
+    assert expected["matrix"][:, 7].sum() >= 3  # though it was predicted
 
 
 def test_mistakes_are_the_most_confident_wrong_answers_in_dataset_order_on_ties():

@@ -116,20 +116,34 @@ def test_metrics_match_a_hand_computed_confusion_matrix():
     assert [m["index"] for m in fewer["mistakes"]] == [3, 7]
 
 
-def test_macro_average_leaves_out_a_class_absent_from_labels_and_predictions_and_top5_above_five_classes():
+def test_a_class_without_validation_images_is_not_evaluated_and_left_out_of_the_macro_averages():
+    from sklearn.metrics import precision_recall_fscore_support
+
     confusion = np.zeros((7, 7), dtype=int)
-    confusion[:3, :3] = CONFUSION  # classes 3-6 never occur and are never predicted
+    confusion[:3, :3] = CONFUSION  # classes 5 and 6 have no validation images
     confusion[3, 3] = 4
-    confusion[4, 0] = 1  # class 4 occurs once and is always missed
-    batches, _, _ = batches_for(confusion, [1.0] * int(confusion.sum()), batch_size=4)
+    confusion[3, 5] = 1  # ... but one image of class 3 is taken for class 5
+    confusion[4, 0] = 1  # class 4 occurs once, is always missed and never predicted
+    batches, logits, labels = batches_for(confusion, [1.0] * int(confusion.sum()), batch_size=4)
     names = [f"c{i}" for i in range(7)]
     evaluation = detailed_evaluation(batches, names)
     results = evaluation.results
-    details = evaluation.details
-    recall = [3 / 4, 2 / 4, 2 / 2, 1.0, 0.0]  # classes 0-4; 5 and 6 are left out
+    per_class = evaluation.details["per_class"]
+    # By hand, over classes 0-4, those with images.
+    precision = [3 / 5, 2 / 3, 2 / 3, 4 / 4, 0.0]
+    recall = [3 / 4, 2 / 4, 2 / 2, 4 / 5, 0.0]
+    f1 = [2 * p * r / (p + r) if p + r else 0.0 for p, r in zip(precision, recall, strict=True)]
+    assert results["eval_macro_precision"] == pytest.approx(sum(precision) / 5)
     assert results["eval_macro_recall"] == pytest.approx(sum(recall) / 5)
-    assert details["per_class"]["c4"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
-    assert details["per_class"]["c0"]["precision"] == pytest.approx(3 / 5)
+    assert results["eval_macro_f1"] == pytest.approx(sum(f1) / 5)
+    # The same as sklearn's classification_report over the classes with images.
+    by_sklearn = precision_recall_fscore_support(
+        labels, logits.argmax(1), labels=range(5), average="macro", zero_division=0
+    )
+    assert [results[f"eval_macro_{m}"] for m in ("precision", "recall", "f1")] == pytest.approx(by_sklearn[:3])
+    assert per_class["c4"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+    for name in ("c5", "c6"):
+        assert per_class[name] == {"precision": None, "recall": None, "f1": None, "support": 0}
     assert "eval_top5_accuracy" in results and results["eval_top5_accuracy"] >= results["eval_accuracy"]
 
 
@@ -203,14 +217,23 @@ def test_confusion_matrix_picture_annotates_few_classes_and_stays_legible_with_a
 def test_mistakes_picture(tmp_path):
     tiles = [Image.new("RGB", (16, 16), (200, 30, 30)), Image.new("RGB", (900, 600), (30, 30, 200))]
     mistakes = [
-        {"index": 4, "true_label": "red", "predicted_label": "blue", "score": 0.934},
-        {"index": 1, "true_label": "blue", "predicted_label": "green", "score": 0.51},
+        {"index": 4, "true_label": "red", "predicted_label": "blue", "score": 0.934, "path": "/data/val/red/0042.png"},
+        {"index": 1, "true_label": "blue", "predicted_label": "green", "score": 0.51, "row": 17},
+        {"index": 2, "true_label": "blue", "predicted_label": "red", "score": 0.5},  # a stream's: neither
     ]
-    figure = plots.mistakes_figure(tiles * 3, mistakes * 3)
+    long_name = {**mistakes[0], "path": "/photos/IMG_20240612_153012_HDR_portrait_mode_0042.jpg"}
+    figure = plots.mistakes_figure(tiles * 3 + tiles[:1], mistakes * 2 + [long_name])
     titles = [axes.get_title() for axes in figure.axes if axes.get_title()]
-    assert titles[:2] == ["true: red\npred: blue (0.93)", "true: blue\npred: green (0.51)"]
-    assert len(titles) == 6 and len(figure.axes) == 8  # a 4 x 2 grid, two tiles empty
-    size, contrast = image_stats(plots.plot_mistakes(tiles * 3, mistakes * 3, tmp_path / "mistakes.png"))
+    assert titles[:3] == [
+        "true: red\npred: blue (0.93)\n0042.png",
+        "true: blue\npred: green (0.51)\nrow 17",
+        "true: blue\npred: red (0.50)",
+    ]
+    assert titles[6].endswith("\nIMG_202406…trait_mode_0042.jpg") and len(titles[6].split("\n")[2]) == 30
+    assert len(titles) == 7 and len(figure.axes) == 8  # a 4 x 2 grid, one tile empty
+    size, contrast = image_stats(
+        plots.plot_mistakes(tiles * 3 + tiles[:1], mistakes * 2 + [long_name], tmp_path / "m.png")
+    )
     assert 1000 <= size[0] <= 1600 and 500 <= size[1] <= 1000 and contrast > 10
     size, _ = image_stats(plots.plot_mistakes([], [], tmp_path / "none.png"))
     assert size[0] >= 300
@@ -316,6 +339,84 @@ def test_model_card_says_what_the_data_was(tmp_path):
     assert "trained on the local image folders `my_data/train` (train) and `my/val` (validation)" in text
 
 
+def hyperparameter_rows(text):
+    table = text.split("## Training hyperparameters")[1].split("##")[0]
+    return dict(line.strip("| ").split(" | ") for line in table.strip().splitlines()[2:])
+
+
+def test_model_card_lists_every_recipe_the_run_used_and_none_it_did_not(tmp_path):
+    from imgft.args import field_defaults
+
+    defaults = {**field_defaults(), "output_dir": str(tmp_path)}
+    model_card.write_model_card(tmp_path, defaults, {"eval_accuracy": 0.5}, ["a", "b"])
+    plain = hyperparameter_rows((tmp_path / "README.md").read_text())
+    assert set(plain) == {key for key in model_card.HYPERPARAMETERS if defaults[key] is not None}
+
+    recipes = {
+        "mixup_alpha": 0.8,
+        "cutmix_alpha": 1.0,
+        "layer_decay": 0.75,
+        "balanced_sampling": True,
+        "ema_decay": 0.999,
+        "label_smoothing_factor": 0.1,
+        "class_weighted_loss": True,
+        "unfreeze_after_epochs": 1,
+        "auto_augment": "randaugment",
+        "random_erasing": 0.25,
+        "drop_path_rate": 0.1,
+        "head_learning_rate": 0.01,
+        "use_peft": "lora",
+        "load_best_model_at_end": True,
+        "early_stopping_patience": 3,
+        "metric_for_best_model": "macro_f1",
+    }
+    (tmp_path / "adapter").mkdir()
+    adapter = {"target_modules": ["query"], "modules_to_save": ["classifier"], "r": 16}
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(adapter))
+    results = {"eval_accuracy": 0.5, "saved_weights": "ema", "best_model_step": 40}
+    model_card.write_model_card(tmp_path, {**defaults, **recipes}, results, ["a", "b"])
+    rows = hyperparameter_rows((tmp_path / "README.md").read_text())
+    for key, value in recipes.items():
+        assert rows[key] == f"`{value}`", key
+    assert rows["mixup_prob"] == "`1.0`" and rows["mixup_switch_prob"] == "`0.5`"
+    assert rows["randaugment_num_ops"] == "`2`" and rows["randaugment_magnitude"] == "`9`"
+    assert rows["saved weights"] == "the EMA weights, the better on `macro_f1`"
+    assert rows["best model"] == "step 40"
+    assert "freeze_backbone" not in rows  # off: --unfreeze_after_epochs freezes by itself
+    cutmix_only = {**defaults, "cutmix_alpha": 1.0, "ema_decay": 0.99}
+    model_card.write_model_card(tmp_path, cutmix_only, {"saved_weights": "raw"}, ["a", "b"])
+    rows = hyperparameter_rows((tmp_path / "README.md").read_text())
+    assert "mixup_alpha" not in rows and "mixup_switch_prob" not in rows and rows["mixup_prob"] == "`1.0`"
+    assert rows["saved weights"] == "the raw weights (not the EMA), the better on `accuracy`"
+
+
+def test_model_card_usage_loads_the_model_from_anywhere(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "beans").mkdir(parents=True)
+    local = {**RUN_CONFIG, "output_dir": "runs/beans"}
+    model_card.write_model_card("runs/beans", local, {}, ["a", "b"])
+    text = (tmp_path / "runs" / "beans" / "README.md").read_text()
+    assert f'pipeline("image-classification", model="{tmp_path / "runs" / "beans"}")' in text
+    # Pushed: the repository the push creates, named after the folder; the push adds the account.
+    model_card.write_model_card("runs/beans", {**local, "push_to_hub": True}, {}, ["a", "b"])
+    assert 'model="beans"' in (tmp_path / "runs" / "beans" / "README.md").read_text()
+    model_card.point_usage_at("runs/beans", "beans", "me/beans")
+    assert 'model="me/beans"' in (tmp_path / "runs" / "beans" / "README.md").read_text()
+
+
+def test_model_card_says_n_a_for_a_class_without_validation_images_and_what_macro_averages_cover(tmp_path):
+    per_class = {
+        "cat": {"precision": 0.5, "recall": 1.0, "f1": 2 / 3, "support": 2},
+        "dog": {"precision": 1.0, "recall": 0.5, "f1": 2 / 3, "support": 2},
+        "fox": {"precision": None, "recall": None, "f1": None, "support": 0},
+    }
+    results = {"eval_accuracy": 0.75, "eval_macro_recall": 0.75}
+    model_card.write_model_card(tmp_path, RUN_CONFIG, results, list(per_class), per_class)
+    text = (tmp_path / "README.md").read_text()
+    assert "| fox | n/a | n/a | n/a | 0 |" in text
+    assert "Macro averages are unweighted means over the classes with validation images (2 of 3); a class" in text
+
+
 @pytest.fixture(scope="module")
 def confident_colors_model(tmp_path_factory):
     """An untrained 5-colour ViT whose answers vary from image to image, many of them wrong."""
@@ -366,6 +467,29 @@ def test_evaluate_writes_the_report_and_matches_on_two_processes(
     assert two["confusion_matrix"] == report["confusion_matrix"]
     assert two["per_class"] == report["per_class"]
     assert [m["path"] for m in two["mistakes"]] == [m["path"] for m in report["mistakes"]]
+
+
+def test_evaluate_names_each_mistake_of_images_without_files_by_its_row_in_the_split(tmp_path, capsys):
+    import datasets
+
+    # Hub-style data: images held as bytes with no file name. Row i is labelled r<i>, so a mistake's true
+    # label tells which row it really was.
+    names = [f"r{i}" for i in range(12)]
+    model = save_opinionated_vit(tmp_path / "model", names)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)) for _ in names]
+    images[0] = {"bytes": b"not an image", "path": None}  # dropped: every later row moves up one
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("string")})
+    (tmp_path / "hub").mkdir()
+    validation = datasets.Dataset.from_dict({"image": images, "label": names}, features=features)
+    validation.to_parquet(str(tmp_path / "hub" / "validation.parquet"))
+    argv = ["--model_name_or_path", model, "--dataset_name", tmp_path / "hub", "--max_eval_samples", "8"]
+    results = run_evaluate([*argv, "--output_dir", tmp_path / "report"], capsys)
+    mistakes = json.loads((tmp_path / "report" / "eval_results.json").read_text())["mistakes"]
+    assert results["eval_samples"] == 8 and len(mistakes) >= 4
+    assert all("path" not in mistake for mistake in mistakes)
+    assert [mistake["true_label"] for mistake in mistakes] == [f"r{mistake['row']}" for mistake in mistakes]
+    assert any(mistake["row"] != mistake["index"] for mistake in mistakes)
 
 
 def test_evaluate_report_from_a_config_file(colors_data, confident_colors_model, tmp_path, capsys):

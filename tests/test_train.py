@@ -59,8 +59,9 @@ def test_metrics_log_has_every_log_step_and_evaluation(finished_run):
     assert {5, 10, 15, 20, 25, 30, 35, 40, 45}.issubset(train_steps)
     assert {8, 16, 24, 32, 40, 48}.issubset(train_steps)
     assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
-    # a linear schedule with no warmup ends at zero
-    assert records[-2]["learning_rate"] == pytest.approx(0.0, abs=1e-12)
+    # The rate the logged step used: a linear schedule with no warmup reaches zero after its last step,
+    # which used 1/48 of the peak of 3e-3.
+    assert records[-2]["learning_rate"] == pytest.approx(3e-3 / 48)
 
 
 def test_saved_model_answers_with_class_names_in_pipeline(finished_run, colors_data):
@@ -108,9 +109,9 @@ def test_accumulation_counts_optimizer_steps_and_ends_schedule(train, tmp_path, 
     records = [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
     steps_per_epoch = math.ceil(math.ceil(60 / 8) / 3)  # 8 batches -> 3 optimizer steps
     assert [r["step"] for r in records] == list(range(1, 2 * steps_per_epoch + 1))
-    # 2 warmup steps up to the default peak of 2e-3, then linear decay to zero at the last step
-    assert [r["learning_rate"] for r in records[:2]] == pytest.approx([1e-3, 2e-3])
-    assert records[-1]["learning_rate"] == pytest.approx(0.0, abs=1e-12)
+    # The rate each step used: 2 warmup steps from 0 up to the default peak of 2e-3 (transformers' warmup
+    # gives the first step 0), then linear decay, to zero after the last step.
+    assert [r["learning_rate"] for r in records] == pytest.approx([0.0, 1e-3, 2e-3, 1.5e-3, 1e-3, 0.5e-3])
     assert json.loads((out / "all_results.json").read_text())["train_steps"] == 2 * steps_per_epoch
 
 
@@ -333,6 +334,7 @@ def test_push_uploads_the_final_files_to_hub_model_id_with_hub_token(tmp_path, m
 
     from imgft import outputs
     from imgft.args import TrainArguments
+    from imgft.report import model_card
 
     calls = []
 
@@ -353,11 +355,16 @@ def test_push_uploads_the_final_files_to_hub_model_id_with_hub_token(tmp_path, m
     assert outputs.push_to_hub(told) == "org/colors"
     assert calls == [("token", "hf_flag"), ("create", "org/colors"), ("upload", "org/colors", run, True)]
     calls.clear()
-    # The defaults: HF_TOKEN's token, and a repository of the token's account named after output_dir.
+    # The defaults: HF_TOKEN's token, and a repository of the token's account named after output_dir,
+    # which the model card's usage snippet then loads.
+    model_card.write_model_card(run, {"output_dir": run, "push_to_hub": True}, {}, ["a", "b"])
     monkeypatch.setenv("HF_TOKEN", "hf_environment")
     assert outputs.push_to_hub(TrainArguments(output_dir=run, push_to_hub=True)) == "me/colors-run"
     assert calls[:2] == [("token", "hf_environment"), ("create", "colors-run")]
     assert calls[2] == ("upload", "me/colors-run", run, True)
+    assert (
+        'pipeline("image-classification", model="me/colors-run")' in (tmp_path / "colors-run" / "README.md").read_text()
+    )
 
 
 def test_local_dataset_folder_with_string_labels_and_named_columns(train, tmp_path, tiny_vit):

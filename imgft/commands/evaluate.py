@@ -7,8 +7,6 @@ import sys
 
 from imgft.errors import UserError
 
-SOURCE_ROW = "imgft_source_row"  # each validation row's place in the original split, to name the mistakes' files
-
 
 def main(argv):
     """Evaluate `--model_name_or_path` on a split; print one JSON object on the last line.
@@ -36,13 +34,9 @@ def main(argv):
         model, image_processor = load_saved_classifier(model_args)
         model_label_names = [model.config.id2label[i] for i in range(model.config.num_labels)]
         # Labelled with the model's own class ids, matched to the data's classes by name.
-        original_validation, image_column, label_column = data.load_evaluation_split(
+        validation, image_column, label_column = data.load_evaluation_split(
             data_args, model_args.cache_dir, train_args.seed, model.config.label2id
         )
-        validation = original_validation
-        if report_dir:
-            # Each row remembers where it came from, so the report can name the files of the mistakes.
-            validation = validation.add_column(SOURCE_ROW, list(range(len(validation))))
         # The check training's evaluation split gets (unreadable files left out; the rest read from their files
         # as they are, never stored shrunk), so the numbers match the training run's own evaluation, and predict's.
         kept, _ = data.decode_once_dropping_unreadable(
@@ -68,7 +62,7 @@ def main(argv):
     # The loop training evaluates with, so both give the same numbers for the same model and data.
     evaluation = train_loop.evaluate(model, dataloader, normalize, accelerator)
     if report_dir is not None and accelerator.is_main_process:
-        _write_report(report_dir, evaluation.results, evaluation.details, validation, original_validation, image_column)
+        _write_report(report_dir, evaluation.results, evaluation.details, validation, image_column)
     if accelerator.is_main_process:
         print(json.dumps(evaluation.results))
     accelerator.end_training()  # leaves the process group, on every process
@@ -128,17 +122,8 @@ def _report_dir(argv, train_args):
     return train_args.output_dir
 
 
-def _write_report(report_dir, results, details, validation, original_validation, image_column):
-    import datasets
-
+def _write_report(report_dir, results, details, validation, image_column):
     from imgft.report import reports
 
-    mistakes = details["mistakes"]
-    if mistakes and SOURCE_ROW in validation.column_names:
-        source_rows = validation.select([m["index"] for m in mistakes])[SOURCE_ROW]
-        files = original_validation.cast_column(image_column, datasets.Image(decode=False)).select(source_rows)
-        for mistake, file in zip(mistakes, files[image_column], strict=True):
-            if file.get("path"):
-                mistake["path"] = file["path"]
     written = reports.write_evaluation_report(report_dir, results, details, validation, image_column)
     print(f"Wrote {', '.join(written)}", file=sys.stderr)

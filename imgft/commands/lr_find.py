@@ -5,12 +5,13 @@ From the starting weights, one optimizer step per learning rate, the rate growin
 --start_lr to --end_lr over --num_steps steps; the sweep stops early once the loss diverges (four times its
 lowest smoothed value, as fastai stops, or NaN). It writes only `output_dir/lr_find.png`, so it can run
 beside a run in the same folder, and prints the suggested --learning_rate: where the smoothed loss falls
-fastest.
+fastest within its longest descent, once the smoothing has warmed up (`suggest`).
 The rate swept is --learning_rate's: with --layer_decay or --head_learning_rate, every parameter group keeps
 its ratio to it; with --freeze_backbone or --unfreeze_after_epochs, the backbone is frozen as in epoch 0.
 """
 
 import argparse
+import bisect
 import json
 import math
 import os
@@ -24,6 +25,9 @@ from imgft.errors import UserError
 PLOT_FILE = "lr_find.png"
 # fastai smooths with 0.98 over its sweeps; 0.9 averages about 10 steps, a tenth of the default sweep.
 SMOOTHING = 0.9
+# The debiased average of the first n losses is about their plain mean, so each early loss moves it by up to 1/n
+# of its noise: over its first 1 / (1 - SMOOTHING) points, noise alone can fall faster than a real descent.
+SMOOTHING_WARMUP = round(1 / (1 - SMOOTHING))
 DIVERGENCE_FACTOR = 4  # the sweep stops once the smoothed loss exceeds this many times its lowest value
 SWEEP_DEFAULTS = {"num_steps": 100, "start_lr": 1e-7, "end_lr": 10.0}
 
@@ -235,13 +239,45 @@ def smooth(losses):
 
 
 def suggest(learning_rates, smoothed):
-    """(suggested learning rate, how it was chosen): where the smoothed loss falls fastest against log(lr),
-    looked for before its lowest point; the first rate swept where it never falls."""
-    lowest = int(np.argmin(smoothed))
-    if lowest < 2:
+    """(suggested learning rate, how it was chosen): where the smoothed loss falls fastest against log(lr)
+    within its longest descent (as fastai's `valley`), the smoothing's warmup left out (at most a third of a
+    short sweep); the first rate swept where the loss never falls after the warmup.
+
+    Each slope spans half the smoothing's window on either side (a quarter of the descent at most): one odd
+    batch moves the average at once and then fades, a real descent keeps falling across the span."""
+    skip = min(SMOOTHING_WARMUP, len(smoothed) // 3)
+    first, last = (skip + index for index in longest_descent(smoothed[skip:]))
+    if last - first < 2:
         return learning_rates[0], "the loss never fell: the lowest rate swept; try a lower --start_lr"
-    slopes = np.gradient(np.asarray(smoothed[: lowest + 1]), np.log10(learning_rates[: lowest + 1]))
-    return learning_rates[int(np.argmin(slopes))], "steepest descent of the smoothed loss"
+    values = np.asarray(smoothed[first : last + 1])
+    log_rates = np.log10(learning_rates[first : last + 1])
+    reach = max(1, min(SMOOTHING_WARMUP // 2, (last - first) // 4))
+    positions = np.arange(len(values))
+    before = np.maximum(positions - reach, 0)
+    after = np.minimum(positions + reach, len(values) - 1)
+    slopes = (values[after] - values[before]) / (log_rates[after] - log_rates[before])
+    return learning_rates[first + int(np.argmin(slopes))], "steepest descent of the smoothed loss"
+
+
+def longest_descent(values):
+    """(first index, last index) of the longest strictly falling subsequence of `values`: the span where the
+    curve comes down, which a noisy dip elsewhere is too short to outdo (patience sorting, O(n log n))."""
+    # tail_heights[k]: the highest last value of a falling subsequence of length k + 1 seen so far, negated so
+    # that the list ascends for bisect; tail_indices[k]: where that subsequence ends.
+    tail_heights, tail_indices, previous = [], [], []
+    for index, value in enumerate(values):
+        length = bisect.bisect_left(tail_heights, -value)
+        previous.append(tail_indices[length - 1] if length else None)
+        if length == len(tail_heights):
+            tail_heights.append(-value)
+            tail_indices.append(index)
+        else:
+            tail_heights[length] = -value
+            tail_indices[length] = index
+    first = last = tail_indices[-1]
+    while previous[first] is not None:
+        first = previous[first]
+    return first, last
 
 
 def sweep_figure(learning_rates, losses, smoothed, suggestion):

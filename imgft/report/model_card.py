@@ -28,6 +28,7 @@ RESULT_ROWS = (
     ("train_steps", "optimizer steps", None),
     ("epoch", "epochs", None),
 )
+MACRO_KEYS = ("eval_macro_precision", "eval_macro_recall", "eval_macro_f1")
 HYPERPARAMETERS = (
     "learning_rate",
     "per_device_train_batch_size",
@@ -43,6 +44,26 @@ HYPERPARAMETERS = (
     "image_size",
     "random_flip",
     "crop_scale_min",
+)
+# The recipes a run may use, each listed under the hyperparameters only when on (not None, False or 0), with
+# the settings that go with it (`_recipes`).
+RECIPES = (
+    "label_smoothing_factor",
+    "class_weighted_loss",
+    "balanced_sampling",
+    "mixup_alpha",
+    "cutmix_alpha",
+    "auto_augment",
+    "random_erasing",
+    "drop_path_rate",
+    "layer_decay",
+    "head_learning_rate",
+    "freeze_backbone",
+    "unfreeze_after_epochs",
+    "use_peft",
+    "ema_decay",
+    "load_best_model_at_end",
+    "early_stopping_patience",
 )
 
 
@@ -61,6 +82,7 @@ def write_model_card(output_dir, config, results, label_names, per_class=None, n
     per_class: optional {class name: {"precision", "recall", "f1", "support"}}, as in
         `metrics.detailed_evaluation`'s details["per_class"], for a per-class table.
     num_processes: optional, to state the effective batch size.
+    The usage snippet loads `usage_reference`: the Hub repository, else the output folder's absolute path.
     license: optional Hub license id, e.g. "apache-2.0".
     """
     model_name = config.get("hub_model_id") or os.path.basename(os.path.abspath(output_dir))
@@ -87,15 +109,17 @@ def write_model_card(output_dir, config, results, label_names, per_class=None, n
     ]
     if per_class:
         sections += ["## Per-class metrics", _per_class_table(per_class)]
+        if any(key in results for key in MACRO_KEYS):
+            sections += [_macro_note(per_class)]
     else:
         sections += ["## Classes", ", ".join(f"`{name}`" for name in label_names)]
     if config.get("use_peft"):
         sections += ["## Adapter", _adapter(config["use_peft"], output_dir)]
     sections += [
         "## Training hyperparameters",
-        _table(["hyperparameter", "value"], _hyperparameters(config, num_processes)),
+        _table(["hyperparameter", "value"], _hyperparameters(config, num_processes) + _recipes(config, results)),
         "## Usage",
-        _usage(config.get("hub_model_id") or output_dir),
+        _usage(usage_reference(config, output_dir)),
     ]
     card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
     path = os.path.join(output_dir, CARD_FILE)
@@ -191,12 +215,74 @@ def _hyperparameters(config, num_processes):
     return rows
 
 
+def _recipes(config, results):
+    """(setting, value) rows of the RECIPES the run used, each followed by what goes with it: Mixup/CutMix's
+    shares, RandAugment's strength, which weights an EMA run saved, the best model's step; then the metric
+    that chose between weights."""
+    rows = []
+    for key in RECIPES:
+        if config.get(key) not in (None, False, 0):
+            rows.append((key, f"`{config[key]}`"))
+            rows += _recipe_settings(key, config, results)
+        if key == "cutmix_alpha" and (config.get("mixup_alpha") or config.get("cutmix_alpha")):
+            rows.append(("mixup_prob", f"`{config.get('mixup_prob')}`"))
+            if config.get("mixup_alpha") and config.get("cutmix_alpha"):
+                rows.append(("mixup_switch_prob", f"`{config.get('mixup_switch_prob')}`"))
+    if any(config.get(key) for key in ("ema_decay", "load_best_model_at_end", "early_stopping_patience")):
+        rows.append(("metric_for_best_model", f"`{config.get('metric_for_best_model')}`"))
+    return rows
+
+
+def _recipe_settings(key, config, results):
+    if key == "auto_augment" and config[key] == "randaugment":
+        return [(name, f"`{config[name]}`") for name in ("randaugment_num_ops", "randaugment_magnitude")]
+    if key == "ema_decay" and results.get("saved_weights"):
+        saved = "the EMA weights" if results["saved_weights"] == "ema" else "the raw weights (not the EMA)"
+        return [("saved weights", f"{saved}, the better on `{config.get('metric_for_best_model')}`")]
+    if key == "load_best_model_at_end" and results.get("best_model_step") is not None:
+        return [("best model", f"step {results['best_model_step']}")]
+    return []
+
+
+def _macro_note(per_class):
+    evaluated = sum(1 for metrics in per_class.values() if metrics["support"])
+    note = (
+        f"Macro averages are unweighted means over the classes with validation images ({evaluated} of {len(per_class)})"
+    )
+    if evaluated < len(per_class):
+        note += "; a class without any has no precision, recall or F1 (n/a)"
+    return note + "."
+
+
 def _per_class_table(per_class):
     rows = [
         (_cell(name), _number(m["precision"]), _number(m["recall"]), _number(m["f1"]), str(m["support"]))
         for name, m in per_class.items()
     ]
     return _table(["class", "precision", "recall", "F1", "images"], rows)
+
+
+def usage_reference(config, output_dir):
+    """What the usage snippet loads, from anywhere: --hub_model_id, else with --push_to_hub the repository it
+    creates (named after output_dir; `point_usage_at` adds the account the Hub put it under), else the
+    output folder's absolute path."""
+    if config.get("hub_model_id"):
+        return config["hub_model_id"]
+    if config.get("push_to_hub"):
+        return os.path.basename(os.path.abspath(output_dir))
+    return os.path.abspath(output_dir)
+
+
+def point_usage_at(output_dir, old_reference, repo_id):
+    """Make the card in `output_dir` load `repo_id`, the repository a push created for `old_reference`
+    (the Hub puts a bare name under the token's account)."""
+    path = os.path.join(output_dir, CARD_FILE)
+    if old_reference == repo_id or not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as file:
+        text = file.read()
+    with open(path, "w", encoding="utf-8") as file:
+        file.write(text.replace(f'model="{old_reference}"', f'model="{repo_id}"'))
 
 
 def _usage(model_ref):
@@ -232,6 +318,8 @@ def _cell(text):
 
 
 def _number(value):
+    if value is None:  # not defined, as a class's recall without validation images
+        return "n/a"
     if isinstance(value, float):
         return f"{value:.4f}".rstrip("0").rstrip(".")  # 0.97, not 0.9700; 5 epochs, not 5.0000
     return _cell(value)

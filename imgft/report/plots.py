@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 DPI = 100
 ANNOTATE_MAX_CLASSES = 30  # above this, counts in the cells are too small to read and only clutter
 MAX_LABEL_CHARS = 24
+MAX_FILE_CHARS = 30  # a mistake's file name under its tile: about the tile's width at the title's font size
 TILE_PIXELS = 224  # mistake thumbnails are shrunk to this before plotting, so huge photos stay cheap
 # Families (as matplotlib names them, matched by prefix) of fonts with Chinese, Japanese and Korean characters,
 # looked for when the default font lacks some characters of the class names.
@@ -221,10 +222,11 @@ def plot_mistakes(images, mistakes, png_path):
 
 
 def mistakes_figure(images, mistakes, columns=4):
-    """A grid of the most confident mistakes: each tile is the image, titled "true: X / pred: Y (score)".
+    """A grid of the most confident mistakes: each tile is the image, titled "true: X / pred: Y (score)" and
+    the image's file name, or its row where it has none (`mistake_source`).
 
-    `images` are PIL images in the order of `mistakes` (dicts with true_label, predicted_label, score).
-    With no mistakes, the picture says so.
+    `images` are PIL images in the order of `mistakes` (dicts with true_label, predicted_label, score, and
+    path or row where known). With no mistakes, the picture says so.
     """
     count = len(mistakes)
     columns = max(1, min(columns, count))
@@ -233,12 +235,12 @@ def mistakes_figure(images, mistakes, columns=4):
         figure = Figure(figsize=(5, 1.5), dpi=DPI)
         figure.text(0.5, 0.5, "No mistakes:\nevery image was classified correctly", ha="center", va="center")
         return figure
-    height = 3.4 * rows + 0.6
+    height = 3.65 * rows + 0.6
     figure = Figure(figsize=(3.2 * columns, height), dpi=DPI)
     # Fixed margins, not layout="constrained": on 16 tiles that layout took longer than the drawing (measured).
-    # Each row is 2.8 in of image and 0.6 in for its two-line title (hspace is a fraction of the image height).
+    # Each row is 2.8 in of image and 0.85 in for its three-line title (hspace is a fraction of the image height).
     figure.subplots_adjust(
-        left=0.02, right=0.98, bottom=0.1 / height, top=1 - 1.0 / height, wspace=0.08, hspace=0.6 / 2.8
+        left=0.02, right=0.98, bottom=0.1 / height, top=1 - 1.25 / height, wspace=0.08, hspace=0.85 / 2.8
     )
     figure.suptitle("Most confident mistakes", fontsize=13, y=1 - 0.15 / height)
     axes_grid = np.atleast_1d(figure.subplots(rows, columns, squeeze=False)).ravel()
@@ -253,13 +255,25 @@ def mistakes_figure(images, mistakes, columns=4):
         # Tiny images are blown up with visible pixels rather than blurred.
         interpolation = "nearest" if max(thumbnail.size) < 64 else "antialiased"
         axes.imshow(np.asarray(thumbnail), interpolation=interpolation)
-        axes.set_title(
-            f"true: {short[mistake['true_label']]}\npred: {short[mistake['predicted_label']]} ({mistake['score']:.2f})",
-            fontsize=10,
-            color="firebrick",
-            **font,
+        title = (
+            f"true: {short[mistake['true_label']]}\npred: {short[mistake['predicted_label']]} ({mistake['score']:.2f})"
         )
+        source = mistake_source(mistake)
+        if source:
+            title += f"\n{source}"
+        axes.set_title(title, fontsize=10, color="firebrick", **font)
     return figure
+
+
+def mistake_source(mistake):
+    """What a tile names a mistake's image by: its file's name (the whole path is in eval_results.json), cut
+    to MAX_FILE_CHARS keeping its end, where the numbers that tell files apart usually are; "row N" for an
+    image without a file; "" where neither is known."""
+    if mistake.get("path"):
+        return _cut(os.path.basename(mistake["path"]), MAX_FILE_CHARS // 3, MAX_FILE_CHARS)
+    if mistake.get("row") is not None:
+        return f"row {mistake['row']}"
+    return ""
 
 
 def save(figure, png_path):
