@@ -18,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from imgft import preprocessing
 from imgft.args import field_defaults
 from imgft.errors import WRITE_ERRORS, UserError, write_failure_reason
 
@@ -54,15 +53,11 @@ SAFE_TO_CHANGE = {
 # Arguments that change the evaluation's numbers (the batch size, eval_loss in its last digits): they are not
 # safe to change, for the evaluations choose the best model, stop early and choose EMA or raw weights.
 EVALUATION_ONLY = {"per_device_eval_batch_size", "max_eval_samples"}
-# Identity entries that resolve the flag of the same name: where both runs recorded one, it is compared instead
-# of the flag as typed (--image_size 32, and no --image_size where the processor's size is 32, are one run).
-RESOLVED_FLAGS = ("image_size",)
 
 
 def run_identity(config, label_names, train_samples, accelerator, max_train_steps, image_processor):
-    """What a checkpoint records of its run: the arguments, plus numbers derived from the data and launch, and the
-    resolved values of the flags whose default is worked out (the steps from the epochs, the processor's size)."""
-    height, width = preprocessing.input_size(image_processor, preprocessing.plan_for(image_processor))
+    """What a checkpoint records of its run: the arguments, plus what was worked out from them, the data and the
+    launch (the steps from the epochs, the image processor from --image_size and the model's own)."""
     return {
         "config": config,
         "label_names": list(label_names),
@@ -70,7 +65,7 @@ def run_identity(config, label_names, train_samples, accelerator, max_train_step
         "num_processes": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision,
         "max_train_steps": max_train_steps,
-        "image_size": height if height == width else f"{height}x{width}",
+        "image_processor": json.loads(image_processor.to_json_string()),
     }
 
 
@@ -85,9 +80,13 @@ def compare_runs(saved, current):
     defaults = field_defaults()
     saved_config = {**defaults, **saved.get("config", {})}
     config = {**defaults, **current.get("config", {})}
-    resolved_in_both = {key for key in RESOLVED_FLAGS if key in saved and key in current}
+    # Where both runs recorded the image processor they resolved, it says whether --image_size changed anything:
+    # --image_size 32 where the processor's own size is 32 is the same run.
+    processor_changes = None
+    if "image_processor" in saved and "image_processor" in current:
+        processor_changes = _changes(saved["image_processor"], current["image_processor"])
     for key in sorted(set(saved_config) | set(config)):
-        if key in resolved_in_both or saved_config.get(key) == config.get(key):
+        if saved_config.get(key) == config.get(key) or (key == "image_size" and processor_changes == []):
             continue
         change = f"{key}: {saved_config.get(key)!r} -> {config.get(key)!r}"
         if key in EVALUATION_ONLY:
@@ -96,15 +95,27 @@ def compare_runs(saved, current):
             unsafe.append(change)
         elif key not in EXPECTED_CHANGES:
             safe.append(change)
+    if processor_changes and saved_config["image_size"] == config["image_size"]:  # its files changed, say
+        unsafe.append(f"image processor: {'; '.join(processor_changes)}")
     for key, value in current.items():
         # An entry that imgft began to record after the checkpoint was saved is not compared: its flag was, above.
-        if key == "config" or key not in saved or saved[key] == value:
+        if key in ("config", "image_processor") or key not in saved or saved[key] == value:
             continue
         if key == "max_train_steps":
             unsafe.append(length_change(saved_config, config, saved[key], value))
         else:
             unsafe.append(f"{key}: {saved[key]!r} -> {value!r}")
     return unsafe, safe
+
+
+def _changes(saved, current):
+    """'key: then -> now' for each entry of two dicts that both hold and that differs (another version of
+    transformers may save more entries: those are not compared)."""
+    return [
+        f"{key}: {saved[key]!r} -> {current[key]!r}"
+        for key in sorted(saved.keys() & current.keys())
+        if saved[key] != current[key]
+    ]
 
 
 def training_length_changes(saved, config):

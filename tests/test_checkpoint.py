@@ -141,16 +141,21 @@ def test_flags_that_change_the_evaluations_are_refused_with_the_reason():
         ]
 
 
-def test_image_size_is_compared_as_resolved_where_both_runs_recorded_it():
-    saved = {"config": {"image_size": None}, "image_size": 32}
-    assert checkpoint.compare_runs(saved, {"config": {"image_size": 32}, "image_size": 32}) == ([], [])
-    unsafe, _ = checkpoint.compare_runs(saved, {"config": {"image_size": 64}, "image_size": 64})
-    assert unsafe == ["image_size: 32 -> 64"]
-    # A checkpoint from before imgft recorded it: the flag as typed is all there is to compare.
-    unsafe, _ = checkpoint.compare_runs(
-        {"config": {"image_size": None}}, {"config": {"image_size": 32}, "image_size": 32}
-    )
+def test_image_size_is_compared_by_the_processor_it_resolves_to_where_both_runs_recorded_it():
+    size_16 = {"do_resize": True, "size": {"height": 16, "width": 16}}
+    size_32 = {"do_resize": True, "size": {"height": 32, "width": 32}}
+    saved = {"config": {"image_size": None}, "image_processor": size_16}
+    assert checkpoint.compare_runs(saved, {"config": {"image_size": 16}, "image_processor": size_16}) == ([], [])
+    unsafe, _ = checkpoint.compare_runs(saved, {"config": {"image_size": 32}, "image_processor": size_32})
     assert unsafe == ["image_size: None -> 32"]
+    # The same flags, but the model's processor file was edited since.
+    unsafe, _ = checkpoint.compare_runs(saved, {"config": {"image_size": None}, "image_processor": size_32})
+    assert unsafe == ["image processor: size: {'height': 16, 'width': 16} -> {'height': 32, 'width': 32}"]
+    # An entry that another version of transformers saves, and this one does not, is not a change.
+    assert checkpoint.compare_runs(saved, {"config": {}, "image_processor": {**size_16, "new_entry": 1}}) == ([], [])
+    # A checkpoint from before imgft recorded the processor: the flag as typed is all there is to compare.
+    unsafe, _ = checkpoint.compare_runs({"config": {}}, {"config": {"image_size": 16}, "image_processor": size_16})
+    assert unsafe == ["image_size: None -> 16"]
 
 
 def test_a_resume_with_image_size_equal_to_the_processors_is_the_same_run(train, tmp_path, colors_data, tiny_vit):
@@ -162,4 +167,5 @@ def test_a_resume_with_image_size_equal_to_the_processors_is_the_same_run(train,
     (out / "all_results.json").unlink()  # as if killed after step 2's checkpoint
     train(common + ["--resume_from_checkpoint", "latest", "--image_size", "16"])
     assert (out / "all_results.json").is_file()
-    assert checkpoint.read_state(out / "step_2")["run_identity"]["image_size"] == 16  # the tiny ViT's processor
+    identity = checkpoint.read_state(out / "step_2")["run_identity"]
+    assert identity["image_processor"]["size"] == {"height": 16, "width": 16}  # the tiny ViT's processor
