@@ -88,7 +88,8 @@ def main(argv=None):
     runtime.setup_logging()
     run_lock.take_output_dir_lock_on_main_process(accelerator, output_dir)  # one live run per folder
     outputs.check_every_process_sees_output_dir(accelerator, output_dir)  # one folder, on shared storage
-    resume_path = checkpoint.resolve_resume(train_args.resume_from_checkpoint, output_dir)
+    # The checkpoint to resume from: 'latest' is the newest whose files match their checksums.
+    resume_path = checkpoint.resolve_resume(accelerator, train_args.resume_from_checkpoint, output_dir)
     resuming = train_args.resume_from_checkpoint is not None
     if outputs.check_output_dir(output_dir, resuming, train_args.overwrite_output_dir, config):
         logger.info(f"{output_dir} already holds this finished run: nothing to do")
@@ -187,12 +188,16 @@ def main(argv=None):
     if data_args.streaming:  # every process's position in the stream
         accelerator.register_for_checkpointing(train_dataloader)
     # A resume must continue the same run: the same arguments, data and launch. Anything else is refused.
-    run_identity = checkpoint.run_identity(config, label_names, train_samples, accelerator, max_train_steps)
+    run_identity = checkpoint.run_identity(
+        config, label_names, train_samples, accelerator, max_train_steps, image_processor
+    )
     if resume_path:
         for change in checkpoint.check_resumable(resume_path, run_identity):
             logger.warning(f"Changed since the checkpoint, which does not change training: {change}")
-        # load_state replaces loading each state_dict by hand, and restores every process's random state.
-        accelerator.load_state(resume_path)
+        # load_state replaces loading each state_dict by hand, and restores every process's random state
+        # (`restoring` checks that it did: Accelerate only logs a failure to).
+        with checkpoint.restoring(accelerator, resume_path):
+            accelerator.load_state(resume_path)
         logger.info(f"Resuming from {resume_path} at step {state.completed_steps}")
     if accelerator.is_main_process:  # replaces `rank == 0`: one process writes the shared files
         outputs.start_run_files(output_dir, train_args, resume_path, config)
@@ -424,8 +429,10 @@ def save_checkpoint(accelerator, name, state, run_identity, resume_path, train_a
     ) as staging_folder:
         accelerator.save_state(staging_folder)
     limit = train_args.checkpoints_total_limit
-    checkpoint.delete_oldest_checkpoints(accelerator, output_dir, limit, keep=[resume_path])
-    logger.info(f"Saved checkpoint {os.path.join(output_dir, name)}")
+    path = os.path.join(output_dir, name)
+    # Kept: the one just saved, the newest intact checkpoint even beside a damaged one of a later step.
+    checkpoint.delete_oldest_checkpoints(accelerator, output_dir, limit, keep=[path, resume_path])
+    logger.info(f"Saved checkpoint {path}")
 
 
 if __name__ == "__main__":

@@ -14,14 +14,15 @@ from accelerate.utils import DistributedType, broadcast_object_list, gather_obje
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 from imgft import best
-from imgft.args import ABSOLUTE_PATHS_KEY, absolute_paths, field_defaults
+from imgft.args import ABSOLUTE_PATHS_KEY, absolute_paths
 from imgft.checkpoint import (
     CHECKPOINT_NAME,
     STAGING_PREFIX,
     compare_runs,
-    list_checkpoints,
+    has_checkpoints,
     read_state,
     save_failed_message,
+    training_length_changes,
 )
 from imgft.errors import WRITE_ERRORS, UserError
 from imgft.recipes import ema
@@ -81,7 +82,7 @@ def check_output_dir(output_dir, resume_requested, overwrite, config):
             f"{output_dir} holds a finished run; to run it again, pass a new --output_dir "
             "(or --overwrite_output_dir to replace it)"
         )
-    if not resume_requested and list_checkpoints(output_dir):
+    if not resume_requested and has_checkpoints(output_dir):
         raise UserError(
             f"{output_dir} holds checkpoints of an unfinished run; pass --resume_from_checkpoint latest "
             "to continue it, or --overwrite_output_dir to start over"
@@ -94,19 +95,6 @@ def check_output_dir(output_dir, resume_requested, overwrite, config):
             "replace; choose another --output_dir, or pass --overwrite_output_dir to replace them"
         )
     return False
-
-
-def training_length_changes(saved, config):
-    """A finished run's length against this one's, as 'name: then -> now': a resume may change the flags of
-    length, but its schedule holds it to the same number of steps, so a longer finished run is no relaunch.
-    --num_train_epochs counts only where --max_train_steps, which overrides it, is set in neither."""
-    defaults = field_defaults()
-    before = {**defaults, **saved}
-    now = {**defaults, **config}
-    names = ["max_train_steps"]
-    if not (before["max_train_steps"] and now["max_train_steps"]):
-        names.append("num_train_epochs")
-    return [f"{name}: {before[name]!r} -> {now[name]!r}" for name in names if before[name] != now[name]]
 
 
 SHARED_CHECK_PREFIX = ".imgft-shared-check-"
