@@ -8,7 +8,7 @@ import re
 import shutil
 
 from imgft.args import field_defaults
-from imgft.errors import WRITE_ERRORS, UserError, write_failure_reason
+from imgft.errors import UserError, failing_together, write_failure_reason
 
 STATE_FILE = "imgft_state.json"
 CHECKPOINT_NAME = re.compile(r"^(step|epoch)_\d+$")
@@ -61,8 +61,11 @@ def compare_runs(saved, current):
     defaults = field_defaults()
     saved_config = {**defaults, **saved.get("config", {})}
     config = {**defaults, **current.get("config", {})}
+    # A value the launch resolves (mixed_precision, max_train_steps) is recorded beside the flag that sets it:
+    # where both changed, the resolved change alone is named.
+    resolved_changes = {key for key, value in current.items() if key != "config" and saved.get(key) != value}
     for key in sorted(set(saved_config) | set(config)):
-        if saved_config.get(key) != config.get(key):
+        if saved_config.get(key) != config.get(key) and key not in resolved_changes:
             change = f"{key}: {saved_config.get(key)!r} -> {config.get(key)!r}"
             if key not in SAFE_TO_CHANGE:
                 unsafe.append(change)
@@ -120,29 +123,34 @@ def staged_checkpoint(accelerator, output_dir, name, completed_steps, identity, 
     or not at all. Every process writes into a staging folder; the main process adds imgft_state.json last
     and renames the folder into place, so a kill during a save never leaves a folder that 'latest' would pick.
 
-    A full disk (or any other OS error while writing) removes the staging folder and becomes a UserError
-    naming the folder and the problem: the earlier checkpoints are untouched.
+    A full disk (or any other OS error while writing) on any process removes the staging folder and becomes a
+    UserError on every process, naming the folder and the problem (`errors.failing_together`): the earlier
+    checkpoints are untouched.
     """
     final_path = os.path.join(output_dir, name)
     staging_path = os.path.join(output_dir, STAGING_PREFIX + name)
-    try:
-        if accelerator.is_main_process:
-            shutil.rmtree(staging_path, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        yield staging_path
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            # The metrics log's length is saved so that a resume drops the lines written after this point.
-            saved = {"completed_steps": completed_steps, "metrics_log_lines": _count_lines(metrics_log)}
-            _write_json_durably(os.path.join(staging_path, STATE_FILE), {**saved, "run_identity": identity})
-            if os.path.exists(final_path):
-                shutil.rmtree(final_path)
-            os.rename(staging_path, final_path)
-    except WRITE_ERRORS as err:
-        if accelerator.is_main_process:
-            shutil.rmtree(staging_path, ignore_errors=True)
-        raise UserError(save_failed_message(f"checkpoint {name}", output_dir, err)) from None
+
+    def failed(err):
+        return save_failed_message(f"checkpoint {name}", output_dir, err)
+
+    if accelerator.is_main_process:
+        shutil.rmtree(staging_path, ignore_errors=True)
     accelerator.wait_for_everyone()
+    try:
+        with failing_together(failed):  # every process writes its part
+            yield staging_path
+        with failing_together(failed):
+            if accelerator.is_main_process:
+                # The metrics log's length is saved so that a resume drops the lines written after this point.
+                saved = {"completed_steps": completed_steps, "metrics_log_lines": _count_lines(metrics_log)}
+                _write_json_durably(os.path.join(staging_path, STATE_FILE), {**saved, "run_identity": identity})
+                if os.path.exists(final_path):
+                    shutil.rmtree(final_path)
+                os.rename(staging_path, final_path)
+    except UserError:
+        if accelerator.is_main_process:
+            shutil.rmtree(staging_path, ignore_errors=True)
+        raise
 
 
 def save_failed_message(what, output_dir, err):

@@ -23,7 +23,7 @@ from imgft.checkpoint import (
     read_state,
     save_failed_message,
 )
-from imgft.errors import WRITE_ERRORS, UserError
+from imgft.errors import UserError, failing_together
 from imgft.recipes import ema
 from imgft.runtime import hub_offline
 
@@ -218,12 +218,11 @@ def _keep_first_lines(source, destination, keep):
 
 @contextlib.contextmanager
 def saving_final_files(output_dir):
-    """Around the final save: a full disk (or any OS error) becomes one line naming the folder and the
-    problem. all_results.json, which marks a run as finished, is written last, so such a run is resumable."""
-    try:
+    """Around the final save (every process): a full disk (or any OS error) becomes one line naming the folder
+    and the problem, on every process (`errors.failing_together`). all_results.json, which marks a run as
+    finished, is written last, so such a run is resumable."""
+    with failing_together(lambda err: save_failed_message("the final model and results", output_dir, err)):
         yield
-    except WRITE_ERRORS as err:
-        raise UserError(save_failed_message("the final model and results", output_dir, err)) from None
 
 
 def append_metrics_line(accelerator, output_dir, record):
@@ -345,9 +344,12 @@ def save_best_model(accelerator, model, output_dir):
     """Save the model's weights, gathered whole where FSDP shards them, to output_dir/best_model (every
     process calls it; the main process writes), for `load_weights` to load back at the end of the run."""
     best_dir = os.path.join(output_dir, BEST_DIR)
-    accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(
-        best_dir, is_main_process=accelerator.is_main_process, state_dict=gathered_weights(accelerator, model)
-    )
+    # A full disk: one line on every process. A best_model/ left half-written is rewritten by the resume,
+    # which repeats this evaluation, before anything reads it.
+    with failing_together(lambda err: save_failed_message("the best model", output_dir, err)):
+        accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(
+            best_dir, is_main_process=accelerator.is_main_process, state_dict=gathered_weights(accelerator, model)
+        )
 
 
 def gathered_weights(accelerator, model):
