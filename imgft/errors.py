@@ -5,10 +5,12 @@ and a failed save that every process of a run learns of together."""
 import contextlib
 import errno
 import gc
+import json
 import os
 import shutil
 import signal
 import sys
+import time
 
 from safetensors import SafetensorError
 
@@ -94,6 +96,12 @@ def say_error_and_stop_handling_signals(message):
     for progress_bar in list(tqdm._instances):  # every bar still drawn, this process's only
         progress_bar.close()
     print(f"error: {message}", file=sys.stderr, flush=True)
+    # torch's launcher prints this file's message in its summary of the failed processes, where it would
+    # otherwise give only a link to its docs about tracebacks.
+    launcher_error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if launcher_error_file:
+        with contextlib.suppress(OSError), open(launcher_error_file, "w", encoding="utf-8") as file:
+            json.dump({"message": f"error: {message}", "timestamp": int(time.time())}, file)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
