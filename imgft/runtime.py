@@ -167,16 +167,17 @@ def install_signal_handlers_and_start_signal_group(accelerator, state, max_train
     A second SIGINT (Ctrl-C twice) exits at once. With several processes this starts a CPU (gloo) process
     group over which the signal is all-reduced, so every process stops at the same step without a GPU sync.
 
-    The main process alone says what the signal will do, once: the DataLoader workers it forked (which share
-    its process group, and so a Ctrl-C or a launcher's SIGTERM) and the other processes keep quiet. After the
-    last step's check (`state.completed_steps` against `max_train_steps`) no checkpoint comes: the run finishes.
+    Each machine's main process alone says what the signal will do, once: the DataLoader workers it forked
+    (which share its process group, and so a Ctrl-C or a launcher's SIGTERM) and the machine's other processes
+    keep quiet. After the last step's check (`state.completed_steps` against `max_train_steps`) no checkpoint
+    comes: the run finishes.
     """
     received = {"signum": 0}
     checked = {"steps": state.completed_steps}  # completed steps at the last check of the signal
     owner = os.getpid()
 
     def handle(signum, frame):
-        speaks = os.getpid() == owner and accelerator.is_main_process
+        speaks = os.getpid() == owner and accelerator.is_local_main_process
         if received["signum"]:
             if signum == signal.SIGINT:
                 if speaks:

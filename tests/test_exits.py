@@ -1,7 +1,7 @@
 """Exits that keep their promise: a full disk at any save is one line and exit code 2 on every process, each
 saying what really happened; the processes of a launch die with their launcher and form their group within
-a bounded time; a signal is announced once, as what will happen; a launch for GPUs on a machine without any
-says what runs instead."""
+a bounded time; a signal is announced once on each machine, as what will happen; a launch for GPUs on a
+machine without any says what runs instead."""
 
 import json
 import logging
@@ -213,7 +213,7 @@ def test_a_process_group_that_cannot_form_stops_within_the_bound_saying_why(monk
     assert elapsed < 180, elapsed  # start-up (slow on a loaded machine) and the 10 s bound, not process 1's 240 s
 
 
-# --- Signals: announced once, by the main process, as what will happen
+# --- Signals: announced once on each machine, by its main process, as what will happen
 
 
 @pytest.fixture
@@ -224,8 +224,8 @@ def own_signal_handlers():
         signal.signal(signum, handler)
 
 
-def watch_signals(completed_steps, max_train_steps, is_main_process=True):
-    accelerator = SimpleNamespace(num_processes=1, is_main_process=is_main_process)
+def watch_signals(completed_steps, max_train_steps, is_local_main_process=True):
+    accelerator = SimpleNamespace(num_processes=1, is_local_main_process=is_local_main_process)
     state = SimpleNamespace(completed_steps=completed_steps)
     return state, runtime.install_signal_handlers_and_start_signal_group(accelerator, state, max_train_steps)
 
@@ -255,7 +255,9 @@ def test_a_signal_after_the_last_step_announces_no_checkpoint(own_signal_handler
     )
 
 
-def test_only_the_main_process_announces_not_its_dataloader_workers_nor_the_other_processes(own_signal_handlers, capfd):
+def test_only_a_machines_main_process_announces_not_its_dataloader_workers_nor_its_other_processes(
+    own_signal_handlers, capfd
+):
     watch_signals(3, 10)
     worker = os.fork()  # as a DataLoader worker is: it inherits the handler, and a signal to the process group
     if worker == 0:
@@ -264,7 +266,7 @@ def test_only_the_main_process_announces_not_its_dataloader_workers_nor_the_othe
     os.waitpid(worker, 0)
     os.kill(os.getpid(), signal.SIGTERM)
     assert capfd.readouterr().err == "SIGTERM: finishing this optimizer step, then saving a checkpoint.\n"
-    _, signal_received = watch_signals(3, 10, is_main_process=False)
+    _, signal_received = watch_signals(3, 10, is_local_main_process=False)
     os.kill(os.getpid(), signal.SIGTERM)
     assert signal_received() == signal.SIGTERM  # it still stops, with the others
     assert capfd.readouterr().err == ""
