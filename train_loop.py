@@ -213,7 +213,9 @@ def main(argv=None):
         total=max_train_steps, initial=state.completed_steps, disable=not accelerator.is_local_main_process
     )
     # SIGTERM/SIGINT finish the step, checkpoint and stop; several processes share the signal over gloo.
-    signal_received = runtime.install_signal_handlers_and_start_signal_group(accelerator)
+    signal_received = runtime.install_signal_handlers_and_start_signal_group(
+        accelerator, state, max_train_steps
+    )
     checkpoint_every = imgft_args.checkpoint_interval(train_args)  # None, a number of steps, or "epoch"
     stop = None  # a runtime.Stop, once a signal, a NaN loss or early stopping ends the run before its end
     evaluation = None  # the latest metrics.Evaluation: results, and the details the report draws

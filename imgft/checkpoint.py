@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from imgft.args import field_defaults
-from imgft.errors import WRITE_ERRORS, UserError, write_failure_reason
+from imgft.errors import UserError, failing_together, write_failure_reason
 
 logger = logging.getLogger("imgft")
 
@@ -85,8 +85,13 @@ def compare_runs(saved, current):
     processor_changes = None
     if "image_processor" in saved and "image_processor" in current:
         processor_changes = _changes(saved["image_processor"], current["image_processor"])
+    # A value the launch resolves (mixed_precision, max_train_steps) is recorded beside the flag that sets it:
+    # where both changed, the resolved change alone is named, below.
+    resolved = {key for key, value in current.items() if key in saved and saved[key] != value}
     for key in sorted(set(saved_config) | set(config)):
-        if saved_config.get(key) == config.get(key) or (key == "image_size" and processor_changes == []):
+        if saved_config.get(key) == config.get(key) or key in resolved:
+            continue
+        if key == "image_size" and processor_changes == []:
             continue
         change = f"{key}: {saved_config.get(key)!r} -> {config.get(key)!r}"
         if key in EVALUATION_ONLY:
@@ -387,33 +392,38 @@ def staged_checkpoint(accelerator, output_dir, name, completed_steps, identity, 
     size and checksum in imgft_state.json, written last, and renames the folder into place, fsyncing the folders
     too: a kill never leaves a folder that 'latest' would pick, and a power loss no 'complete' one of empty files.
 
-    A full disk (or any other OS error while writing) removes the staging folder and becomes a UserError
-    naming the folder and the problem: the earlier checkpoints are untouched.
+    A full disk (or any other OS error while writing) on any process removes the staging folder and becomes a
+    UserError on every process, naming the folder and the problem (`errors.failing_together`): the earlier
+    checkpoints are untouched.
     """
     final_path = os.path.join(output_dir, name)
     staging_path = os.path.join(output_dir, STAGING_PREFIX + name)
-    try:
-        if accelerator.is_main_process:
-            shutil.rmtree(staging_path, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        yield staging_path
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            files = _sync_and_record_files(staging_path)
-            # The metrics log's length is saved so that a resume drops the lines written after this point.
-            saved = {"completed_steps": completed_steps, "metrics_log_lines": _count_lines(metrics_log)}
-            saved.update(run_identity=identity, files=files)
-            _write_json_durably(os.path.join(staging_path, STATE_FILE), saved)
-            _sync_folder(staging_path)  # the state file's entry in it
-            if os.path.exists(final_path):
-                shutil.rmtree(final_path)
-            os.rename(staging_path, final_path)
-            _sync_folder(output_dir)  # the rename
-    except WRITE_ERRORS as err:
-        if accelerator.is_main_process:
-            shutil.rmtree(staging_path, ignore_errors=True)
-        raise UserError(save_failed_message(f"checkpoint {name}", output_dir, err)) from None
+
+    def failed(err):
+        return save_failed_message(f"checkpoint {name}", output_dir, err)
+
+    if accelerator.is_main_process:
+        shutil.rmtree(staging_path, ignore_errors=True)
     accelerator.wait_for_everyone()
+    try:
+        with failing_together(failed):  # every process writes its part
+            yield staging_path
+        with failing_together(failed):
+            if accelerator.is_main_process:
+                files = _sync_and_record_files(staging_path)
+                # The metrics log's length is saved so that a resume drops the lines written after this point.
+                saved = {"completed_steps": completed_steps, "metrics_log_lines": _count_lines(metrics_log)}
+                saved.update(run_identity=identity, files=files)
+                _write_json_durably(os.path.join(staging_path, STATE_FILE), saved)
+                _sync_folder(staging_path)  # the state file's entry in it
+                if os.path.exists(final_path):
+                    shutil.rmtree(final_path)
+                os.rename(staging_path, final_path)
+                _sync_folder(output_dir)  # the rename
+    except UserError:
+        if accelerator.is_main_process:
+            shutil.rmtree(staging_path, ignore_errors=True)
+        raise
 
 
 def _sync_and_record_files(folder):

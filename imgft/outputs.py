@@ -24,7 +24,7 @@ from imgft.checkpoint import (
     save_failed_message,
     training_length_changes,
 )
-from imgft.errors import WRITE_ERRORS, UserError
+from imgft.errors import UserError, failing_together
 from imgft.recipes import ema
 from imgft.runtime import hub_offline
 
@@ -206,12 +206,11 @@ def _keep_first_lines(source, destination, keep):
 
 @contextlib.contextmanager
 def saving_final_files(output_dir):
-    """Around the final save: a full disk (or any OS error) becomes one line naming the folder and the
-    problem. all_results.json, which marks a run as finished, is written last, so such a run is resumable."""
-    try:
+    """Around the final save (every process): a full disk (or any OS error) becomes one line naming the folder
+    and the problem, on every process (`errors.failing_together`). all_results.json, which marks a run as
+    finished, is written last, so such a run is resumable."""
+    with failing_together(lambda err: save_failed_message("the final model and results", output_dir, err)):
         yield
-    except WRITE_ERRORS as err:
-        raise UserError(save_failed_message("the final model and results", output_dir, err)) from None
 
 
 def append_metrics_line(accelerator, output_dir, record):
@@ -340,15 +339,18 @@ def save_best_model(accelerator, model, image_processor, output_dir):
     from imgft import peft_model  # imgft.peft_model imports this module
 
     best_dir = os.path.join(output_dir, BEST_DIR)
-    plain_model = accelerator.unwrap_model(model, keep_torch_compile=False)
-    if peft_model.is_adapter_model(plain_model):
-        peft_model.save_adapter_and_merged_copy(plain_model, best_dir, accelerator)
-    else:
-        plain_model.save_pretrained(
-            best_dir, is_main_process=accelerator.is_main_process, state_dict=gathered_weights(accelerator, model)
-        )
-    if accelerator.is_main_process:
-        image_processor.save_pretrained(best_dir)
+    # A full disk: one line on every process. A best_model/ left half-written is rewritten by the resume,
+    # which repeats this evaluation, before anything reads it.
+    with failing_together(lambda err: save_failed_message("the best model", output_dir, err)):
+        plain_model = accelerator.unwrap_model(model, keep_torch_compile=False)
+        if peft_model.is_adapter_model(plain_model):
+            peft_model.save_adapter_and_merged_copy(plain_model, best_dir, accelerator)
+        else:
+            plain_model.save_pretrained(
+                best_dir, is_main_process=accelerator.is_main_process, state_dict=gathered_weights(accelerator, model)
+            )
+        if accelerator.is_main_process:
+            image_processor.save_pretrained(best_dir)
 
 
 def gathered_weights(accelerator, model):

@@ -105,8 +105,9 @@ def dataloader_workers(requested, device, num_processes):
 def log_run_summary(train_dataset, eval_dataset, label_names, accelerator, train_args, max_train_steps):
     """Log what the run is about to do: data, classes, processes, precision, the real batch and the steps;
     and warn when accumulation spans more batches than an epoch has or the data is smaller than a batch
-    (`batches.effective_batch`), or when FSDP was asked for where Accelerate cannot shard (it does so only on
-    GPUs and other accelerators)."""
+    (`batches.effective_batch`), when a launch for several GPUs runs on a machine without any
+    (`warn_processes_without_gpu`), or when FSDP was asked for where Accelerate cannot shard (it does so only
+    on GPUs and other accelerators)."""
     per_device = train_args.per_device_train_batch_size
     accumulation = train_args.gradient_accumulation_steps
     processes = accelerator.num_processes
@@ -118,6 +119,7 @@ def log_run_summary(train_dataset, eval_dataset, label_names, accelerator, train
             f"{per_device * processes * accumulation} = {per_device} per device x {processes} process(es) x "
             f"{accumulation} accumulated; {max_train_steps} optimizer steps",
         )
+        warn_processes_without_gpu(accelerator, per_device * processes * accumulation)
         return
     batches_per_epoch = math.ceil(len(train_dataset) / (per_device * processes))  # as the sharded loader has it
     images_per_step, warning = effective_batch(
@@ -132,6 +134,7 @@ def log_run_summary(train_dataset, eval_dataset, label_names, accelerator, train
     )
     if warning:
         log_once(logging.WARNING, warning)
+    warn_processes_without_gpu(accelerator, images_per_step)
     fsdp_requested = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     if fsdp_requested and accelerator.distributed_type != DistributedType.FSDP:
         log_once(
@@ -141,32 +144,64 @@ def log_run_summary(train_dataset, eval_dataset, label_names, accelerator, train
         )
 
 
-def install_signal_handlers_and_start_signal_group(accelerator):
-    """Install SIGTERM/SIGINT handlers; return a function giving the signal any process received (0: none).
+def warn_processes_without_gpu(accelerator, images_per_step):
+    """Say so when a launch meant for GPUs (`accelerate launch --multi_gpu`, or a config such as the shipped
+    accelerate_config.yaml, whose distributed_type is MULTI_GPU) started several processes on a machine with
+    none: they then train as CPU processes (`distributed_without_gpu`), each with a whole batch of its own."""
+    if not distributed_without_gpu():
+        return
+    precision = "" if accelerator.mixed_precision == "no" else f" in mixed precision {accelerator.mixed_precision},"
+    log_once(
+        logging.WARNING,
+        f"No GPU on this machine: the {accelerator.num_processes} processes this launch started (one per GPU it "
+        f"asked for) train on its {os.cpu_count()} CPU cores instead,{precision} and each optimizer step takes "
+        f"{images_per_step} images; for one CPU process, run `python train_loop.py` with the same arguments",
+    )
+
+
+def install_signal_handlers_and_start_signal_group(accelerator, state, max_train_steps):
+    """Install SIGTERM/SIGINT handlers; return a function, called after each optimizer step, giving the signal
+    any process received (0: none).
 
     The first signal only records itself, so the loop can finish its optimizer step and save a checkpoint.
     A second SIGINT (Ctrl-C twice) exits at once. With several processes this starts a CPU (gloo) process
     group over which the signal is all-reduced, so every process stops at the same step without a GPU sync.
+
+    Each machine's main process alone says what the signal will do, once: the DataLoader workers it forked
+    (which share its process group, and so a Ctrl-C or a launcher's SIGTERM) and the machine's other processes
+    keep quiet. After the last step's check (`state.completed_steps` against `max_train_steps`) no checkpoint
+    comes: the run finishes.
     """
     received = {"signum": 0}
+    checked = {"steps": state.completed_steps}  # completed steps at the last check of the signal
+    owner = os.getpid()
 
     def handle(signum, frame):
+        speaks = os.getpid() == owner and accelerator.is_local_main_process
         if received["signum"]:
             if signum == signal.SIGINT:
-                print("Second interrupt: stopping now, without a checkpoint.", file=sys.stderr, flush=True)
+                if speaks:
+                    print("Second interrupt: stopping now, without a checkpoint.", file=sys.stderr, flush=True)
                 os._exit(128 + signum)
             return
         received["signum"] = signum
+        if not speaks:
+            return
         name = signal.Signals(signum).name
-        print(f"{name}: finishing this optimizer step, then saving a checkpoint.", file=sys.stderr, flush=True)
+        if checked["steps"] >= max_train_steps:
+            announcement = f"{name}: the last optimizer step is done; finishing the final evaluation and save."
+        else:
+            announcement = f"{name}: finishing this optimizer step, then saving a checkpoint."
+        print(announcement, file=sys.stderr, flush=True)
 
     signal.signal(signal.SIGTERM, handle)
     signal.signal(signal.SIGINT, handle)
-    if accelerator.num_processes == 1:
-        return lambda: received["signum"]
-    group = torch.distributed.new_group(backend="gloo")
+    group = None if accelerator.num_processes == 1 else torch.distributed.new_group(backend="gloo")
 
     def signal_on_any_process():
+        checked["steps"] = state.completed_steps
+        if group is None:
+            return received["signum"]
         signum = torch.tensor([received["signum"]])
         torch.distributed.all_reduce(signum, op=torch.distributed.ReduceOp.MAX, group=group)
         return int(signum.item())
